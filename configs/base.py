@@ -1,0 +1,73 @@
+"""Default configuration: SSL-regularised two-tower model (CFM masking) on the embedded dataset.
+
+Every field of every run lives here, with one comment each; variants import this file and
+override a few fields. Override from the command line: ``--config.ssl.alpha=0.3``.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # seeds the data generator, the streams' shuffles, the init and the step rngs
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "synthetic"  # data source: 'synthetic' (embedded generator)
+  c.data.num_items = 20_000  # synthetic: catalogue size (D_item)
+  c.data.num_queries = 40_000  # synthetic: queries (users); the last 20% are held out for eval
+  c.data.num_train_pairs = 300_000  # synthetic: D_train (query, item) pairs, power-law item marginal
+  c.data.num_eval_pairs = 20_000  # synthetic: held-out pairs from the held-out queries
+  c.data.popularity_exponent = 1.1  # synthetic: item popularity ~ rank^-exponent
+  c.data.feature_noise = 0.1  # synthetic: prob. a feature value is replaced by noise
+  c.data.embed_dim = 32  # embedding width of every feature
+  c.data.num_threads = 2  # grain read threads per stream
+  c.data.prefetch = 4  # grain prefetch buffer (batches) per stream
+
+  c.model = ml_collections.ConfigDict()
+  c.model.query_hidden = (256,)  # query tower hidden layer widths
+  c.model.item_hidden = (256,)  # item tower hidden layer widths
+  c.model.output_dim = 64  # embedding width of both towers (retrieval space)
+  c.model.dtype = "float32"  # compute dtype of the towers: 'float32' | 'bfloat16'
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.temperature = 0.05  # batch softmax temperature (main task)
+  c.loss.logq_correction = True  # subtract log(item sampling prob. in D_train) from logits
+  c.loss.remove_accidental_hits = True  # same item elsewhere in the batch is not a negative
+
+  c.ssl = ml_collections.ConfigDict()
+  c.ssl.alpha = 1.0  # weight of L_self in L_main + alpha * L_self (0 = SSL off)
+  c.ssl.temperature = 0.1  # SSL InfoNCE temperature
+  c.ssl.masking = "cfm"  # feature masking: 'cfm' (correlated) | 'rfm' (random) | 'none'
+  c.ssl.mask_fraction = 0.5  # fraction of features view 1 masks (view 2 masks the rest)
+  c.ssl.dropout_rate = 0.2  # per-value dropout of multi-valued features, in [0, 1)
+  c.ssl.item_sampling = "uniform"  # SSL items: 'uniform' over the catalogue | 'train' (D_train marginal)
+  c.ssl.batch_size = 512  # SSL items per step (the D_item stream)
+  c.ssl.encoder_sharing = "all_but_last"  # SSL encoder reuses item MLP: 'all' | 'all_but_last' | 'none'
+
+  c.reg = ml_collections.ConfigDict()
+  c.reg.spread_out_weight = 0.0  # weight of the spread-out regulariser on D_item embeddings
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "adagrad"  # 'adagrad' | 'adam'
+  c.optimizer.learning_rate = 0.2  # peak learning rate
+  c.optimizer.warmup_steps = 100  # linear warmup steps
+  c.optimizer.grad_clip_norm = 10.0  # global-norm gradient clipping (0 = off)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 3000  # total train steps
+  c.train.batch_size = 512  # (query, item) pairs per step; in-batch negatives span all of them
+  c.train.log_every = 100  # steps between metrics.jsonl lines / progress lines
+  c.train.eval_every = 1000  # steps between evaluations (and always at the end)
+  c.train.checkpoint_every = 1000  # steps between checkpoints (and always at the end)
+  c.train.max_checkpoints = 3  # checkpoints kept
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.ks = (10, 50, 100)  # Recall@K cut-offs
+  c.eval.head_fraction = 0.2  # head = the most popular fraction of the catalogue (train freq.)
+  c.eval.batch_size = 1024  # queries / items embedded and scored per chunk
+  c.eval.max_queries = 0  # evaluate on at most this many held-out pairs (0 = all)
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (-1,)  # device mesh shape; -1 = all remaining devices
+  c.mesh.axes = ("data",)  # mesh axis names; batches are sharded on 'data'
+  return c

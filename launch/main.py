@@ -1,0 +1,33 @@
+"""Train and evaluate: ``python launch/main.py --config=configs/base.py --workdir=DIR``.
+
+Overrides: ``--config.ssl.alpha=0.3 --config.train.num_steps=500``. Re-running the same command in
+the same workdir resumes from its latest checkpoint.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for configs/
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, config).")
+_ALLOW = flags.DEFINE_bool("allow_config_change", False,
+                           "Continue a workdir whose saved config describes a different model.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # keep library INFO chatter (orbax) out of the log
+  from sslrec import cli
+  sys.exit(cli.run_main(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW.value))
+
+
+if __name__ == "__main__":
+  app.run(main)

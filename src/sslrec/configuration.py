@@ -1,0 +1,182 @@
+"""Config validation and the run-compatibility rule for an existing workdir.
+
+``validate`` runs before anything is built and raises ``ConfigError`` with one line naming the
+field, its value and what is allowed. ``diff_model_fields`` tells whether a workdir's saved config
+describes the same model as the requested one (only the run's length and its
+log/eval/checkpoint intervals may change when resuming).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping
+
+import ml_collections
+
+# Fields that may change between a run and its continuation in the same workdir.
+RESUMABLE_FIELDS = frozenset({
+    "train.num_steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
+    "train.max_checkpoints", "eval.max_queries", "eval.batch_size", "data.num_threads",
+    "data.prefetch",
+})
+
+MASKINGS = ("cfm", "rfm", "none")
+ITEM_SAMPLINGS = ("uniform", "train")
+OPTIMIZERS = ("adagrad", "adam")
+SSL_SHARING = ("all", "all_but_last", "none")
+DTYPES = ("float32", "bfloat16")
+DATA_SOURCES = ("synthetic",)
+
+
+class ConfigError(ValueError):
+  """An invalid config value; the message names the field and what is allowed."""
+
+
+def _get(config, path: str) -> Any:
+  node = config
+  for part in path.split("."):
+    try:
+      node = node[part]
+    except (KeyError, AttributeError):
+      raise ConfigError(f"config field {path!r} is missing (see configs/base.py)") from None
+  return node
+
+
+def _check(cond: bool, field: str, value: Any, allowed: str):
+  if not cond:
+    raise ConfigError(f"config.{field}={value!r} is invalid; allowed: {allowed}")
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks every field the library reads. Raises ConfigError on the first bad one."""
+  g = lambda p: _get(config, p)  # noqa: E731
+  _check(_is_int(g("seed")), "seed", g("seed"), "an integer")
+  _check(g("data.name") in DATA_SOURCES, "data.name", g("data.name"), f"one of {DATA_SOURCES}")
+  for f in ("data.num_items", "data.num_queries", "data.num_train_pairs", "data.num_eval_pairs"):
+    _check(_is_int(g(f)) and g(f) >= 1, f, g(f), "an integer >= 1")
+  _check(_is_num(g("data.popularity_exponent")) and g("data.popularity_exponent") >= 0,
+         "data.popularity_exponent", g("data.popularity_exponent"), "a number >= 0")
+  _check(_is_num(g("data.feature_noise")) and 0 <= g("data.feature_noise") <= 1,
+         "data.feature_noise", g("data.feature_noise"), "a number in [0, 1]")
+  _check(_is_int(g("data.embed_dim")) and g("data.embed_dim") >= 1, "data.embed_dim",
+         g("data.embed_dim"), "an integer >= 1")
+  _check(_is_int(g("data.num_threads")) and g("data.num_threads") >= 0, "data.num_threads",
+         g("data.num_threads"), "an integer >= 0")
+  _check(_is_int(g("data.prefetch")) and g("data.prefetch") >= 0, "data.prefetch",
+         g("data.prefetch"), "an integer >= 0")
+
+  for f in ("model.query_hidden", "model.item_hidden"):
+    v = g(f)
+    _check(isinstance(v, (tuple, list)) and all(_is_int(h) and h >= 1 for h in v), f, v,
+           "a tuple of integers >= 1 (may be empty)")
+  _check(_is_int(g("model.output_dim")) and g("model.output_dim") >= 1, "model.output_dim",
+         g("model.output_dim"), "an integer >= 1")
+  _check(g("model.dtype") in DTYPES, "model.dtype", g("model.dtype"), f"one of {DTYPES}")
+
+  for f in ("loss.temperature", "ssl.temperature"):
+    _check(_is_num(g(f)) and g(f) > 0, f, g(f), "a number > 0")
+  _check(isinstance(g("loss.logq_correction"), bool), "loss.logq_correction",
+         g("loss.logq_correction"), "True or False")
+  _check(isinstance(g("loss.remove_accidental_hits"), bool), "loss.remove_accidental_hits",
+         g("loss.remove_accidental_hits"), "True or False")
+
+  _check(_is_num(g("ssl.alpha")) and g("ssl.alpha") >= 0, "ssl.alpha", g("ssl.alpha"),
+         "a number >= 0 (0 turns SSL off)")
+  _check(g("ssl.masking") in MASKINGS, "ssl.masking", g("ssl.masking"), f"one of {MASKINGS}")
+  _check(_is_num(g("ssl.mask_fraction")) and 0 < g("ssl.mask_fraction") < 1, "ssl.mask_fraction",
+         g("ssl.mask_fraction"), "a number in (0, 1)")
+  _check(_is_num(g("ssl.dropout_rate")) and 0 <= g("ssl.dropout_rate") < 1, "ssl.dropout_rate",
+         g("ssl.dropout_rate"), "a number in [0, 1)")
+  _check(g("ssl.item_sampling") in ITEM_SAMPLINGS, "ssl.item_sampling", g("ssl.item_sampling"),
+         f"one of {ITEM_SAMPLINGS}")
+  _check(_is_int(g("ssl.batch_size")) and g("ssl.batch_size") >= 2, "ssl.batch_size",
+         g("ssl.batch_size"), "an integer >= 2")
+  _check(g("ssl.encoder_sharing") in SSL_SHARING, "ssl.encoder_sharing",
+         g("ssl.encoder_sharing"), f"one of {SSL_SHARING}")
+  _check(_is_num(g("reg.spread_out_weight")) and g("reg.spread_out_weight") >= 0,
+         "reg.spread_out_weight", g("reg.spread_out_weight"), "a number >= 0")
+
+  _check(g("optimizer.name") in OPTIMIZERS, "optimizer.name", g("optimizer.name"),
+         f"one of {OPTIMIZERS}")
+  _check(_is_num(g("optimizer.learning_rate")) and g("optimizer.learning_rate") > 0,
+         "optimizer.learning_rate", g("optimizer.learning_rate"), "a number > 0")
+  _check(_is_int(g("optimizer.warmup_steps")) and g("optimizer.warmup_steps") >= 0,
+         "optimizer.warmup_steps", g("optimizer.warmup_steps"), "an integer >= 0")
+  _check(_is_num(g("optimizer.grad_clip_norm")) and g("optimizer.grad_clip_norm") >= 0,
+         "optimizer.grad_clip_norm", g("optimizer.grad_clip_norm"), "a number >= 0 (0 = off)")
+
+  _check(_is_int(g("train.num_steps")) and g("train.num_steps") >= 1, "train.num_steps",
+         g("train.num_steps"), "an integer >= 1")
+  _check(_is_int(g("train.batch_size")) and g("train.batch_size") >= 2, "train.batch_size",
+         g("train.batch_size"), "an integer >= 2")
+  for f in ("train.log_every", "train.eval_every", "train.checkpoint_every", "train.max_checkpoints"):
+    _check(_is_int(g(f)) and g(f) >= 1, f, g(f), "an integer >= 1")
+
+  ks = g("eval.ks")
+  _check(isinstance(ks, (tuple, list)) and len(ks) > 0 and all(_is_int(k) and k >= 1 for k in ks),
+         "eval.ks", ks, "a non-empty tuple of integers >= 1")
+  _check(_is_num(g("eval.head_fraction")) and 0 < g("eval.head_fraction") < 1,
+         "eval.head_fraction", g("eval.head_fraction"), "a number in (0, 1)")
+  _check(_is_int(g("eval.batch_size")) and g("eval.batch_size") >= 1, "eval.batch_size",
+         g("eval.batch_size"), "an integer >= 1")
+  _check(_is_int(g("eval.max_queries")) and g("eval.max_queries") >= 0, "eval.max_queries",
+         g("eval.max_queries"), "an integer >= 0 (0 = all)")
+
+  shape, axes = g("mesh.shape"), g("mesh.axes")
+  _check(isinstance(shape, (tuple, list)) and all(_is_int(s) and (s >= 1 or s == -1) for s in shape)
+         and sum(s == -1 for s in shape) <= 1, "mesh.shape", shape,
+         "a tuple of positive integers with at most one -1")
+  _check(isinstance(axes, (tuple, list)) and len(axes) == len(shape) and "data" in axes,
+         "mesh.axes", axes, f"{len(shape)} axis names including 'data'")
+
+
+def validate_against_data(config, *, num_items: int, num_train: int, item_feature_names) -> None:
+  """Checks that depend on the loaded data (sizes)."""
+  _check(config.train.batch_size <= num_train, "train.batch_size", config.train.batch_size,
+         f"at most the number of training pairs ({num_train})")
+  if config.ssl.alpha > 0 or config.reg.spread_out_weight > 0:
+    pool = num_items if config.ssl.item_sampling == "uniform" else num_train
+    _check(config.ssl.batch_size <= pool, "ssl.batch_size", config.ssl.batch_size,
+           f"at most the size of the SSL item pool ({pool})")
+  _check(max(config.eval.ks) <= num_items, "eval.ks", tuple(config.eval.ks),
+         f"cut-offs at most the catalogue size ({num_items})")
+  del item_feature_names
+
+
+def to_dict(config) -> dict:
+  """A JSON-able dict of a ConfigDict (tuples become lists)."""
+  return json.loads(config.to_json())
+
+
+def flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, Mapping):
+      out.update(flatten(v, key + "."))
+    else:
+      out[key] = v
+  return out
+
+
+def diff_model_fields(saved: Mapping, requested: Mapping) -> list[str]:
+  """Fields (dotted) whose values differ between two config dicts, ignoring RESUMABLE_FIELDS.
+
+  Returns lines like ``"ssl.alpha: 1.0 -> 0.3"``.
+  """
+  a, b = flatten(saved), flatten(requested)
+  lines = []
+  for key in sorted(set(a) | set(b)):
+    if key in RESUMABLE_FIELDS:
+      continue
+    if a.get(key, "<absent>") != b.get(key, "<absent>"):
+      lines.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
+  return lines

@@ -1,0 +1,139 @@
+"""The feature schema: the single source of shapes for data, pipelines and the input layer.
+
+A tower reads a fixed, ordered tuple of features. Each feature is one of three kinds:
+
+* ``id``    single-valued categorical.   Array ``int32 [N]``; value in ``[0, vocab_size)``,
+            ``-1`` = missing (the model then uses the feature's learned default embedding).
+* ``multi`` multi-valued bag.           Array ``int32 [N, max_len]``; values in
+            ``[0, vocab_size)``, right-padded with ``-1``. Pooled over present values only.
+* ``dense`` dense float vector.          Array ``float32 [N, dense_dim]``; expected standardised
+            by the data source (the generator and readers do it).
+
+A *batch* of a tower's inputs is a ``dict[str, array]`` keyed by feature name, with those shapes
+(a leading batch dimension ``B`` instead of ``N``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import numpy as np
+
+KINDS = ("id", "multi", "dense")
+PAD = -1  # padding / missing value for id and multi features
+
+
+class SchemaError(ValueError):
+  """A feature schema or a table that does not match it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSpec:
+  """One input feature.
+
+  Attributes:
+    name: unique within its tower.
+    kind: 'id' | 'multi' | 'dense'.
+    vocab_size: number of distinct ids (id / multi); ids live in [0, vocab_size).
+    max_len: values per row for 'multi' (padded with -1); 1 otherwise.
+    dense_dim: width of a 'dense' feature; 0 otherwise.
+    embed_dim: width of this feature's embedding in the input layer.
+  """
+
+  name: str
+  kind: str
+  vocab_size: int = 0
+  max_len: int = 1
+  dense_dim: int = 0
+  embed_dim: int = 32
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise SchemaError(f"feature {self.name!r}: kind={self.kind!r}; allowed: {KINDS}")
+    if self.kind in ("id", "multi") and self.vocab_size < 1:
+      raise SchemaError(f"feature {self.name!r}: vocab_size={self.vocab_size}; must be >= 1")
+    if self.kind == "multi" and self.max_len < 1:
+      raise SchemaError(f"feature {self.name!r}: max_len={self.max_len}; must be >= 1")
+    if self.kind == "dense" and self.dense_dim < 1:
+      raise SchemaError(f"feature {self.name!r}: dense_dim={self.dense_dim}; must be >= 1")
+    if self.embed_dim < 1:
+      raise SchemaError(f"feature {self.name!r}: embed_dim={self.embed_dim}; must be >= 1")
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    """Per-row array shape (without the leading batch dimension)."""
+    if self.kind == "id":
+      return ()
+    if self.kind == "multi":
+      return (self.max_len,)
+    return (self.dense_dim,)
+
+  @property
+  def dtype(self) -> np.dtype:
+    return np.dtype(np.float32) if self.kind == "dense" else np.dtype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class TowerSpec:
+  """The ordered features one tower reads."""
+
+  name: str
+  features: tuple[FeatureSpec, ...]
+
+  def __post_init__(self):
+    names = [f.name for f in self.features]
+    if not names:
+      raise SchemaError(f"tower {self.name!r} has no features")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+      raise SchemaError(f"tower {self.name!r}: duplicate feature names {dup}")
+
+  @property
+  def names(self) -> tuple[str, ...]:
+    return tuple(f.name for f in self.features)
+
+  @property
+  def num_features(self) -> int:
+    return len(self.features)
+
+  def __getitem__(self, name: str) -> FeatureSpec:
+    for f in self.features:
+      if f.name == name:
+        return f
+    raise KeyError(f"tower {self.name!r} has no feature {name!r}; features: {list(self.names)}")
+
+  def index(self, name: str) -> int:
+    return self.names.index(name)
+
+  def validate(self, table: Mapping[str, np.ndarray], *, source: str = "table") -> int:
+    """Checks that ``table`` holds every feature with the right shape, dtype and range.
+
+    Returns the number of rows. Raises SchemaError naming the feature and what is allowed.
+    """
+    missing = [n for n in self.names if n not in table]
+    if missing:
+      raise SchemaError(
+          f"{source}: missing features {missing} for tower {self.name!r}; found {sorted(table)}")
+    num_rows = None
+    for f in self.features:
+      a = np.asarray(table[f.name])
+      if a.shape[1:] != f.shape:
+        raise SchemaError(
+            f"{source}: feature {f.name!r} has per-row shape {a.shape[1:]}, expected {f.shape}")
+      if num_rows is None:
+        num_rows = a.shape[0]
+      elif a.shape[0] != num_rows:
+        raise SchemaError(
+            f"{source}: feature {f.name!r} has {a.shape[0]} rows, other features {num_rows}")
+      if f.kind == "dense":
+        if not np.all(np.isfinite(a)):
+          raise SchemaError(f"{source}: dense feature {f.name!r} has non-finite values")
+      else:
+        if not np.issubdtype(a.dtype, np.integer):
+          raise SchemaError(f"{source}: feature {f.name!r} has dtype {a.dtype}, expected integer")
+        if a.size and (a.min() < PAD or a.max() >= f.vocab_size):
+          raise SchemaError(
+              f"{source}: feature {f.name!r} has values in [{a.min()}, {a.max()}]; allowed "
+              f"[0, {f.vocab_size}) and {PAD} for missing/padding")
+    return int(num_rows or 0)

@@ -1,0 +1,157 @@
+"""Losses of the multi-task objective (pure ``jax.numpy``, jit-safe).
+
+Relation to the paper (Yao et al., "Self-supervised Learning for Large-scale Item
+Recommendations", CIKM 2021), with ``s`` the cosine similarity and ``tau`` a temperature:
+
+* ``batch_softmax_loss`` is the main retrieval loss over in-batch negatives,
+
+      L_main = -1/B * sum_i log( exp(s(q_i, x_i)/tau) / sum_j exp(s(q_i, x_j)/tau) ),
+
+  optionally with the sampling-bias (logQ) correction of Yi et al. 2019 (every logit of
+  column ``j`` gets ``- log Q_j``, the log of item ``j``'s in-batch sampling probability) and
+  with accidental hits (another row of the batch holding the same item as the positive)
+  removed from the row's softmax.
+* ``ssl_loss`` is the contrastive self-supervised loss on two views of the same items,
+
+      L_self = -1/N * sum_i log( exp(s(z_i, z'_i)/tau) / sum_j exp(s(z_i, z'_j)/tau) ).
+
+* ``spread_out_loss`` is the spread-out (global orthogonal) regulariser of Zhang et al. 2017,
+  the paper's baseline that corresponds to the special case h = g, H = G of L_self with a
+  squared loss on pairwise similarities instead of a softmax.
+
+All losses compute in float32 whatever the input dtype and return a scalar.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+# Logit given to accidental hits: large and negative, but finite so nothing turns into NaN.
+_MASKED_LOGIT = -1e9
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-6) -> jax.Array:
+  """Scales ``x`` to unit L2 norm along ``axis``; safe (finite value and gradient) at zero.
+
+  Computes ``x / max(||x||, eps)``, so a zero vector stays zero.
+
+  Args:
+    x: array of any shape, e.g. ``[N, D]``.
+    axis: the axis to normalise over.
+    eps: lower bound of the norm that ``x`` is divided by.
+
+  Returns:
+    Array of ``x``'s shape and dtype.
+  """
+  sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(sq, jnp.asarray(eps, sq.dtype) ** 2))
+
+
+def _cosine_logits(a: jax.Array, b: jax.Array, temperature) -> jax.Array:
+  """``[N, D] x [M, D] -> [N, M]`` float32 cosine similarities divided by ``temperature``."""
+  a = l2_normalize(jnp.asarray(a, jnp.float32))
+  b = l2_normalize(jnp.asarray(b, jnp.float32))
+  sim = jnp.matmul(a, b.T, precision=jax.lax.Precision.HIGHEST)
+  return sim / jnp.asarray(temperature, jnp.float32)
+
+
+def _diagonal_cross_entropy(logits: jax.Array) -> jax.Array:
+  """Mean over rows of the softmax cross-entropy whose target of row ``i`` is column ``i``.
+
+  Args:
+    logits: ``[N, N]`` float32.
+
+  Returns:
+    Scalar float32.
+  """
+  log_z = jax.nn.logsumexp(logits, axis=1)  # [N]
+  return jnp.mean(log_z - jnp.diagonal(logits))
+
+
+def batch_softmax_loss(
+    query_emb: jax.Array,
+    item_emb: jax.Array,
+    *,
+    temperature,
+    log_q: Optional[jax.Array] = None,
+    item_ids: Optional[jax.Array] = None,
+) -> jax.Array:
+  """Batch softmax (in-batch negatives) retrieval loss, L_main of the paper.
+
+  ``logits[i, j] = cos(q_i, x_j) / temperature - log_q[j]``; row ``i``'s positive is column
+  ``i``. With ``item_ids``, every column ``j != i`` with ``item_ids[j] == item_ids[i]`` is left
+  out of row ``i``'s softmax (accidental hit: the positive itself appearing as a negative).
+
+  Args:
+    query_emb: ``[B, D]`` query tower outputs (any float dtype; normalised here).
+    item_emb: ``[B, D]`` item tower outputs of the paired items.
+    temperature: positive scalar tau (Python float or array).
+    log_q: optional ``[B]`` log of each item's sampling probability (logQ correction);
+      subtracted from every logit of its column, positives included.
+    item_ids: optional ``[B]`` integer item identities for removing accidental hits. Equal
+      ids are taken literally (two rows with id ``-1`` count as the same item), so pass
+      unique ids for rows whose identity is unknown.
+
+  Returns:
+    Scalar float32: mean over rows of the cross-entropy.
+  """
+  logits = _cosine_logits(query_emb, item_emb, temperature)  # [B, B]
+  if log_q is not None:
+    logits = logits - jnp.asarray(log_q, jnp.float32)[None, :]
+  if item_ids is not None:
+    item_ids = jnp.asarray(item_ids)
+    b = logits.shape[0]
+    same = item_ids[:, None] == item_ids[None, :]  # [B, B]
+    hit = same & ~jnp.eye(b, dtype=bool)
+    logits = jnp.where(hit, jnp.float32(_MASKED_LOGIT), logits)
+  return _diagonal_cross_entropy(logits)
+
+
+def ssl_loss(z1: jax.Array, z2: jax.Array, *, temperature) -> jax.Array:
+  """Contrastive SSL loss L_self between two views of the same ``N`` items.
+
+  ``logits[i, j] = cos(z1_i, z2_j) / temperature``;
+  ``loss = -1/N * sum_i log_softmax_j(logits[i])[i]``.
+
+  Args:
+    z1: ``[N, D]`` embeddings of view 1 (any float dtype).
+    z2: ``[N, D]`` embeddings of view 2, row ``i`` the same item as ``z1``'s row ``i``.
+    temperature: positive scalar tau.
+
+  Returns:
+    Scalar float32.
+  """
+  return _diagonal_cross_entropy(_cosine_logits(z1, z2, temperature))
+
+
+def spread_out_loss(emb: jax.Array) -> jax.Array:
+  """Spread-out (global orthogonal) regulariser of Zhang et al. 2017.
+
+  On L2-normalised embeddings ``e_i`` (``[N, D]``), with ``s_ij = <e_i, e_j>`` over the
+  ``N (N - 1)`` ordered pairs ``i != j``:
+
+      M1 = mean_{i != j} s_ij,    M2 = mean_{i != j} s_ij^2,
+      loss = M1^2 + max(0, M2 - 1/D).
+
+  For points spread uniformly on the unit sphere, ``E[s] = 0`` and ``E[s^2] = 1/D``, so the
+  loss is zero there and grows as embeddings cluster.
+
+  Args:
+    emb: ``[N, D]`` embeddings, ``N >= 2`` (any float dtype; normalised here).
+
+  Returns:
+    Scalar float32.
+  """
+  n, d = emb.shape
+  if n < 2:
+    raise ValueError(f"spread_out_loss needs at least 2 embeddings, got shape {emb.shape}")
+  e = l2_normalize(jnp.asarray(emb, jnp.float32))
+  sim = jnp.matmul(e, e.T, precision=jax.lax.Precision.HIGHEST)  # [N, N]
+  off = 1.0 - jnp.eye(n, dtype=jnp.float32)
+  num_pairs = n * (n - 1)
+  m1 = jnp.sum(sim * off) / num_pairs
+  m2 = jnp.sum(jnp.square(sim) * off) / num_pairs
+  return jnp.square(m1) + jax.nn.relu(m2 - 1.0 / d)

@@ -1,0 +1,199 @@
+"""The two-stage augmentation of the SSL task: feature masking, then multi-value dropout.
+
+Everything here is a pure function meant to be traced inside the jitted train step: the
+number of features ``k``, the masked fraction and the dropout rate are static Python values;
+``rng`` is a JAX PRNG key.
+
+A feature mask is ``bool [k]`` in the tower's feature order (``TowerSpec.features``):
+``True`` where view 1 masks the feature. View 2 masks the complement, so the two views keep
+disjoint feature sets. The model replaces a masked feature by that feature's learned default
+embedding.
+
+* RFM (random feature masking): a uniformly random subset of ``num_masked(k)`` features.
+* CFM (correlated feature masking): a uniformly drawn seed feature plus the features with the
+  highest mutual information with it; ``num_masked(k)`` features in all, seed included, so
+  that for ``fraction = 0.5`` the two views have equal halves (``ceil(k/2)`` vs ``floor(k/2)``).
+* Dropout on multi-valued features: each present value independently becomes ``-1``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from sslrec import features as features_lib
+
+MASKINGS = ("cfm", "rfm", "none")
+
+
+def num_masked(k: int, fraction: float = 0.5) -> int:
+  """Number of features view 1 masks: ``ceil(k * fraction)`` clipped to ``[1, k - 1]``.
+
+  A tiny tolerance is subtracted before the ceiling so that floating-point noise (e.g.
+  ``10 * 0.3 = 3.0000000000000004``) does not round up.
+
+  Args:
+    k: number of features, ``>= 2``.
+    fraction: fraction of features to mask, in ``(0, 1)``.
+
+  Returns:
+    Python int in ``[1, k - 1]``.
+  """
+  k = int(k)
+  if k < 2:
+    raise ValueError(f"feature masking needs k >= 2 features, got k={k}")
+  if not 0.0 < float(fraction) < 1.0:
+    raise ValueError(f"mask fraction must be in (0, 1), got {fraction}")
+  n = math.ceil(k * float(fraction) - 1e-9)
+  return min(max(n, 1), k - 1)
+
+
+def rfm_mask(rng: jax.Array, k: int, fraction: float = 0.5) -> jax.Array:
+  """Random Feature Masking: a uniformly random subset of exactly ``num_masked(k)`` features.
+
+  Args:
+    rng: PRNG key.
+    k: static number of features.
+    fraction: static masked fraction.
+
+  Returns:
+    ``bool [k]``, True where view 1 masks the feature.
+  """
+  n = num_masked(k, fraction)
+  perm = jax.random.permutation(rng, k)  # [k], a random ordering of 0..k-1
+  return perm < n
+
+
+def cfm_mask(rng: jax.Array, mi: jax.Array, fraction: float = 0.5) -> jax.Array:
+  """Correlated Feature Masking.
+
+  Draws a seed feature uniformly from the ``k`` features, then masks the seed together with
+  the ``n - 1`` other features of highest ``mi[seed, j]``, ``n = num_masked(k, fraction)``
+  (the seed counts among the ``n``). The diagonal ``mi[seed, seed]`` is ignored.
+
+  Ties among equal MI values are broken uniformly at random without perturbing the MI
+  values: features are sorted by MI (descending) with i.i.d. uniform random numbers as the
+  secondary key (``jnp.lexsort``), i.e. a random permutation decides among equal MI values
+  however small the MI differences elsewhere are. NaN MI values count as lowest.
+
+  Args:
+    rng: PRNG key.
+    mi: ``[k, k]`` pairwise mutual information between features (symmetric in practice;
+      row ``seed`` is what is read). ``k = mi.shape[0]`` is static.
+    fraction: static masked fraction.
+
+  Returns:
+    ``bool [k]``, True where view 1 masks the feature.
+  """
+  mi = jnp.asarray(mi, jnp.float32)
+  if mi.ndim != 2 or mi.shape[0] != mi.shape[1]:
+    raise ValueError(f"cfm_mask needs a square [k, k] MI matrix, got shape {mi.shape}")
+  k = mi.shape[0]
+  n = num_masked(k, fraction)
+  seed_rng, tie_rng = jax.random.split(rng)
+  seed = jax.random.randint(seed_rng, (), 0, k)
+  row = mi[seed]  # [k]
+  row = jnp.where(jnp.isnan(row), -jnp.inf, row)
+  not_seed = jnp.arange(k) != seed
+  tie = jax.random.uniform(tie_rng, (k,))
+  # Ascending sort, last key most significant: the seed first, then MI descending, then the
+  # random tie-break key.
+  order = jnp.lexsort((tie, -row, not_seed))
+  return jnp.zeros((k,), bool).at[order[:n]].set(True)
+
+
+def multi_value_dropout(rng: jax.Array, ids: jax.Array, rate: float) -> jax.Array:
+  """Drops each present value of a multi-valued feature with probability ``rate``.
+
+  Dropped values become ``-1`` in place (no re-packing; pooling ignores ``-1`` anywhere).
+  Padding (``-1``) stays ``-1``.
+
+  Args:
+    rng: PRNG key.
+    ids: ``int32 [B, L]`` values, right-padded with ``-1``.
+    rate: static drop probability in ``[0, 1]``; ``0`` returns ``ids`` unchanged.
+
+  Returns:
+    ``int32 [B, L]``.
+  """
+  rate = float(rate)
+  if not 0.0 <= rate <= 1.0:
+    raise ValueError(f"dropout rate must be in [0, 1], got {rate}")
+  if rate == 0.0:
+    return ids
+  drop = jax.random.bernoulli(rng, rate, ids.shape)
+  return jnp.where(drop & (ids >= 0), jnp.asarray(features_lib.PAD, ids.dtype), ids)
+
+
+def two_views(
+    rng: jax.Array,
+    batch: dict[str, jax.Array],
+    spec: features_lib.TowerSpec,
+    mask: jax.Array,
+    dropout_rate: float,
+) -> tuple[dict[str, jax.Array], jax.Array, dict[str, jax.Array], jax.Array]:
+  """Builds the two augmented views of a batch of items.
+
+  Each view gets its own independent dropout on every ``multi`` feature of ``spec`` (one key
+  per view and per feature); other features, and batch entries not in ``spec``, pass through
+  unchanged. View 1 masks ``mask``, view 2 its complement.
+
+  Args:
+    rng: PRNG key.
+    batch: ``{name: [B, ...]}`` item-tower inputs.
+    spec: the item tower's schema; its feature order is the mask's order.
+    mask: ``bool [k]``, ``k = spec.num_features``; True where view 1 masks the feature.
+    dropout_rate: static drop probability of multi-valued values.
+
+  Returns:
+    ``(batch1, mask1, batch2, mask2)`` with ``mask1 = mask`` and ``mask2 = ~mask``.
+  """
+  mask = jnp.asarray(mask, bool)
+  if mask.shape != (spec.num_features,):
+    raise ValueError(
+        f"mask has shape {mask.shape}, expected ({spec.num_features},) for tower {spec.name!r}")
+  views = []
+  for view_rng in jax.random.split(rng, 2):
+    out = dict(batch)
+    for i, f in enumerate(spec.features):
+      if f.kind == "multi":
+        out[f.name] = multi_value_dropout(
+            jax.random.fold_in(view_rng, i), batch[f.name], dropout_rate)
+    views.append(out)
+  return views[0], mask, views[1], ~mask
+
+
+def make_mask(
+    rng: jax.Array,
+    masking: str,
+    k: int,
+    mi: Optional[jax.Array] = None,
+    fraction: float = 0.5,
+) -> jax.Array:
+  """Draws view 1's feature mask with the named strategy.
+
+  Args:
+    rng: PRNG key.
+    masking: 'cfm' (needs ``mi``), 'rfm', or 'none' (all False: both views keep every
+      feature and differ only by dropout, the spread-out-like special case).
+    k: static number of features.
+    mi: ``[k, k]`` mutual-information matrix for 'cfm'.
+    fraction: static masked fraction.
+
+  Returns:
+    ``bool [k]``.
+  """
+  if masking == "cfm":
+    if mi is None:
+      raise ValueError("masking='cfm' needs the feature MI matrix (mi=None given)")
+    if tuple(mi.shape) != (k, k):
+      raise ValueError(f"masking='cfm': mi has shape {tuple(mi.shape)}, expected ({k}, {k})")
+    return cfm_mask(rng, mi, fraction)
+  if masking == "rfm":
+    return rfm_mask(rng, k, fraction)
+  if masking == "none":
+    return jnp.zeros((k,), bool)
+  raise ValueError(f"unknown masking {masking!r}; allowed: {MASKINGS}")

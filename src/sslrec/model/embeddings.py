@@ -1,0 +1,75 @@
+"""The input layer: embedding tables, multi-valued pooling, learned default (mask) embeddings.
+
+One ``InputLayer`` per tower schema. The item tower and the SSL encoders H and G call the *same*
+``InputLayer`` instance, so they share every embedding table and default embedding (PAPER.md:
+"the embedding tables are shared between H and G and with the item tower").
+
+Per feature ``f`` the layer owns:
+  * ``{f}_table``   ``[vocab_size, embed_dim]`` embedding table (id / multi), or a
+    ``{f}_dense`` projection ``[dense_dim, embed_dim]`` (dense);
+  * ``{f}_default`` ``[embed_dim]`` learned default embedding, used where the feature is masked by
+    an SSL view, where an id is missing (-1), or where a bag has no present value (empty, or every
+    value dropped by augmentation).
+The output is the concatenation of every feature's embedding in schema order: ``[B, sum(embed_dim)]``.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sslrec import features as features_lib
+
+Array = jax.Array
+
+
+def pooled_lookup(table: Array, ids: Array) -> tuple[Array, Array]:
+  """Mean of the rows of ``table`` at the present (>= 0) ``ids``.
+
+  Args:
+    table: ``[V, D]``.
+    ids: ``int32 [B]`` (single-valued) or ``[B, L]`` (multi-valued, -1 padded).
+
+  Returns:
+    ``(emb [B, D], present bool [B])``; ``emb`` is 0 where nothing is present.
+  """
+  valid = ids >= 0
+  rows = jnp.take(table, jnp.where(valid, ids, 0), axis=0)  # [B, (L,) D]
+  if ids.ndim == 1:
+    return jnp.where(valid[:, None], rows, 0.0), valid
+  w = valid.astype(rows.dtype)
+  count = w.sum(axis=1)  # [B]
+  emb = jnp.einsum("bld,bl->bd", rows, w) / jnp.maximum(count, 1.0)[:, None]
+  return emb, count > 0
+
+
+class InputLayer(nn.Module):
+  """Embeds one tower's feature dict into ``[B, sum(embed_dim)]``."""
+
+  spec: features_lib.TowerSpec
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, batch: Mapping[str, Array], feature_mask: Array | None = None) -> Array:
+    """Args: batch: ``{name: array}`` as in features.py; feature_mask: ``bool [k]`` or ``None``,
+    True where the feature is replaced by its default embedding (an SSL view's mask)."""
+    outs = []
+    for idx, f in enumerate(self.spec.features):
+      default = self.param(f"{f.name}_default", nn.initializers.normal(0.1), (f.embed_dim,))
+      x = batch[f.name]
+      if f.kind == "dense":
+        emb = nn.Dense(f.embed_dim, name=f"{f.name}_dense", dtype=self.dtype)(x)
+        present = jnp.ones(x.shape[:1], bool)
+      else:
+        table = self.param(f"{f.name}_table",
+                           nn.initializers.normal(1.0 / (f.embed_dim ** 0.5)),
+                           (f.vocab_size, f.embed_dim))
+        emb, present = pooled_lookup(table, x)
+      use_default = ~present
+      if feature_mask is not None:
+        use_default = use_default | feature_mask[idx]
+      outs.append(jnp.where(use_default[:, None], default[None, :], emb).astype(self.dtype))
+    return jnp.concatenate(outs, axis=-1)
