@@ -29,5 +29,19 @@ def main(argv):
   sys.exit(cli.run_main(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW.value))
 
 
+def parse_flags(argv):
+  """absl flag parsing with bad flags (unknown config fields, wrong types) as one clear line."""
+  from sslrec import cli
+  bad = cli.check_config_file(argv)
+  if bad:
+    print(f"error: {bad}", file=sys.stderr, flush=True)
+    sys.exit(2)
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # noqa: BLE001 -- any parse failure is a user error here
+    print(f"error: {cli.flag_error_message(argv, e)}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

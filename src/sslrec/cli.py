@@ -20,3 +20,47 @@ def run_main(config, workdir_path: str, *, allow_config_change: bool = False) ->
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 2
   return 0
+
+
+def flag_error_message(argv, exc: BaseException) -> str:
+  """One line for a command-line parsing failure, naming the offending flag."""
+  import re
+  texts = []
+  e = exc
+  while e is not None:
+    texts.append(str(e))
+    e = e.__context__ or e.__cause__
+  joined = " ".join(texts)
+  m = re.search(r"Did you mean \\?\"(\w+)\\?\" instead of \\?\"(\w+)\\?\"", joined)
+  if m:
+    wrong = m.group(2)
+    flag = next((a.split("=", 1)[0] for a in argv[1:]
+                 if re.search(rf"\.{wrong}(\.|$)", a.split("=", 1)[0])), wrong)
+    return f"{flag}: no such config field (did you mean {m.group(1)!r}?); see configs/base.py"
+  text = " ".join(str(exc).split())
+  m = re.match(r"flag (--config\.[\w.]+)=(.*?): (.*)", text)
+  if m:
+    return f"{m.group(1)}={m.group(2)}: {m.group(3)}"
+  for arg in argv[1:]:
+    name = arg.split("=", 1)[0]
+    if name.startswith("--config."):
+      field = name.rsplit(".", 1)[-1]
+      if f"'{field}'" in joined:
+        return f"{name}: no such config field; see configs/base.py"
+  return f"bad command line: {text}"
+
+
+def check_config_file(argv) -> str | None:
+  """An error line when ``--config=PATH`` names a file that does not exist."""
+  import os
+  for i, arg in enumerate(argv[1:], start=1):
+    path = None
+    if arg.startswith("--config="):
+      path = arg.split("=", 1)[1]
+    elif arg == "--config" and i + 1 < len(argv):
+      path = argv[i + 1]
+    if path is not None:
+      path = path.split(":", 1)[0]
+      if not os.path.isfile(path):
+        return f"--config={path}: no such file (configs are in configs/, e.g. configs/base.py)"
+  return None
