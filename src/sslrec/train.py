@@ -115,7 +115,7 @@ def train_step(state: TrainState, pairs, items, rng: Array, *, model, tx, config
   (_, metrics), grads = grad_fn(state.params, pairs, items, step_rng)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["grad_norm"] = optax.tree.norm(grads)
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

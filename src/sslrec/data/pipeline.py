@@ -1,9 +1,9 @@
 """grain input pipelines: the D_train pair stream and the D_item item stream.
 
-Both streams are ``grain.MapDataset`` graphs over *indices*: shuffle (a new permutation every
-epoch, seeded), repeat forever, batch the indices to a static batch size (drop remainder), then
-gather every feature of the whole batch with one vectorised numpy take. Gathering per batch
-instead of per example keeps the Python cost per step at a few numpy calls.
+Both streams are ``grain.MapDataset`` graphs over *batches of indices* (``EpochBatches``: a new
+seeded permutation every epoch, cut into static-size batches, endless), mapped by a vectorised
+gather of every feature of the whole batch. Working per batch instead of per example keeps the
+Python cost per step at a few numpy calls.
 
 * pair stream:  index p over D_train -> {'query': {...}, 'item': {...}, 'item_id': [B],
                 'log_q': [B]}
@@ -58,15 +58,48 @@ class _GatherItems:
     return {"item": table_lib.take(self.items, i), "item_id": i}
 
 
+class EpochBatches:
+  """Random-access source of index batches: element ``i`` is batch ``i`` of an endless sequence
+  of epochs, each a fresh seeded permutation of this process's share of ``range(size)``.
+
+  Shuffling and batching whole index arrays (one numpy permutation per epoch, one slice per
+  batch) instead of element by element keeps grain's per-step cost to one Python call per batch.
+  The last ``share % batch_size`` indices of each epoch's permutation are dropped (static shapes);
+  they differ from epoch to epoch.
+  """
+
+  def __init__(self, size: int, batch_size: int, seed: int, shard_index: int = 0,
+               shard_count: int = 1, max_epochs: int = 10**9):
+    self.share = np.arange(shard_index, size, shard_count, dtype=np.int64)
+    if len(self.share) < batch_size:
+      raise table_lib.DataError(
+          f"stream has {len(self.share)} examples for this process, fewer than its batch size "
+          f"{batch_size}")
+    self.batch_size = batch_size
+    self.seed = seed
+    self.batches_per_epoch = len(self.share) // batch_size
+    self.max_epochs = max_epochs
+    self._cache: dict[int, np.ndarray] = {}
+
+  def __len__(self) -> int:
+    return self.batches_per_epoch * self.max_epochs
+
+  def _perm(self, epoch: int) -> np.ndarray:
+    perm = self._cache.get(epoch)
+    if perm is None:
+      perm = np.random.default_rng([self.seed, epoch]).permutation(self.share)
+      self._cache = {epoch: perm, **{e: p for e, p in self._cache.items() if e >= epoch - 1}}
+    return perm
+
+  def __getitem__(self, i: int) -> np.ndarray:
+    epoch, b = divmod(int(i), self.batches_per_epoch)
+    return self._perm(epoch)[b * self.batch_size:(b + 1) * self.batch_size]
+
+
 def _stream(size: int, gather, *, batch_size: int, seed: int, shard_index: int, shard_count: int,
             num_threads: int, prefetch: int) -> grain.IterDataset:
-  ds = grain.MapDataset.range(size)
-  if shard_count > 1:
-    ds = ds[shard_index::shard_count]
-  if len(ds) < batch_size:
-    raise table_lib.DataError(
-        f"stream has {len(ds)} examples for this process, fewer than its batch size {batch_size}")
-  ds = ds.shuffle(seed=seed).repeat(None).batch(batch_size, drop_remainder=True).map(gather)
+  source = EpochBatches(size, batch_size, seed, shard_index, shard_count)
+  ds = grain.MapDataset.source(source).map(gather)
   read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
   return ds.to_iter_dataset(read)
 
