@@ -30,6 +30,10 @@ class Dataset:
     train_query / train_item: ``int32 [P]`` D_train pairs (query row, item row).
     eval_query / eval_item: ``int32 [E]`` held-out pairs.
     item_keys: optional ``[num_items]`` original item keys (for display / export).
+    item_names: optional ``[num_items]`` human-readable item names (titles), for display.
+    vocabularies: optional ``{feature name: [raw value of id 0, raw value of id 1, ...]}`` for
+      features whose ids were built from raw values (readers); a feature absent here takes its raw
+      integer value as its id (the embedded generator). Serving uses it to map raw query values.
   """
 
   name: str
@@ -42,6 +46,8 @@ class Dataset:
   eval_query: np.ndarray
   eval_item: np.ndarray
   item_keys: np.ndarray | None = None
+  item_names: np.ndarray | None = None
+  vocabularies: dict[str, list] = dataclasses.field(default_factory=dict)
 
   @property
   def num_items(self) -> int:
