@@ -27,6 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.query_hidden = (256,)  # query tower hidden layer widths
   c.model.item_hidden = (256,)  # item tower hidden layer widths
   c.model.output_dim = 64  # embedding width of both towers (retrieval space)
+  c.model.table_row_multiple = 128  # table rows padded to a multiple (row shards must divide it)
   c.model.dtype = "float32"  # compute dtype of the towers: 'float32' | 'bfloat16'
 
   c.loss = ml_collections.ConfigDict()

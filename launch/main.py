@@ -17,6 +17,16 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, config).")
 _ALLOW = flags.DEFINE_bool("allow_config_change", False,
                            "Continue a workdir whose saved config describes a different model.")
+_COORD = flags.DEFINE_string("coordinator_address", None,
+                              "HOST:PORT of process 0, for a multi-process run "
+                              "(jax.distributed.initialize).")
+_NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes of the run.")
+_PID = flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
+_MULTIHOST = flags.DEFINE_bool("multihost", False,
+                               "Call jax.distributed.initialize() with no arguments (TPU pods, "
+                               "SLURM, ...: the cluster is detected).")
+_DIST_TIMEOUT = flags.DEFINE_integer("distributed_timeout", 300,
+                                     "Seconds to wait for every process to join.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -26,7 +36,11 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # keep library INFO chatter (orbax) out of the log
   from sslrec import cli
-  sys.exit(cli.run_main(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW.value))
+  sys.exit(cli.run_main(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW.value,
+                        distributed=dict(coordinator_address=_COORD.value,
+                                         num_processes=_NPROC.value, process_id=_PID.value,
+                                         multihost=_MULTIHOST.value,
+                                         timeout_s=_DIST_TIMEOUT.value)))
 
 
 def parse_flags(argv):

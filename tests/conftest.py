@@ -8,29 +8,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 
-from configs import base  # noqa: E402
+from configs import smoke  # noqa: E402
 
 
 def tiny_config():
-  """A smoke-size config: trains in seconds on 2 CPU cores."""
-  c = base.get_config()
-  c.data.num_items = 2000
-  c.data.num_queries = 6000
-  c.data.num_train_pairs = 40_000
-  c.data.num_eval_pairs = 2000
-  c.data.embed_dim = 16
-  c.data.num_threads = 1
-  c.model.query_hidden = (64,)
-  c.model.item_hidden = (64,)
-  c.model.output_dim = 32
-  c.train.batch_size = 128
-  c.ssl.batch_size = 128
-  c.train.num_steps = 60
-  c.train.log_every = 20
-  c.train.eval_every = 1000
-  c.train.checkpoint_every = 1000
-  c.optimizer.warmup_steps = 10
-  return c
+  """A smoke-size config (configs/smoke.py): trains in seconds on 2 CPU cores."""
+  return smoke.get_config()
 
 
 @pytest.fixture

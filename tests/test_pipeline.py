@@ -25,15 +25,18 @@ def test_epoch_batches_are_permutations_reshuffled_each_epoch():
   assert not np.array_equal(src[5], pipeline.EpochBatches(100, 10, seed=4)[5])
 
 
-def test_sharding_is_disjoint_and_complete():
-  shards = [pipeline.EpochBatches(96, 8, seed=1, shard_index=i, shard_count=3) for i in range(3)]
-  seen = np.concatenate([np.concatenate([s[b] for b in range(s.batches_per_epoch)]) for s in shards])
-  assert sorted(seen) == list(range(96))
+def test_process_shares_assemble_the_single_process_batches():
+  single = pipeline.EpochBatches(96, 12, seed=1)
+  shards = [pipeline.EpochBatches(96, 12, seed=1, shard_index=i, shard_count=3) for i in range(3)]
+  for b in range(single.batches_per_epoch * 2):
+    parts = [s[b] for s in shards]
+    assert all(len(p) == 4 for p in parts)
+    np.testing.assert_array_equal(np.concatenate(parts), single[b])
 
 
-def test_batch_larger_than_share_is_a_clear_error():
-  with pytest.raises(table.DataError, match="fewer than its batch size 64"):
-    pipeline.EpochBatches(100, 64, seed=0, shard_index=0, shard_count=2)
+def test_batch_larger_than_stream_is_a_clear_error():
+  with pytest.raises(table.DataError, match="fewer than its global batch size 128"):
+    pipeline.EpochBatches(100, 128, seed=0, shard_index=0, shard_count=2)
 
 
 def test_pair_batches_static_shapes_and_log_q(data):

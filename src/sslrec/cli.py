@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import sys
 
-from sslrec import configuration, features, workdir
+from sslrec import configuration, features, parallel, workdir
 from sslrec.data import table
 
 USER_ERRORS = (configuration.ConfigError, table.DataError, features.SchemaError,
-               workdir.WorkdirError)
+               workdir.WorkdirError, parallel.DistributedError)
 
 
-def run_main(config, workdir_path: str, *, allow_config_change: bool = False) -> int:
-  """Runs ``train_and_evaluate``; returns the process exit code (2 for user errors)."""
+def run_main(config, workdir_path: str, *, allow_config_change: bool = False,
+             distributed: dict | None = None) -> int:
+  """Runs ``train_and_evaluate`` (after joining the distributed runtime when asked); returns
+  the process exit code (2 for user errors)."""
   from sslrec import train
   try:
+    configuration.validate(config)  # before waiting on other processes
+    if distributed:
+      parallel.initialize_distributed(**distributed)
     train.train_and_evaluate(config, workdir_path, allow_config_change=allow_config_change)
   except USER_ERRORS as e:
     print(f"error: {e}", file=sys.stderr, flush=True)

@@ -79,6 +79,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
            "a tuple of integers >= 1 (may be empty)")
   _check(_is_int(g("model.output_dim")) and g("model.output_dim") >= 1, "model.output_dim",
          g("model.output_dim"), "an integer >= 1")
+  _check(_is_int(g("model.table_row_multiple")) and g("model.table_row_multiple") >= 1,
+         "model.table_row_multiple", g("model.table_row_multiple"), "an integer >= 1")
   _check(g("model.dtype") in DTYPES, "model.dtype", g("model.dtype"), f"one of {DTYPES}")
 
   for f in ("loss.temperature", "ssl.temperature"):

@@ -1,7 +1,8 @@
 """Full-corpus retrieval evaluation: Recall@K overall and on head / tail items.
 
 For every held-out pair (query, target item) the query is embedded, scored against the embedding of
-*every* catalogue item (exact dot product, on device, in query chunks), and the pair is a hit at K
+*every* catalogue item (exact dot product, on device, in query chunks; the catalogue's embeddings
+row-sharded over all devices, top-K per shard, merged), and the pair is a hit at K
 when the target is among the K highest scores. Recall@K is the mean hit rate over pairs;
 ``/head`` and ``/tail`` restrict the mean to pairs whose target is a head item (the most popular
 ``eval.head_fraction`` of the catalogue by D_train frequency) or a tail item (the rest).
@@ -11,12 +12,11 @@ as ``popularity/recall@K...``, a reference any useful model must beat.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sslrec import parallel
 from sslrec.data import table as table_lib
 
 
@@ -45,14 +45,10 @@ def embed_table(fn, table: dict, n: int, batch_size: int) -> jax.Array:
   return jnp.concatenate(outs, axis=0)
 
 
-@functools.partial(jax.jit, static_argnames=("ks",))
-def _hits(query_emb: jax.Array, item_emb: jax.Array, targets: jax.Array, ks: tuple[int, ...]
-          ) -> jax.Array:
-  """``bool [B, len(ks)]``: target within the top-k of ``query_emb @ item_emb.T``."""
-  scores = query_emb @ item_emb.T  # [B, N]
-  _, top = jax.lax.top_k(scores, max(ks))  # [B, Kmax]
+def hits_at(top: np.ndarray, targets: np.ndarray, ks) -> np.ndarray:
+  """``bool [E, len(ks)]``: target within the first k of each row of ``top [E, >= max(ks)]``."""
   found = top == targets[:, None]
-  return jnp.stack([found[:, :k].any(axis=1) for k in ks], axis=1)
+  return np.stack([found[:, :k].any(axis=1) for k in ks], axis=1)
 
 
 def recall_table(hits: np.ndarray, targets: np.ndarray, head: np.ndarray, ks, prefix: str = ""
@@ -75,27 +71,45 @@ def popularity_hits(item_freq: np.ndarray, targets: np.ndarray, ks) -> np.ndarra
   return np.stack([rank[targets] < k for k in ks], axis=1)
 
 
+def item_embeddings(params, model, dataset: table_lib.Dataset, mesh, batch_size: int) -> np.ndarray:
+  """``float32 [num_items, D]`` item-tower embeddings of the whole catalogue (on every process)."""
+  rep = parallel.replicated(mesh)
+  fn = jax.jit(lambda p, b: model.apply(p, b, method=model.item_tower), out_shardings=rep)
+  return np.asarray(embed_table(lambda b: fn(params, b), dataset.items, dataset.num_items,
+                                batch_size))
+
+
+def retrieve(params, model, queries: dict, num_queries: int, item_emb: np.ndarray, mesh, *,
+             k: int, batch_size: int) -> np.ndarray:
+  """Top-``k`` catalogue rows for each query row: ``int32 [num_queries, k]``.
+
+  The catalogue's embeddings are row-sharded over every device; each device scores its rows
+  against a replicated query chunk, keeps its local top-k, and the candidates are merged
+  (``parallel.make_sharded_top_k``).
+  """
+  rep = parallel.replicated(mesh)
+  query_fn = jax.jit(lambda p, b: model.apply(p, b, method=model.query_tower), out_shardings=rep)
+  items, n_items = parallel.shard_rows(item_emb.astype(np.float32), mesh)
+  top_k = parallel.make_sharded_top_k(mesh, min(k, n_items), n_items)
+  out = []
+  for start, end in _chunks(num_queries, batch_size):
+    size = min(batch_size, num_queries)
+    q = query_fn(params, _pad_rows(table_lib.take(queries, np.arange(start, end)), size))
+    _, ids = top_k(q, items)
+    out.append(np.asarray(ids)[: end - start])
+  return np.concatenate(out, axis=0).astype(np.int32)
+
+
 def evaluate(params, model, dataset: table_lib.Dataset, item_freq: np.ndarray, head: np.ndarray,
-             *, ks, batch_size: int = 1024, max_pairs: int = 0) -> dict[str, float]:
+             *, mesh, ks, batch_size: int = 1024, max_pairs: int = 0) -> dict[str, float]:
   """Recall@K (overall / head / tail) of the model and of the popularity recommender."""
   ks = tuple(int(k) for k in ks)
-  item_fn = jax.jit(lambda b: model.apply(params, b, method=model.item_tower))
-  query_fn = jax.jit(lambda b: model.apply(params, b, method=model.query_tower))
-  item_emb = embed_table(item_fn, dataset.items, dataset.num_items, batch_size)  # [N, D]
-
+  item_emb = item_embeddings(params, model, dataset, mesh, batch_size)  # [N, D]
   n = dataset.num_eval if max_pairs <= 0 else min(max_pairs, dataset.num_eval)
   targets = dataset.eval_item[:n].astype(np.int32)
   queries = table_lib.take(dataset.queries, dataset.eval_query[:n])
-  hits = []
-  for start, end in _chunks(n, batch_size):
-    rows = np.arange(start, end)
-    size = min(batch_size, n)
-    q = query_fn(_pad_rows(table_lib.take(queries, rows), size))
-    t = np.concatenate([targets[start:end], np.full(size - (end - start), -1, np.int32)])
-    hits.append(np.asarray(_hits(q, item_emb, jnp.asarray(t), ks))[: end - start])
-  hits = np.concatenate(hits, axis=0)
-
-  out = recall_table(hits, targets, head, ks)
+  top = retrieve(params, model, queries, n, item_emb, mesh, k=max(ks), batch_size=batch_size)
+  out = recall_table(hits_at(top, targets, ks), targets, head, ks)
   out.update(recall_table(popularity_hits(item_freq, targets, ks), targets, head, ks,
                           prefix="popularity/"))
   out["eval/pairs"] = float(n)

@@ -1,11 +1,18 @@
-"""Device mesh, sharding rules and host-to-device transfer.
+"""Device mesh, sharding rules, multi-host initialisation and sharded top-K.
 
-The train step is compiled once with explicit shardings over a ``jax.sharding.Mesh``:
+Sharding rules (the train and eval steps are compiled with these explicit in/out shardings):
   * batches: leading (batch) dimension on the 'data' axis;
-  * parameters and optimizer state: replicated (row-sharding of the embedding tables plugs in
-    here through ``state_sharding``).
-With the default ``mesh.shape=(-1,)`` every device is on 'data'. The losses see the *global*
-batch: in-batch negatives span every device.
+  * embedding tables (parameters named ``*_table``, ``[rows, dim]``) and their optimizer state:
+    row-sharded on the 'model' axis when the mesh has one of size > 1, otherwise over *all* mesh
+    axes (with the default 1-D mesh: over every device). Rows are padded to a multiple of
+    ``model.table_row_multiple`` so any shard count dividing it works;
+  * every other parameter (MLPs, default embeddings) and optimizer state: replicated.
+
+The losses see the global batch: the query tower output ``q [B, D]`` and item tower output
+``x [B, D]`` are sharded on 'data'; the logits ``q @ x.T [B, B]`` are computed row-sharded (XLA
+all-gathers ``x``, ``B x D`` per device), so in-batch negatives span every device. Per device that
+costs ``B/n x B`` logits of memory and ``B^2 D / n`` flops, plus an all-gather of ``B x D``:
+quadratic in the global batch, linear in the number of devices saved.
 """
 
 from __future__ import annotations
@@ -13,15 +20,80 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from sslrec import configuration
 
 
-def make_mesh(shape, axes) -> Mesh:
-  """A mesh of all devices with ``shape`` (one -1 entry = the remaining devices)."""
-  n = jax.device_count()
+class DistributedError(RuntimeError):
+  """The distributed runtime could not be started; the message says why."""
+
+
+def initialize_distributed(*, coordinator_address: str | None, num_processes: int | None,
+                           process_id: int | None, multihost: bool, timeout_s: int = 300) -> None:
+  """Starts JAX's distributed runtime (no-op for a single-process run).
+
+  ``coordinator_address`` (with ``num_processes`` and ``process_id``) for an explicit cluster, or
+  ``multihost=True`` for environments where ``jax.distributed.initialize()`` finds everything
+  itself (TPU pods, SLURM, ...). CPU collectives use gloo so that CPU-only clusters work too.
+  """
+  if coordinator_address is None and not multihost:
+    if num_processes not in (None, 1) or process_id not in (None, 0):
+      raise DistributedError("--num_processes/--process_id need --coordinator_address "
+                             "(or --multihost)")
+    return
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if coordinator_address is not None:
+    if num_processes is None or num_processes < 1:
+      raise DistributedError(f"--num_processes={num_processes}: must be an integer >= 1")
+    if process_id is None or not 0 <= process_id < num_processes:
+      raise DistributedError(
+          f"--process_id={process_id} is out of range; allowed 0..{num_processes - 1} for "
+          f"--num_processes={num_processes}")
+    if ":" not in coordinator_address:
+      raise DistributedError(f"--coordinator_address={coordinator_address}: expected HOST:PORT")
+    if process_id != 0:
+      _wait_for_coordinator(coordinator_address, timeout_s)
+    kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,
+                  process_id=process_id)
+  else:
+    kwargs = {}
+  try:
+    jax.distributed.initialize(initialization_timeout=timeout_s, **kwargs)
+  except Exception as e:  # noqa: BLE001 -- the runtime raises several types; all mean "no cluster"
+    where = f"the coordinator at {coordinator_address}" if coordinator_address else "the cluster"
+    first = " ".join(str(e).split())[:300]
+    raise DistributedError(f"could not join {where} within {timeout_s}s ({type(e).__name__}: "
+                           f"{first})") from None
+
+
+def _wait_for_coordinator(address: str, timeout_s: int) -> None:
+  """Waits until the coordinator's port accepts TCP connections.
+
+  XLA's client aborts the whole process (no Python exception) when it cannot connect, so an
+  unreachable coordinator is detected here first and reported as a DistributedError.
+  """
+  import socket
+  import time
+  host, port = address.rsplit(":", 1)
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      with socket.create_connection((host, int(port)), timeout=1.0):
+        return
+    except OSError as e:
+      if time.monotonic() >= deadline:
+        raise DistributedError(f"could not join the coordinator at {address} within {timeout_s}s "
+                               f"({e.strerror or e}); is process 0 running?") from None
+      time.sleep(0.5)
+
+
+def make_mesh(shape, axes, devices=None) -> Mesh:
+  """A mesh of ``devices`` (default: all) with ``shape`` (one -1 entry = the remaining devices)."""
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
   shape = list(shape)
   if -1 in shape:
     rest = math.prod(s for s in shape if s != -1)
@@ -32,7 +104,8 @@ def make_mesh(shape, axes) -> Mesh:
   if math.prod(shape) != n:
     raise configuration.ConfigError(
         f"config.mesh.shape={tuple(shape)} needs {math.prod(shape)} devices; {n} are available")
-  return jax.make_mesh(tuple(shape), tuple(axes), axis_types=(AxisType.Auto,) * len(shape))
+  return jax.make_mesh(tuple(shape), tuple(axes), axis_types=(AxisType.Auto,) * len(shape),
+                       devices=devices)
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:
@@ -46,6 +119,39 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def data_size(mesh: Mesh) -> int:
   return mesh.shape["data"]
+
+
+def table_axes(mesh: Mesh):
+  """The mesh axes embedding-table rows are split over."""
+  if "model" in mesh.axis_names and mesh.shape["model"] > 1:
+    return "model"
+  return tuple(mesh.axis_names)
+
+
+def num_table_shards(mesh: Mesh) -> int:
+  axes = table_axes(mesh)
+  axes = (axes,) if isinstance(axes, str) else axes
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def check_table_rows(mesh: Mesh, row_multiple: int) -> None:
+  shards = num_table_shards(mesh)
+  if row_multiple % shards:
+    raise configuration.ConfigError(
+        f"config.model.table_row_multiple={row_multiple} is not divisible by the {shards} "
+        "embedding-table shards of this mesh; use a multiple of it")
+
+
+def _is_table(path) -> bool:
+  return any(isinstance(k, jax.tree_util.DictKey) and str(k.key).endswith("_table") for k in path)
+
+
+def state_shardings(state, mesh: Mesh):
+  """Shardings for a pytree holding parameters and optimizer state (see the module rules)."""
+  rows = NamedSharding(mesh, P(table_axes(mesh), None))
+  rep = replicated(mesh)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: rows if _is_table(path) and np.ndim(x) == 2 else rep, state)
 
 
 def local_batch_size(global_batch: int, mesh: Mesh, field: str) -> int:
@@ -65,3 +171,48 @@ def to_global(batch, mesh: Mesh):
   sharding = data_sharding(mesh)
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+
+
+def all_devices_rows(mesh: Mesh) -> NamedSharding:
+  """Rows over every device of the mesh (for the catalogue's embeddings at evaluation)."""
+  return NamedSharding(mesh, P(tuple(mesh.axis_names), None))
+
+
+def shard_rows(host_array: np.ndarray, mesh: Mesh) -> tuple[jax.Array, int]:
+  """A host array ``[N, D]`` (same on every process) -> rows over all devices, zero-padded to a
+  multiple of the device count. Returns ``(array [N_pad, D], N)``."""
+  n = host_array.shape[0]
+  pad = (-n) % mesh.size
+  if pad:
+    host_array = np.concatenate([host_array, np.zeros((pad,) + host_array.shape[1:],
+                                                      host_array.dtype)])
+  sharding = all_devices_rows(mesh)
+  arr = jax.make_array_from_callback(host_array.shape, sharding, lambda idx: host_array[idx])
+  return arr, n
+
+
+def make_sharded_top_k(mesh: Mesh, k: int, num_valid: int):
+  """``fn(query [Bq, D] replicated, items [N_pad, D] row-sharded) -> (scores, ids) [Bq, k]``.
+
+  Each device scores its own rows and keeps its local top-k (global row ids); the per-device
+  candidates are all-gathered (``n_devices * k`` per query) and merged by a final top-k. Padding
+  rows (id >= num_valid) never win.
+  """
+  axes = tuple(mesh.axis_names)
+
+  def local(q, x):
+    rows = x.shape[0]
+    base = jax.lax.axis_index(axes) * rows
+    ids = base + jnp.arange(rows)
+    s = q @ x.T
+    s = jnp.where(ids[None, :] < num_valid, s, -jnp.inf)
+    v, i = jax.lax.top_k(s, min(k, rows))
+    i = jnp.take(ids, i)
+    v = jax.lax.all_gather(v, axes, axis=1, tiled=True)
+    i = jax.lax.all_gather(i, axes, axis=1, tiled=True)
+    top_v, j = jax.lax.top_k(v, k)
+    return top_v, jnp.take_along_axis(i, j, axis=1)
+
+  fn = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axes, None)), out_specs=(P(), P()),
+                     check_vma=False)
+  return jax.jit(fn)

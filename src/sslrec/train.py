@@ -44,6 +44,7 @@ def create_model(config: ml_collections.ConfigDict, dataset) -> towers.TwoTower:
       output_dim=config.model.output_dim,
       ssl_sharing=config.ssl.encoder_sharing,
       dtype=jnp.dtype(config.model.dtype),
+      table_row_multiple=config.model.table_row_multiple,
   )
 
 
@@ -156,7 +157,7 @@ def stream_seeds(seed: int) -> tuple[int, int]:
 class Run:
   """Everything ``train_and_evaluate`` builds before the first step (also used by tests/bench)."""
 
-  def __init__(self, config: ml_collections.ConfigDict):
+  def __init__(self, config: ml_collections.ConfigDict, devices=None):
     from sslrec import configuration, parallel
     from sslrec.data import pipeline, sources, stats
     configuration.validate(config)
@@ -166,7 +167,8 @@ class Run:
         config, num_items=self.dataset.num_items, num_train=self.dataset.num_train,
         item_feature_names=self.dataset.item_spec.names)
     self.stats = stats.corpus_stats(self.dataset, head_fraction=config.eval.head_fraction)
-    self.mesh = parallel.make_mesh(config.mesh.shape, config.mesh.axes)
+    self.mesh = parallel.make_mesh(config.mesh.shape, config.mesh.axes, devices)
+    parallel.check_table_rows(self.mesh, config.model.table_row_multiple)
     pair_bs = parallel.local_batch_size(config.train.batch_size, self.mesh, "train.batch_size")
     self.uses_items = config.ssl.alpha > 0 or config.reg.spread_out_weight > 0
     pair_seed, item_seed = stream_seeds(config.seed)
@@ -182,10 +184,11 @@ class Run:
     self.model = create_model(config, self.dataset)
     self.tx = create_optimizer(config)
     init_rng, self.step_rng = jax.random.split(jax.random.key(config.seed))
-    state = create_train_state(init_rng, self.model, self.tx, self.dataset)
-    rep = parallel.replicated(self.mesh)
-    self.state_sharding = jax.tree.map(lambda _: rep, state)
-    self.state = jax.device_put(state, self.state_sharding)
+    abstract = jax.eval_shape(
+        lambda r: create_train_state(r, self.model, self.tx, self.dataset), init_rng)
+    self.state_sharding = parallel.state_shardings(abstract, self.mesh)
+    self.state = jax.jit(lambda r: create_train_state(r, self.model, self.tx, self.dataset),
+                         out_shardings=self.state_sharding)(init_rng)
     self.step_fn = compile_train_step(self.model, self.tx, config, self.stats.mi, self.mesh,
                                       self.state_sharding)
     self.pair_iter = iter(self.pair_data)
@@ -210,7 +213,8 @@ class Run:
     from sslrec import evaluate as evaluate_lib
     c = self.config
     return evaluate_lib.evaluate(self.state.params, self.model, self.dataset,
-                                 self.stats.item_freq, self.stats.head, ks=c.eval.ks,
+                                 self.stats.item_freq, self.stats.head, mesh=self.mesh,
+                                 ks=c.eval.ks,
                                  batch_size=c.eval.batch_size, max_pairs=c.eval.max_queries)
 
   # Checkpoints: train state + both iterators' positions + config + corpus statistics.

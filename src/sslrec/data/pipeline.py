@@ -11,8 +11,9 @@ Python cost per step at a few numpy calls.
                 catalogue (``item_sampling='uniform'``: every item equally often) or the item column
                 of D_train (``'train'``: the power-law training marginal, for the ablation).
 
-Each process reads only its own share (``shard_index::shard_count``) of both streams, so a
-multi-host run reads disjoint data without coordination. Iterators are grain
+Each process reads only its own share (a contiguous slice of every global batch) of both streams,
+so a multi-host run reads disjoint data without coordination and sees the same global batches as
+a single-host run. Iterators are grain
 ``DatasetIterator``s whose position is saved with the checkpoint
 (``grain.checkpoint.CheckpointSave``) and restored exactly.
 """
@@ -59,25 +60,32 @@ class _GatherItems:
 
 
 class EpochBatches:
-  """Random-access source of index batches: element ``i`` is batch ``i`` of an endless sequence
-  of epochs, each a fresh seeded permutation of this process's share of ``range(size)``.
+  """Random-access source of index batches: element ``i`` is this process's share of global batch
+  ``i`` of an endless sequence of epochs, each a fresh seeded permutation of ``range(size)``.
 
-  Shuffling and batching whole index arrays (one numpy permutation per epoch, one slice per
-  batch) instead of element by element keeps grain's per-step cost to one Python call per batch.
-  The last ``share % batch_size`` indices of each epoch's permutation are dropped (static shapes);
-  they differ from epoch to epoch.
+  Every process computes the same permutation and takes its own contiguous slice
+  (``shard_index``-th of ``shard_count``) of each global batch, so the global batch assembled on
+  the mesh is the same whatever the number of processes (a 2-host run sees exactly the data of a
+  1-host run), while each process gathers only its own rows. Shuffling and batching whole index
+  arrays keeps grain's per-step cost to one Python call per batch. The last
+  ``size % global_batch`` indices of each epoch's permutation are dropped (static shapes); they
+  differ from epoch to epoch.
   """
 
-  def __init__(self, size: int, batch_size: int, seed: int, shard_index: int = 0,
+  def __init__(self, size: int, global_batch: int, seed: int, shard_index: int = 0,
                shard_count: int = 1, max_epochs: int = 10**9):
-    self.share = np.arange(shard_index, size, shard_count, dtype=np.int64)
-    if len(self.share) < batch_size:
+    if size < global_batch:
       raise table_lib.DataError(
-          f"stream has {len(self.share)} examples for this process, fewer than its batch size "
-          f"{batch_size}")
-    self.batch_size = batch_size
+          f"stream has {size} examples, fewer than its global batch size {global_batch}")
+    if global_batch % shard_count:
+      raise table_lib.DataError(
+          f"global batch {global_batch} is not divisible by {shard_count} processes")
+    self.size = size
+    self.global_batch = global_batch
+    self.batch_size = global_batch // shard_count
+    self.offset = shard_index * self.batch_size
     self.seed = seed
-    self.batches_per_epoch = len(self.share) // batch_size
+    self.batches_per_epoch = size // global_batch
     self.max_epochs = max_epochs
     self._cache: dict[int, np.ndarray] = {}
 
@@ -87,18 +95,19 @@ class EpochBatches:
   def _perm(self, epoch: int) -> np.ndarray:
     perm = self._cache.get(epoch)
     if perm is None:
-      perm = np.random.default_rng([self.seed, epoch]).permutation(self.share)
+      perm = np.random.default_rng([self.seed, epoch]).permutation(self.size)
       self._cache = {epoch: perm, **{e: p for e, p in self._cache.items() if e >= epoch - 1}}
     return perm
 
   def __getitem__(self, i: int) -> np.ndarray:
     epoch, b = divmod(int(i), self.batches_per_epoch)
-    return self._perm(epoch)[b * self.batch_size:(b + 1) * self.batch_size]
+    start = b * self.global_batch + self.offset
+    return self._perm(epoch)[start:start + self.batch_size]
 
 
 def _stream(size: int, gather, *, batch_size: int, seed: int, shard_index: int, shard_count: int,
             num_threads: int, prefetch: int) -> grain.IterDataset:
-  source = EpochBatches(size, batch_size, seed, shard_index, shard_count)
+  source = EpochBatches(size, batch_size * shard_count, seed, shard_index, shard_count)
   ds = grain.MapDataset.source(source).map(gather)
   read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
   return ds.to_iter_dataset(read)

@@ -5,7 +5,8 @@ One ``InputLayer`` per tower schema. The item tower and the SSL encoders H and G
 "the embedding tables are shared between H and G and with the item tower").
 
 Per feature ``f`` the layer owns:
-  * ``{f}_table``   ``[vocab_size, embed_dim]`` embedding table (id / multi), or a
+  * ``{f}_table``   ``[rows, embed_dim]`` embedding table (id / multi; ``rows`` = vocab_size
+    rounded up to ``row_multiple`` so the table splits evenly into row shards), or a
     ``{f}_dense`` projection ``[dense_dim, embed_dim]`` (dense);
   * ``{f}_default`` ``[embed_dim]`` learned default embedding, used where the feature is masked by
     an SSL view, where an id is missing (-1), or where a bag has no present value (empty, or every
@@ -51,6 +52,7 @@ class InputLayer(nn.Module):
 
   spec: features_lib.TowerSpec
   dtype: jnp.dtype = jnp.float32
+  row_multiple: int = 1  # table rows padded to a multiple of this (row sharding needs it)
 
   @nn.compact
   def __call__(self, batch: Mapping[str, Array], feature_mask: Array | None = None) -> Array:
@@ -64,9 +66,10 @@ class InputLayer(nn.Module):
         emb = nn.Dense(f.embed_dim, name=f"{f.name}_dense", dtype=self.dtype)(x)
         present = jnp.ones(x.shape[:1], bool)
       else:
+        rows = -(-f.vocab_size // self.row_multiple) * self.row_multiple
         table = self.param(f"{f.name}_table",
                            nn.initializers.normal(1.0 / (f.embed_dim ** 0.5)),
-                           (f.vocab_size, f.embed_dim))
+                           (rows, f.embed_dim))
         emb, present = pooled_lookup(table, x)
       use_default = ~present
       if feature_mask is not None:

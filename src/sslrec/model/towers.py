@@ -59,12 +59,13 @@ class TwoTower(nn.Module):
   output_dim: int = 64
   ssl_sharing: str = "all_but_last"
   dtype: jnp.dtype = jnp.float32
+  table_row_multiple: int = 1  # embedding-table rows padded to a multiple of this
 
   def setup(self):
     if self.ssl_sharing not in SSL_SHARING:
       raise ValueError(f"ssl_sharing={self.ssl_sharing!r}; allowed: {SSL_SHARING}")
-    self.query_input = embeddings.InputLayer(self.query_spec, self.dtype)
-    self.item_input = embeddings.InputLayer(self.item_spec, self.dtype)
+    self.query_input = embeddings.InputLayer(self.query_spec, self.dtype, self.table_row_multiple)
+    self.item_input = embeddings.InputLayer(self.item_spec, self.dtype, self.table_row_multiple)
     self.query_mlp = MLP(self.query_hidden, self.output_dim, self.dtype)
     self.item_mlp = MLP(self.item_hidden, self.output_dim, self.dtype)
     if self.ssl_sharing == "all_but_last":
