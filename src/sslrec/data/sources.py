@@ -2,19 +2,68 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
+import numpy as np
 
 from sslrec.data import synthetic
 from sslrec.data import table as table_lib
 
 
 def load(config: ml_collections.ConfigDict) -> table_lib.Dataset:
-  """The dataset named by ``config.data.name``; raises DataError for unusable data."""
+  """The dataset named by ``config.data.name``; raises DataError for unusable data.
+
+  Then, for every source: ``data.train_fraction`` thins D_train, and
+  ``eval.exclude_train_items=False`` empties the pairs evaluation would exclude.
+  """
   d = config.data
   if d.name == "synthetic":
-    return synthetic.generate(
+    dataset = synthetic.generate(
         config.seed, num_items=d.num_items, num_queries=d.num_queries,
         num_train_pairs=d.num_train_pairs, num_eval_pairs=d.num_eval_pairs,
         popularity_exponent=d.popularity_exponent, feature_noise=d.feature_noise,
         embed_dim=d.embed_dim)
-  raise table_lib.DataError(f"config.data.name={d.name!r}; allowed: 'synthetic'")
+  elif d.name == "movielens":
+    from sslrec.data import movielens
+    dataset = movielens.load(
+        d.path, min_rating=d.min_rating, split=d.split, eval_fraction=d.eval_fraction,
+        history_length=d.history_length, query_mode=d.query_mode, unknown_items=d.unknown_items,
+        share_tables=config.model.share_item_tables, seed=config.seed, embed_dim=d.embed_dim)
+  elif d.name == "files":
+    from sslrec.data import files
+    dataset = files.load(config)
+  else:
+    raise table_lib.DataError(
+        f"config.data.name={d.name!r}; allowed: 'synthetic', 'movielens', 'files'")
+  if d.train_fraction < 1.0:
+    dataset = subsample_train(dataset, d.train_fraction, config.seed)
+  if not config.eval.exclude_train_items:
+    empty = np.zeros(0, np.int32)
+    dataset = dataclasses.replace(dataset, eval_seen_query=empty, eval_seen_item=empty)
+  return dataset
+
+
+def subsample_train(dataset: table_lib.Dataset, fraction: float, seed: int) -> table_lib.Dataset:
+  """Keeps a seeded random ``fraction`` of the D_train pairs (at least one; order kept).
+
+  Everything else (catalogue, queries, vocabularies, eval pairs and their exclusions) is unchanged,
+  so runs at different fractions are evaluated on the same pairs.
+  """
+  if not 0.0 < fraction <= 1.0:
+    raise ValueError(f"subsample_train: fraction={fraction}; must be in (0, 1]")
+  n = dataset.num_train
+  size = max(1, int(round(fraction * n)))
+  if size >= n:
+    return dataset
+  rng = np.random.default_rng(np.random.SeedSequence([seed, 0x7f4a1c]))
+  keep = np.sort(rng.choice(n, size=size, replace=False))
+  # Pin the exclusions to the full training period before the pairs they derive from go.
+  seen_q, seen_i = dataset.eval_seen_query, dataset.eval_seen_item
+  if seen_q is None:
+    derived = np.isin(dataset.train_query, np.unique(dataset.eval_query))
+    seen_q = dataset.train_query[derived].astype(np.int32)
+    seen_i = dataset.train_item[derived].astype(np.int32)
+  return dataclasses.replace(
+      dataset, train_query=dataset.train_query[keep], train_item=dataset.train_item[keep],
+      eval_seen_query=seen_q, eval_seen_item=seen_i).validate()

@@ -34,6 +34,12 @@ class Dataset:
     vocabularies: optional ``{feature name: [raw value of id 0, raw value of id 1, ...]}`` for
       features whose ids were built from raw values (readers); a feature absent here takes its raw
       integer value as its id (the embedded generator). Serving uses it to map raw query values.
+      The file readers give id 0 to out-of-vocabulary values (entry ``None``); hashed features
+      (31-bit fingerprints, ``hashed`` in the spec; see ``data/encode.py``) have no entry.
+    eval_seen_query / eval_seen_item: optional ``int32 [S]`` (eval query row, item row) pairs: the
+      items each eval query's user already interacted with in the training period; evaluation
+      removes them from that query's ranking (``eval.exclude_train_items``). ``None``: the D_train
+      pairs of the eval query rows (none for the embedded dataset, whose eval queries are new).
   """
 
   name: str
@@ -48,6 +54,8 @@ class Dataset:
   item_keys: np.ndarray | None = None
   item_names: np.ndarray | None = None
   vocabularies: dict[str, list] = dataclasses.field(default_factory=dict)
+  eval_seen_query: np.ndarray | None = None
+  eval_seen_item: np.ndarray | None = None
 
   @property
   def num_items(self) -> int:
@@ -82,6 +90,14 @@ class Dataset:
         raise DataError(f"{self.name}: {split} query index out of range [0, {n_queries})")
       if i.min() < 0 or i.max() >= n_items:
         raise DataError(f"{self.name}: {split} item index out of range [0, {n_items})")
+    if (self.eval_seen_query is None) != (self.eval_seen_item is None):
+      raise DataError(f"{self.name}: eval_seen_query and eval_seen_item must both be set or None")
+    if self.eval_seen_query is not None:
+      q, i = self.eval_seen_query, self.eval_seen_item
+      if q.shape != i.shape or q.ndim != 1:
+        raise DataError(f"{self.name}: eval_seen pairs have shapes {q.shape}, {i.shape}")
+      if q.size and (q.min() < 0 or q.max() >= n_queries or i.min() < 0 or i.max() >= n_items):
+        raise DataError(f"{self.name}: eval_seen pair index out of range")
     return self
 
 
