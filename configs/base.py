@@ -12,7 +12,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0  # seeds the data generator, the streams' shuffles, the init and the step rngs
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = "synthetic"  # data source: 'synthetic' (embedded generator)
+  c.data.name = "synthetic"  # data source: 'synthetic' (embedded) | 'movielens' | 'files'
+  c.data.path = ""  # movielens / files: the data folder (MovieLens: its GroupLens layout)
+  c.data.min_rating = 4.0  # movielens / files: rating (files: weight) >= this is a positive
+  c.data.split = "global"  # movielens / files: eval after one time cutoff 'global' | per 'user'
+  c.data.eval_fraction = 0.2  # movielens / files: the latest fraction of interactions is eval
+  c.data.history_length = 20  # movielens: items in the query's 'history' feature (0 = none)
+  c.data.query_mode = "user"  # movielens / files: query = a user 'user' | an item 'item' (i2i)
+  c.data.unknown_items = "drop"  # movielens / files: keys absent from their table: 'drop' | 'error'
+  c.data.train_fraction = 1.0  # any source: seeded random fraction of D_train kept (eval same)
   c.data.num_items = 20_000  # synthetic: catalogue size (D_item)
   c.data.num_queries = 40_000  # synthetic: queries (users); the last 20% are held out for eval
   c.data.num_train_pairs = 300_000  # synthetic: D_train (query, item) pairs, power-law item marginal
@@ -22,6 +30,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.embed_dim = 32  # embedding width of every feature
   c.data.num_threads = 2  # grain read threads per stream
   c.data.prefetch = 4  # grain prefetch buffer (batches) per stream
+  c.data.files = ml_collections.ConfigDict()  # files: tables and schema (docs/data.md)
+  c.data.files.interactions = "interactions.csv"  # files: interactions (.csv | .parquet) table
+  c.data.files.item_table = "items.csv"  # files: item feature table, one row per item key
+  c.data.files.query_table = ""  # files: query feature table, one row per query key ('' = none)
+  c.data.files.query_key = "query_id"  # files: query key column (interactions and query table)
+  c.data.files.item_key = "item_id"  # files: item key column (interactions and item table)
+  c.data.files.timestamp = ""  # files: interactions time column ('' = the rows are in time order)
+  c.data.files.weight = ""  # files: interactions weight column ('' = every row is a positive pair)
+  c.data.files.item_name = ""  # files: item table column of display names ('' = none)
+  c.data.files.csv_separator = ","  # files: field separator of .csv tables
+  c.data.files.item_features = ml_collections.ConfigDict()  # files: {feature: {kind, column, ...}}
+  c.data.files.query_features = ml_collections.ConfigDict()  # files: the same (+ kind 'history')
 
   c.model = ml_collections.ConfigDict()
   c.model.query_hidden = (256,)  # query tower hidden layer widths
@@ -29,6 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.output_dim = 64  # embedding width of both towers (retrieval space)
   c.model.table_row_multiple = 128  # table rows padded to a multiple (row shards must divide it)
   c.model.dtype = "float32"  # compute dtype of the towers: 'float32' | 'bfloat16'
+  c.model.share_item_tables = False  # data.query_mode='item': query tower reads the item tables
 
   c.loss = ml_collections.ConfigDict()
   c.loss.temperature = 0.05  # batch softmax temperature (main task)
@@ -38,7 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.ssl = ml_collections.ConfigDict()
   c.ssl.alpha = 1.0  # weight of L_self in L_main + alpha * L_self (0 = SSL off)
   c.ssl.temperature = 0.1  # SSL InfoNCE temperature
-  c.ssl.masking = "cfm"  # feature masking: 'cfm' (correlated) | 'rfm' (random) | 'none'
+  c.ssl.masking = "cfm"  # feature masking: 'cfm' (correlated) | 'rfm' (random) | 'none' | 'cfm_ids_random' (docs/method.md)
   c.ssl.mask_fraction = 0.5  # fraction of features view 1 masks (view 2 masks the rest)
   c.ssl.dropout_rate = 0.2  # per-value dropout of multi-valued features, in [0, 1)
   c.ssl.item_sampling = "uniform"  # SSL items: 'uniform' over the catalogue | 'train' (D_train marginal)
@@ -53,6 +74,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.optimizer.learning_rate = 0.2  # peak learning rate
   c.optimizer.warmup_steps = 100  # linear warmup steps
   c.optimizer.grad_clip_norm = 10.0  # global-norm gradient clipping (0 = off)
+  c.optimizer.embedding_update = "sparse"  # tables: 'sparse' (touched rows only, row-wise optimizer) | 'dense' (optax above)
+  c.optimizer.embedding_optimizer = "rowwise_adagrad"  # sparse: 'rowwise_adagrad' | 'lazy_adam'
+  c.optimizer.embedding_learning_rate = 0.2  # sparse: learning rate of the table rows (same warmup)
+  c.optimizer.sparse_min_rows = 4096  # sparse: smaller tables keep the dense optimizer
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 3000  # total train steps
@@ -61,12 +86,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 1000  # steps between evaluations (and always at the end)
   c.train.checkpoint_every = 1000  # steps between checkpoints (and always at the end)
   c.train.max_checkpoints = 3  # checkpoints kept
+  c.train.skip_nonfinite = False  # non-finite loss/gradient: False = stop the run, True = skip that update (counted)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.ks = (10, 50, 100)  # Recall@K cut-offs
   c.eval.head_fraction = 0.2  # head = the most popular fraction of the catalogue (train freq.)
   c.eval.batch_size = 1024  # queries / items embedded and scored per chunk
   c.eval.max_queries = 0  # evaluate on at most this many held-out pairs (0 = all)
+  c.eval.exclude_train_items = True  # rank without each eval query's training-period items
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1,)  # device mesh shape; -1 = all remaining devices

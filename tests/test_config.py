@@ -17,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("ssl.alpha", -0.1, "config.ssl.alpha=-0.1 is invalid; allowed: a number >= 0"),
     ("ssl.temperature", 0.0, "config.ssl.temperature=0.0 is invalid; allowed: a number > 0"),
     ("loss.temperature", -1.0, "config.loss.temperature=-1.0"),
-    ("ssl.masking", "random", "config.ssl.masking='random' is invalid; allowed: one of ('cfm', 'rfm', 'none')"),
+    ("ssl.masking", "random", "config.ssl.masking='random' is invalid; allowed: one of ('cfm', 'rfm', 'none', 'cfm_ids_random')"),
     ("ssl.dropout_rate", 1.0, "config.ssl.dropout_rate=1.0 is invalid; allowed: a number in [0, 1)"),
     ("ssl.item_sampling", "pop", "config.ssl.item_sampling='pop'"),
     ("optimizer.name", "sgd", "config.optimizer.name='sgd'"),

@@ -16,24 +16,33 @@ from tests.conftest import tiny_config
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def reference():
-  """One step on a single device, and the host batches it used."""
+def _config(update="dense"):
   config = tiny_config()
+  config.optimizer.embedding_update = update
+  config.optimizer.sparse_min_rows = 1000  # item_id (2001 rows) takes the sparse path
+  return config
+
+
+@pytest.fixture(scope="module", params=["dense", "sparse"])
+def reference(request):
+  """One step on a single device, and the host batches it used."""
+  config = _config(request.param)
   config.mesh.shape = (1,)
   config.mesh.axes = ("data",)
   run = train.Run(config, devices=jax.devices()[:1])
   pairs, items = next(run.pair_iter), next(run.item_iter)
   state, metrics = run.step_fn(run.state, parallel.to_global(pairs, run.mesh),
                                parallel.to_global(items, run.mesh), run.step_rng)
-  return (pairs, items), jax.device_get(state.params), jax.device_get(metrics)
+  return (pairs, items), jax.device_get(state.params), jax.device_get(metrics), request.param
 
 
 @pytest.mark.parametrize("shape,axes", [((8,), ("data",)), ((4, 2), ("data", "model")),
                                         ((2, 4), ("data", "model"))])
 def test_sharded_step_equals_single_device_step(reference, shape, axes):
-  (pairs, items), ref_params, ref_metrics = reference
-  config = tiny_config()
+  (pairs, items), ref_params, ref_metrics, update = reference
+  if update == "sparse" and shape == (2, 4):
+    pytest.skip("one 1-D and one 2-D mesh cover the sparse path")
+  config = _config(update)
   config.mesh.shape, config.mesh.axes = shape, axes
   run = train.Run(config)
   assert run.mesh.size == 8
@@ -140,3 +149,15 @@ def test_unreachable_coordinator_times_out_clearly(tmp_path):
   assert p.returncode == 2, p.stderr[-2000:]
   assert "Traceback" not in p.stderr
   assert f"error: could not join the coordinator at 127.0.0.1:{port} within 3s" in p.stderr
+
+
+def test_chunked_sharded_top_k_matches_numpy():
+  mesh = parallel.make_mesh((8,), ("data",))
+  rng = np.random.default_rng(1)
+  items = rng.normal(size=(5000, 8)).astype(np.float32)
+  q = rng.normal(size=(3, 8)).astype(np.float32)
+  arr, n = parallel.shard_rows(items, mesh, row_multiple=128)  # 8 x 640 rows: 5 blocks each
+  assert arr.shape[0] == 5120
+  v, ids = parallel.make_sharded_top_k(mesh, 50, n, chunk=128)(q, arr)
+  expect = np.argsort(-(q @ items.T), axis=1)[:, :50]
+  np.testing.assert_array_equal(np.asarray(ids), expect)

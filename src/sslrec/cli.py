@@ -4,17 +4,32 @@ from __future__ import annotations
 
 import sys
 
-from sslrec import configuration, features, parallel, workdir
+from sslrec import checkpointing, configuration, features, parallel, reliability, workdir
 from sslrec.data import table
 
 USER_ERRORS = (configuration.ConfigError, table.DataError, features.SchemaError,
-               workdir.WorkdirError, parallel.DistributedError)
+               workdir.WorkdirError, parallel.DistributedError, checkpointing.CheckpointError)
+
+
+def _one_line(text: str) -> str:
+  return " ".join(str(text).split())
+
+
+def resume_command() -> str:
+  """This process's command line, to re-run for a resume."""
+  import os
+  import shlex
+  exe = "python" if os.path.basename(sys.executable).startswith("python") else sys.executable
+  return shlex.join([exe, *sys.argv])
 
 
 def run_main(config, workdir_path: str, *, allow_config_change: bool = False,
              distributed: dict | None = None) -> int:
   """Runs ``train_and_evaluate`` (after joining the distributed runtime when asked); returns
-  the process exit code (2 for user errors)."""
+  the process exit code: 0 when finished or stopped by SIGTERM / SIGINT after saving a
+  checkpoint (one line says how to resume), 1 when a step was not finite, 2 for user errors
+  (bad config, data, workdir or checkpoints), 130 when interrupted before a checkpoint could be
+  saved. Each failure is one ``error:`` line on stderr."""
   from sslrec import train
   try:
     configuration.validate(config)  # before waiting on other processes
@@ -22,8 +37,25 @@ def run_main(config, workdir_path: str, *, allow_config_change: bool = False,
       parallel.initialize_distributed(**distributed)
     train.train_and_evaluate(config, workdir_path, allow_config_change=allow_config_change)
   except USER_ERRORS as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
+    print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
     return 2
+  except MemoryError as e:
+    print(f"error: out of host memory ({_one_line(e) or 'MemoryError'}); reduce the data or model "
+          "sizes", file=sys.stderr, flush=True)
+    return 2
+  except reliability.NonFiniteError as e:
+    print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
+    return 1
+  except reliability.Stopped as e:
+    import jax
+    if jax.process_index() == 0:
+      print(f"stopped at step {e.step} on {e.signal_name}; checkpoint saved in {e.checkpoint}. "
+            f"To resume, run the same command again: {resume_command()}", flush=True)
+    return 0
+  except KeyboardInterrupt:
+    print("error: interrupted (no checkpoint saved since the last one)", file=sys.stderr,
+          flush=True)
+    return 130
   return 0
 
 
@@ -43,6 +75,10 @@ def flag_error_message(argv, exc: BaseException) -> str:
                  if re.search(rf"\.{wrong}(\.|$)", a.split("=", 1)[0])), wrong)
     return f"{flag}: no such config field (did you mean {m.group(1)!r}?); see configs/base.py"
   text = " ".join(str(exc).split())
+  m = re.match(r"flag (--config=\S+): Error whilst parsing config file: Traceback .*"
+               r"\b(\w+Error): (.*)$", text)
+  if m:  # get_config raised: its message, not the traceback ml_collections quotes
+    return f"{m.group(1)}: {m.group(3)}"
   m = re.match(r"flag (--config\.[\w.]+)=(.*?): (.*)", text)
   if m:
     return f"{m.group(1)}={m.group(2)}: {m.group(3)}"

@@ -17,15 +17,18 @@ import ml_collections
 RESUMABLE_FIELDS = frozenset({
     "train.num_steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
     "train.max_checkpoints", "eval.max_queries", "eval.batch_size", "data.num_threads",
-    "data.prefetch",
+    "data.prefetch", "eval.exclude_train_items", "train.skip_nonfinite",
 })
 
-MASKINGS = ("cfm", "rfm", "none")
+MASKINGS = ("cfm", "rfm", "none", "cfm_ids_random")
 ITEM_SAMPLINGS = ("uniform", "train")
 OPTIMIZERS = ("adagrad", "adam")
 SSL_SHARING = ("all", "all_but_last", "none")
 DTYPES = ("float32", "bfloat16")
-DATA_SOURCES = ("synthetic",)
+DATA_SOURCES = ("synthetic", "movielens", "files")
+SPLITS = ("global", "user")
+QUERY_MODES = ("user", "item")
+UNKNOWN_ITEMS = ("drop", "error")
 
 
 class ConfigError(ValueError):
@@ -72,6 +75,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
          g("data.num_threads"), "an integer >= 0")
   _check(_is_int(g("data.prefetch")) and g("data.prefetch") >= 0, "data.prefetch",
          g("data.prefetch"), "an integer >= 0")
+  _validate_real_data(g)
 
   for f in ("model.query_hidden", "model.item_hidden"):
     v = g(f)
@@ -82,6 +86,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(_is_int(g("model.table_row_multiple")) and g("model.table_row_multiple") >= 1,
          "model.table_row_multiple", g("model.table_row_multiple"), "an integer >= 1")
   _check(g("model.dtype") in DTYPES, "model.dtype", g("model.dtype"), f"one of {DTYPES}")
+  _check(isinstance(g("model.share_item_tables"), bool), "model.share_item_tables",
+         g("model.share_item_tables"), "True or False")
+  _check(not g("model.share_item_tables") or (g("data.name") != "synthetic" and
+                                              g("data.query_mode") == "item"),
+         "model.share_item_tables", g("model.share_item_tables"),
+         "True only with data.query_mode='item' on movielens / files data (the query is an item)")
 
   for f in ("loss.temperature", "ssl.temperature"):
     _check(_is_num(g(f)) and g(f) > 0, f, g(f), "a number > 0")
@@ -112,6 +122,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
          "optimizer.learning_rate", g("optimizer.learning_rate"), "a number > 0")
   _check(_is_int(g("optimizer.warmup_steps")) and g("optimizer.warmup_steps") >= 0,
          "optimizer.warmup_steps", g("optimizer.warmup_steps"), "an integer >= 0")
+  _check(g("optimizer.embedding_update") in ("dense", "sparse"), "optimizer.embedding_update",
+         g("optimizer.embedding_update"), "one of ('dense', 'sparse')")
+  _check(g("optimizer.embedding_optimizer") in ("rowwise_adagrad", "lazy_adam"),
+         "optimizer.embedding_optimizer", g("optimizer.embedding_optimizer"),
+         "one of ('rowwise_adagrad', 'lazy_adam')")
+  _check(_is_num(g("optimizer.embedding_learning_rate")) and g("optimizer.embedding_learning_rate") > 0,
+         "optimizer.embedding_learning_rate", g("optimizer.embedding_learning_rate"), "a number > 0")
+  _check(_is_int(g("optimizer.sparse_min_rows")) and g("optimizer.sparse_min_rows") >= 0,
+         "optimizer.sparse_min_rows", g("optimizer.sparse_min_rows"), "an integer >= 0")
   _check(_is_num(g("optimizer.grad_clip_norm")) and g("optimizer.grad_clip_norm") >= 0,
          "optimizer.grad_clip_norm", g("optimizer.grad_clip_norm"), "a number >= 0 (0 = off)")
 
@@ -121,6 +140,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
          g("train.batch_size"), "an integer >= 2")
   for f in ("train.log_every", "train.eval_every", "train.checkpoint_every", "train.max_checkpoints"):
     _check(_is_int(g(f)) and g(f) >= 1, f, g(f), "an integer >= 1")
+  _check(isinstance(g("train.skip_nonfinite"), bool), "train.skip_nonfinite",
+         g("train.skip_nonfinite"), "True or False")
 
   ks = g("eval.ks")
   _check(isinstance(ks, (tuple, list)) and len(ks) > 0 and all(_is_int(k) and k >= 1 for k in ks),
@@ -131,6 +152,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
          g("eval.batch_size"), "an integer >= 1")
   _check(_is_int(g("eval.max_queries")) and g("eval.max_queries") >= 0, "eval.max_queries",
          g("eval.max_queries"), "an integer >= 0 (0 = all)")
+  _check(isinstance(g("eval.exclude_train_items"), bool), "eval.exclude_train_items",
+         g("eval.exclude_train_items"), "True or False")
 
   shape, axes = g("mesh.shape"), g("mesh.axes")
   _check(isinstance(shape, (tuple, list)) and all(_is_int(s) and (s >= 1 or s == -1) for s in shape)
@@ -138,6 +161,34 @@ def validate(config: ml_collections.ConfigDict) -> None:
          "a tuple of positive integers with at most one -1")
   _check(isinstance(axes, (tuple, list)) and len(axes) == len(shape) and "data" in axes,
          "mesh.axes", axes, f"{len(shape)} axis names including 'data'")
+
+
+def _validate_real_data(g) -> None:
+  """The data.* fields of the file readers (checked whatever the source, as every field is)."""
+  _check(isinstance(g("data.path"), str), "data.path", g("data.path"), "a folder path (string)")
+  if g("data.name") in ("movielens", "files"):
+    _check(bool(g("data.path")), "data.path", g("data.path"),
+           f"the data folder (required for data.name={g('data.name')!r})")
+  _check(_is_num(g("data.min_rating")), "data.min_rating", g("data.min_rating"), "a number")
+  _check(g("data.split") in SPLITS, "data.split", g("data.split"), f"one of {SPLITS}")
+  _check(_is_num(g("data.eval_fraction")) and 0 < g("data.eval_fraction") < 1,
+         "data.eval_fraction", g("data.eval_fraction"), "a number in (0, 1)")
+  _check(_is_int(g("data.history_length")) and g("data.history_length") >= 0,
+         "data.history_length", g("data.history_length"), "an integer >= 0 (0 = no history)")
+  _check(g("data.query_mode") in QUERY_MODES, "data.query_mode", g("data.query_mode"),
+         f"one of {QUERY_MODES}")
+  _check(g("data.unknown_items") in UNKNOWN_ITEMS, "data.unknown_items", g("data.unknown_items"),
+         f"one of {UNKNOWN_ITEMS}")
+  _check(_is_num(g("data.train_fraction")) and 0 < g("data.train_fraction") <= 1,
+         "data.train_fraction", g("data.train_fraction"), "a number in (0, 1]")
+  for f in ("interactions", "item_table", "query_table", "query_key", "item_key", "timestamp",
+            "weight", "item_name", "csv_separator"):
+    _check(isinstance(g(f"data.files.{f}"), str), f"data.files.{f}", g(f"data.files.{f}"),
+           "a string")
+  for f in ("item_features", "query_features"):
+    _check(isinstance(g(f"data.files.{f}"), (Mapping, ml_collections.ConfigDict)),
+           f"data.files.{f}", g(f"data.files.{f}"),
+           "a mapping {feature name: {kind, column, buckets, max_len, separator}}")
 
 
 def validate_against_data(config, *, num_items: int, num_train: int, item_feature_names) -> None:

@@ -22,6 +22,7 @@ import numpy as np
 
 KINDS = ("id", "multi", "dense")
 PAD = -1  # padding / missing value for id and multi features
+HASH_SPACE = 2**31  # hashed features hold fingerprints in [0, 2^31)
 
 
 class SchemaError(ValueError):
@@ -35,10 +36,16 @@ class FeatureSpec:
   Attributes:
     name: unique within its tower.
     kind: 'id' | 'multi' | 'dense'.
-    vocab_size: number of distinct ids (id / multi); ids live in [0, vocab_size).
+    vocab_size: number of distinct ids (id / multi); ids live in [0, vocab_size). The table has
+      one more row, the OOV row, where any id >= vocab_size goes (never clamped into another
+      id's row). With ``hashed``: the number of hash buckets.
     max_len: values per row for 'multi' (padded with -1); 1 otherwise.
     dense_dim: width of a 'dense' feature; 0 otherwise.
     embed_dim: width of this feature's embedding in the input layer.
+    hashed: the values are non-negative 31-bit fingerprints of unbounded raw values (e.g.
+      ``crc32(value) & 0x7fffffff``); the model takes bucket ``value % vocab_size``.
+    second_hash: (hashed only) also look up bucket ``(value // vocab_size) % vocab_size`` in a
+      second table and add its embedding, so two values rarely collide in both.
   """
 
   name: str
@@ -47,6 +54,8 @@ class FeatureSpec:
   max_len: int = 1
   dense_dim: int = 0
   embed_dim: int = 32
+  hashed: bool = False
+  second_hash: bool = False
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -59,6 +68,26 @@ class FeatureSpec:
       raise SchemaError(f"feature {self.name!r}: dense_dim={self.dense_dim}; must be >= 1")
     if self.embed_dim < 1:
       raise SchemaError(f"feature {self.name!r}: embed_dim={self.embed_dim}; must be >= 1")
+    if self.hashed and self.kind == "dense":
+      raise SchemaError(f"feature {self.name!r}: a dense feature cannot be hashed")
+    if self.second_hash and not self.hashed:
+      raise SchemaError(f"feature {self.name!r}: second_hash needs hashed=True")
+    if self.hashed and self.vocab_size >= HASH_SPACE:
+      raise SchemaError(f"feature {self.name!r}: {self.vocab_size} hash buckets; must be < 2^31")
+
+  @property
+  def max_value(self) -> int:
+    """Largest valid value (exclusive) of the data: vocab_size, or 2^31 for hashed features."""
+    return HASH_SPACE if self.hashed else self.vocab_size
+
+  @property
+  def tables(self) -> tuple[tuple[str, int], ...]:
+    """``(table suffix, rows before padding)`` of each embedding table of this feature."""
+    if self.kind == "dense":
+      return ()
+    if self.hashed:
+      return (("", self.vocab_size),) + ((("_hash2", self.vocab_size),) if self.second_hash else ())
+    return (("", self.vocab_size + 1),)  # + the OOV row
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -76,12 +105,20 @@ class FeatureSpec:
 
 @dataclasses.dataclass(frozen=True)
 class TowerSpec:
-  """The ordered features one tower reads."""
+  """The ordered features one tower reads.
+
+  ``share_tables_with`` names another tower whose input layer (embedding tables and default
+  embeddings) this tower reads instead of owning its own; both towers must then have the same
+  features (item-to-item retrieval, ``model.share_item_tables``). ``''``: own tables.
+  """
 
   name: str
   features: tuple[FeatureSpec, ...]
+  share_tables_with: str = ""
 
   def __post_init__(self):
+    if self.share_tables_with == self.name:
+      raise SchemaError(f"tower {self.name!r} cannot share tables with itself")
     names = [f.name for f in self.features]
     if not names:
       raise SchemaError(f"tower {self.name!r} has no features")
@@ -132,8 +169,8 @@ class TowerSpec:
       else:
         if not np.issubdtype(a.dtype, np.integer):
           raise SchemaError(f"{source}: feature {f.name!r} has dtype {a.dtype}, expected integer")
-        if a.size and (a.min() < PAD or a.max() >= f.vocab_size):
+        if a.size and (a.min() < PAD or a.max() >= f.max_value):
           raise SchemaError(
               f"{source}: feature {f.name!r} has values in [{a.min()}, {a.max()}]; allowed "
-              f"[0, {f.vocab_size}) and {PAD} for missing/padding")
+              f"[0, {f.max_value}) and {PAD} for missing/padding")
     return int(num_rows or 0)

@@ -147,11 +147,57 @@ def _is_table(path) -> bool:
 
 
 def state_shardings(state, mesh: Mesh):
-  """Shardings for a pytree holding parameters and optimizer state (see the module rules)."""
-  rows = NamedSharding(mesh, P(table_axes(mesh), None))
+  """Shardings for a pytree holding parameters and optimizer state (see the module rules):
+  any array under a ``*_table`` key is split on its first (row) dimension."""
+  axes = table_axes(mesh)
   rep = replicated(mesh)
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: rows if _is_table(path) and np.ndim(x) == 2 else rep, state)
+
+  def rule(path, x):
+    nd = len(np.shape(x))
+    if _is_table(path) and nd >= 1:
+      return NamedSharding(mesh, P(axes, *([None] * (nd - 1))))
+    return rep
+  return jax.tree_util.tree_map_with_path(rule, state)
+
+
+def _host_memory_bytes() -> int:
+  import os
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(abstract_state, mesh: Mesh, *, dense_update: bool, fraction: float = 0.8) -> None:
+  """Refuses, before anything is allocated, a train state that cannot fit.
+
+  Counts the bytes of every array of the state per device after sharding (dense updates also
+  materialise a full gradient of the parameters), and compares with the device memory
+  (``memory_stats()['bytes_limit']``) or, on CPU, where all devices share the host, the host's
+  physical memory. Raises ConfigError with the bytes needed.
+  """
+  shardings = state_shardings(abstract_state, mesh)
+  def per_device(x, s):
+    n = math.prod(x.shape) * np.dtype(x.dtype).itemsize
+    return n // (num_table_shards(mesh) if s.spec and s.spec[0] is not None else 1)
+  sizes = jax.tree.map(per_device, abstract_state, shardings)
+  need = sum(jax.tree.leaves(sizes))
+  if dense_update:
+    need += sum(jax.tree.leaves(jax.tree.map(per_device, abstract_state.params,
+                                             shardings.params)))
+  dev = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
+  try:
+    stats = dev.memory_stats()
+  except Exception:  # noqa: BLE001 -- not every backend reports memory
+    stats = None
+  if dev.platform != "cpu" and stats and "bytes_limit" in stats:
+    limit, where = int(stats["bytes_limit"]), f"a {dev.platform} device's memory"
+  else:
+    local = sum(1 for d in mesh.devices.flat if d.process_index == jax.process_index())
+    need *= local
+    limit, where = _host_memory_bytes(), "this host's memory"
+  if need > fraction * limit:
+    raise configuration.ConfigError(
+        f"the embedding tables and optimizer state need {need / 2**30:.2f} GiB on {where} "
+        f"({limit / 2**30:.2f} GiB, at most {fraction:.0%} usable); reduce vocabulary / hash "
+        "sizes or embedding dims, use sparse updates, or shard over more devices")
 
 
 def local_batch_size(global_batch: int, mesh: Mesh, field: str) -> int:
@@ -178,11 +224,13 @@ def all_devices_rows(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(tuple(mesh.axis_names), None))
 
 
-def shard_rows(host_array: np.ndarray, mesh: Mesh) -> tuple[jax.Array, int]:
-  """A host array ``[N, D]`` (same on every process) -> rows over all devices, zero-padded to a
-  multiple of the device count. Returns ``(array [N_pad, D], N)``."""
+def shard_rows(host_array: np.ndarray, mesh: Mesh, row_multiple: int = 1
+               ) -> tuple[jax.Array, int]:
+  """A host array ``[N, D]`` (same on every process) -> rows over all devices, zero-padded so each
+  device holds a multiple of ``row_multiple`` rows. Returns ``(array [N_pad, D], N)``."""
   n = host_array.shape[0]
-  pad = (-n) % mesh.size
+  block = mesh.size * row_multiple
+  pad = (-n) % block
   if pad:
     host_array = np.concatenate([host_array, np.zeros((pad,) + host_array.shape[1:],
                                                       host_array.dtype)])
@@ -191,23 +239,38 @@ def shard_rows(host_array: np.ndarray, mesh: Mesh) -> tuple[jax.Array, int]:
   return arr, n
 
 
-def make_sharded_top_k(mesh: Mesh, k: int, num_valid: int):
+def make_sharded_top_k(mesh: Mesh, k: int, num_valid: int, chunk: int | None = None):
   """``fn(query [Bq, D] replicated, items [N_pad, D] row-sharded) -> (scores, ids) [Bq, k]``.
 
-  Each device scores its own rows and keeps its local top-k (global row ids); the per-device
-  candidates are all-gathered (``n_devices * k`` per query) and merged by a final top-k. Padding
-  rows (id >= num_valid) never win.
+  Each device scores its own rows — in blocks of ``chunk`` rows when given, keeping a running
+  top-k (a top-k over a short block is much cheaper than over all rows at once) — and keeps its
+  local top-k (global row ids); the per-device candidates are all-gathered (``n_devices * k`` per
+  query) and merged by a final top-k. Padding rows (id >= num_valid) never win.
   """
   axes = tuple(mesh.axis_names)
+
+  def block_top_k(q, x, ids):
+    s = q @ x.T
+    s = jnp.where(ids[None, :] < num_valid, s, -jnp.inf)
+    v, i = jax.lax.top_k(s, min(k, x.shape[0]))
+    return v, jnp.take(ids, i)
 
   def local(q, x):
     rows = x.shape[0]
     base = jax.lax.axis_index(axes) * rows
-    ids = base + jnp.arange(rows)
-    s = q @ x.T
-    s = jnp.where(ids[None, :] < num_valid, s, -jnp.inf)
-    v, i = jax.lax.top_k(s, min(k, rows))
-    i = jnp.take(ids, i)
+    if chunk is None or rows <= chunk:
+      v, i = block_top_k(q, x, base + jnp.arange(rows))
+    else:
+      xs = x.reshape(rows // chunk, chunk, x.shape[1])
+      def body(carry, xc_c):
+        bv, bi = carry
+        xc, c = xc_c
+        v, i = block_top_k(q, xc, base + c * chunk + jnp.arange(chunk))
+        v, i = jnp.concatenate([bv, v], 1), jnp.concatenate([bi, i], 1)
+        top, j = jax.lax.top_k(v, k)
+        return (top, jnp.take_along_axis(i, j, axis=1)), None
+      init = (jnp.full((q.shape[0], k), -jnp.inf, q.dtype), jnp.zeros((q.shape[0], k), jnp.int32))
+      (v, i), _ = jax.lax.scan(body, init, (xs, jnp.arange(rows // chunk)))
     v = jax.lax.all_gather(v, axes, axis=1, tiled=True)
     i = jax.lax.all_gather(i, axes, axis=1, tiled=True)
     top_v, j = jax.lax.top_k(v, k)

@@ -16,6 +16,9 @@ state), so the step slows down in proportion to the vocabulary. The sparse path 
 Step cost is then O(U * D), independent of the number of rows. Untouched rows and their optimizer
 state stay bit-identical.
 
+Tables with fewer than ``optimizer.sparse_min_rows`` rows stay with the dense parameters and their
+optax optimizer: a batch touches most of a small table anyway, and deduplicating ids costs a sort.
+
 Optimizers (``optimizer.embedding_optimizer``):
   * ``rowwise_adagrad`` (TPU embedding / FBGEMM style): one accumulator per row,
         acc_r += mean_d(g_rd^2);   w_r -= lr * g_r / (sqrt(acc_r) + eps)
@@ -67,6 +70,7 @@ def scatter_rows(table: Array, uniq: Array, rows: Array) -> Array:
 @dataclasses.dataclass(frozen=True)
 class RowwiseAdagrad:
   learning_rate: float
+  min_rows: int = 0  # tables with fewer rows stay on the dense optimizer
   initial_accumulator_value: float = 0.1
   eps: float = 1e-8
 
@@ -89,6 +93,7 @@ class RowwiseAdagrad:
 @dataclasses.dataclass(frozen=True)
 class LazyAdam:
   learning_rate: float
+  min_rows: int = 0  # tables with fewer rows stay on the dense optimizer
   b1: float = 0.9
   b2: float = 0.999
   eps: float = 1e-8
@@ -111,11 +116,11 @@ class LazyAdam:
              "nu": state["nu"].at[uniq].set(nu, mode="drop")})
 
 
-def make_optimizer(name: str, learning_rate: float):
+def make_optimizer(name: str, learning_rate: float, min_rows: int = 0):
   if name == "rowwise_adagrad":
-    return RowwiseAdagrad(learning_rate)
+    return RowwiseAdagrad(learning_rate, min_rows=min_rows)
   if name == "lazy_adam":
-    return LazyAdam(learning_rate)
+    return LazyAdam(learning_rate, min_rows=min_rows)
   raise ValueError(f"embedding optimizer {name!r}; allowed: {OPTIMIZERS}")
 
 

@@ -5,8 +5,10 @@ One ``InputLayer`` per tower schema. The item tower and the SSL encoders H and G
 "the embedding tables are shared between H and G and with the item tower").
 
 Per feature ``f`` the layer owns:
-  * ``{f}_table``   ``[rows, embed_dim]`` embedding table (id / multi; ``rows`` = vocab_size
-    rounded up to ``row_multiple`` so the table splits evenly into row shards), or a
+  * ``{f}_table``   ``[rows, embed_dim]`` embedding table (id / multi; ``rows`` = vocab_size + 1
+    (the OOV row, where ids >= vocab_size go), or the hash buckets of a hashed feature, rounded up
+    to ``row_multiple`` so the table splits evenly into row shards); a hashed feature with
+    ``second_hash`` also owns ``{f}_hash2_table``, whose embedding is added; or a
     ``{f}_dense`` projection ``[dense_dim, embed_dim]`` (dense);
   * ``{f}_default`` ``[embed_dim]`` learned default embedding, used where the feature is masked by
     an SSL view, where an id is missing (-1), or where a bag has no present value (empty, or every
@@ -47,6 +49,41 @@ def pooled_lookup(table: Array, ids: Array) -> tuple[Array, Array]:
   return emb, count > 0
 
 
+def table_ids(f: features_lib.FeatureSpec, x: Array) -> dict[str, Array]:
+  """Row ids of each of ``f``'s tables for the feature values ``x`` (``-1`` stays ``-1``).
+
+  Plain ids ``>= vocab_size`` go to the OOV row ``vocab_size``; hashed fingerprints go to bucket
+  ``x % vocab_size`` (and ``(x // vocab_size) % vocab_size`` in the second table).
+  Returns ``{table param name: ids}``.
+  """
+  valid = x >= 0
+  v = f.vocab_size
+  if not f.hashed:
+    return {f"{f.name}_table": jnp.where(valid, jnp.minimum(x, v), -1)}
+  out = {f"{f.name}_table": jnp.where(valid, x % v, -1)}
+  if f.second_hash:
+    out[f"{f.name}_hash2_table"] = jnp.where(valid, (x // v) % v, -1)
+  return out
+
+
+def oov_count(spec: features_lib.TowerSpec, batch: Mapping[str, Array]) -> Array:
+  """Number of non-hashed id values ``>= vocab_size`` in a batch (they use the OOV row)."""
+  total = jnp.zeros((), jnp.int32)
+  for f in spec.features:
+    if f.kind != "dense" and not f.hashed:
+      total = total + jnp.sum(batch[f.name] >= f.vocab_size).astype(jnp.int32)
+  return total
+
+
+def all_table_ids(spec: features_lib.TowerSpec, batch: Mapping[str, Array]) -> dict[str, Array]:
+  """``table_ids`` of every feature of a tower batch, merged: ``{table param name: ids}``."""
+  out = {}
+  for f in spec.features:
+    if f.kind != "dense":
+      out.update(table_ids(f, batch[f.name]))
+  return out
+
+
 class InputLayer(nn.Module):
   """Embeds one tower's feature dict into ``[B, sum(embed_dim)]``."""
 
@@ -55,9 +92,17 @@ class InputLayer(nn.Module):
   row_multiple: int = 1  # table rows padded to a multiple of this (row sharding needs it)
 
   @nn.compact
-  def __call__(self, batch: Mapping[str, Array], feature_mask: Array | None = None) -> Array:
-    """Args: batch: ``{name: array}`` as in features.py; feature_mask: ``bool [k]`` or ``None``,
-    True where the feature is replaced by its default embedding (an SSL view's mask)."""
+  def __call__(self, batch: Mapping[str, Array], feature_mask: Array | None = None,
+               ids: Mapping[str, Array] | None = None) -> Array:
+    """Args:
+      batch: ``{name: array}`` as in features.py.
+      feature_mask: ``bool [k]`` or ``None``; True where the feature is replaced by its default
+        embedding (an SSL view's mask).
+      ids: optional ``{table param name: (row ids [B(, L)], rows [U, D])}``: look up ``row ids``
+        in ``rows`` instead of ``table_ids(batch)`` in the table parameter. The sparse update path
+        passes each table's gathered rows and the batch's positions into them here (the table
+        parameter is then not read at all).
+    """
     outs = []
     for idx, f in enumerate(self.spec.features):
       default = self.param(f"{f.name}_default", nn.initializers.normal(0.1), (f.embed_dim,))
@@ -66,11 +111,19 @@ class InputLayer(nn.Module):
         emb = nn.Dense(f.embed_dim, name=f"{f.name}_dense", dtype=self.dtype)(x)
         present = jnp.ones(x.shape[:1], bool)
       else:
-        rows = -(-f.vocab_size // self.row_multiple) * self.row_multiple
-        table = self.param(f"{f.name}_table",
-                           nn.initializers.normal(1.0 / (f.embed_dim ** 0.5)),
-                           (rows, f.embed_dim))
-        emb, present = pooled_lookup(table, x)
+        own = table_ids(f, x)
+        emb, present = 0.0, None
+        for (suffix, rows), name in zip(f.tables, own):
+          if ids is not None and name in ids:  # sparse path: gathered rows, positions into them
+            row_ids, table = ids[name]
+          else:
+            rows = -(-rows // self.row_multiple) * self.row_multiple
+            table = self.param(name, nn.initializers.normal(1.0 / (f.embed_dim ** 0.5)),
+                               (rows, f.embed_dim))
+            row_ids = own[name]
+          e, p = pooled_lookup(table, row_ids)
+          emb = emb + e
+          present = p if present is None else present
       use_default = ~present
       if feature_mask is not None:
         use_default = use_default | feature_mask[idx]

@@ -11,6 +11,10 @@ SSL encoder. ``ssl_sharing`` says how much of the item tower's MLP the SSL encod
                     head, as in SimCLR), so the contrastive task can shape the last layer freely;
   * 'none'          the SSL encoder has its own MLP; only the tables are shared.
 H and G share all parameters: both views are produced by the same (symmetric) augmentation family.
+
+Item-to-item retrieval: when ``query_spec.share_tables_with`` names the item tower (the query is
+itself an item, ``model.share_item_tables``), the query tower reads ``Input_x`` too (same tables and
+default embeddings; its MLP stays its own) and owns no ``query_input`` parameters.
 """
 
 from __future__ import annotations
@@ -64,7 +68,13 @@ class TwoTower(nn.Module):
   def setup(self):
     if self.ssl_sharing not in SSL_SHARING:
       raise ValueError(f"ssl_sharing={self.ssl_sharing!r}; allowed: {SSL_SHARING}")
-    self.query_input = embeddings.InputLayer(self.query_spec, self.dtype, self.table_row_multiple)
+    if self.shares_item_tables:
+      if self.query_spec.features != self.item_spec.features:
+        raise ValueError("the query tower shares the item tower's tables but its features differ: "
+                         f"{self.query_spec.names} vs {self.item_spec.names}")
+    else:
+      self.query_input = embeddings.InputLayer(self.query_spec, self.dtype,
+                                               self.table_row_multiple)
     self.item_input = embeddings.InputLayer(self.item_spec, self.dtype, self.table_row_multiple)
     self.query_mlp = MLP(self.query_hidden, self.output_dim, self.dtype)
     self.item_mlp = MLP(self.item_hidden, self.output_dim, self.dtype)
@@ -73,17 +83,34 @@ class TwoTower(nn.Module):
     elif self.ssl_sharing == "none":
       self.ssl_mlp = MLP(self.item_hidden, self.output_dim, self.dtype)
 
-  def query_tower(self, query: Mapping[str, Array]) -> Array:
-    """``[B, output_dim]`` L2-normalised query embeddings."""
-    return losses.l2_normalize(self.query_mlp(self.query_input(query)).astype(jnp.float32))
+  @property
+  def shares_item_tables(self) -> bool:
+    """Whether the query tower reads the item tower's input layer (item-to-item retrieval)."""
+    other = self.query_spec.share_tables_with
+    if other and other != self.item_spec.name:
+      raise ValueError(f"query tower shares tables with {other!r}; only the item tower "
+                       f"({self.item_spec.name!r}) is possible")
+    return bool(other)
 
-  def item_tower(self, item: Mapping[str, Array], feature_mask: Array | None = None) -> Array:
+  @property
+  def query_input_name(self) -> str:
+    """The input layer (parameter scope) the query tower reads."""
+    return "item_input" if self.shares_item_tables else "query_input"
+
+  def query_tower(self, query: Mapping[str, Array], ids=None) -> Array:
+    """``[B, output_dim]`` L2-normalised query embeddings (``ids``: see InputLayer)."""
+    inputs = self.item_input if self.shares_item_tables else self.query_input
+    return losses.l2_normalize(self.query_mlp(inputs(query, ids=ids)).astype(jnp.float32))
+
+  def item_tower(self, item: Mapping[str, Array], feature_mask: Array | None = None,
+                 ids=None) -> Array:
     """``[B, output_dim]`` L2-normalised item embeddings."""
-    return losses.l2_normalize(self.item_mlp(self.item_input(item, feature_mask)).astype(jnp.float32))
+    h = self.item_input(item, feature_mask, ids=ids)
+    return losses.l2_normalize(self.item_mlp(h).astype(jnp.float32))
 
-  def ssl_encoder(self, view: Mapping[str, Array], feature_mask: Array) -> Array:
+  def ssl_encoder(self, view: Mapping[str, Array], feature_mask: Array, ids=None) -> Array:
     """H = G: ``[N, output_dim]`` L2-normalised embedding of one augmented view."""
-    h = self.item_input(view, feature_mask)
+    h = self.item_input(view, feature_mask, ids=ids)
     if self.ssl_sharing == "all":
       z = self.item_mlp(h)
     elif self.ssl_sharing == "all_but_last":
