@@ -84,6 +84,21 @@ def all_table_ids(spec: features_lib.TowerSpec, batch: Mapping[str, Array]) -> d
   return out
 
 
+def blockwise_normal(stddev: float, max_block_rows: int = 65536):
+  """Normal(0, stddev) initializer for ``[rows, dim]`` tables that draws them in row blocks
+  (``lax.map``), so initialising a 10^7-row table needs the table plus one block of memory, not
+  several table-sized temporaries of the random-bit generator."""
+  def init(key, shape, dtype=jnp.float32):
+    rows, dim = shape
+    if rows <= max_block_rows:
+      return stddev * jax.random.normal(key, shape, dtype)
+    block = max(d for d in range(1, max_block_rows + 1) if rows % d == 0)  # no ragged tail
+    keys = jax.random.split(key, rows // block)
+    out = jax.lax.map(lambda k: stddev * jax.random.normal(k, (block, dim), dtype), keys)
+    return out.reshape(rows, dim)
+  return init
+
+
 class InputLayer(nn.Module):
   """Embeds one tower's feature dict into ``[B, sum(embed_dim)]``."""
 
@@ -96,8 +111,8 @@ class InputLayer(nn.Module):
                ids: Mapping[str, Array] | None = None) -> Array:
     """Args:
       batch: ``{name: array}`` as in features.py.
-      feature_mask: ``bool [k]`` or ``None``; True where the feature is replaced by its default
-        embedding (an SSL view's mask).
+      feature_mask: ``bool [k]`` (whole batch) or ``[B, k]`` (per row) or ``None``; True where
+        the feature is replaced by its default embedding (an SSL view's mask).
       ids: optional ``{table param name: (row ids [B(, L)], rows [U, D])}``: look up ``row ids``
         in ``rows`` instead of ``table_ids(batch)`` in the table parameter. The sparse update path
         passes each table's gathered rows and the batch's positions into them here (the table
@@ -118,14 +133,14 @@ class InputLayer(nn.Module):
             row_ids, table = ids[name]
           else:
             rows = -(-rows // self.row_multiple) * self.row_multiple
-            table = self.param(name, nn.initializers.normal(1.0 / (f.embed_dim ** 0.5)),
+            table = self.param(name, blockwise_normal(1.0 / (f.embed_dim ** 0.5)),
                                (rows, f.embed_dim))
             row_ids = own[name]
           e, p = pooled_lookup(table, row_ids)
           emb = emb + e
           present = p if present is None else present
       use_default = ~present
-      if feature_mask is not None:
-        use_default = use_default | feature_mask[idx]
+      if feature_mask is not None:  # [k] for the whole batch, or [B, k] per row
+        use_default = use_default | feature_mask[..., idx]
       outs.append(jnp.where(use_default[:, None], default[None, :], emb).astype(self.dtype))
     return jnp.concatenate(outs, axis=-1)
