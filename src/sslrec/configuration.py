@@ -9,6 +9,7 @@ log/eval/checkpoint intervals may change when resuming).
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Mapping
 
 import ml_collections
@@ -29,6 +30,9 @@ DATA_SOURCES = ("synthetic", "movielens", "files")
 SPLITS = ("global", "user")
 QUERY_MODES = ("user", "item")
 UNKNOWN_ITEMS = ("drop", "error")
+
+
+INT_LIMIT = 2**31  # integers of the config stay below this magnitude (int32 on the device)
 
 
 class ConfigError(ValueError):
@@ -62,6 +66,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Checks every field the library reads. Raises ConfigError on the first bad one."""
   g = lambda p: _get(config, p)  # noqa: E731
   _check(_is_int(g("seed")), "seed", g("seed"), "an integer")
+  _check(0 <= g("seed") < INT_LIMIT, "seed", g("seed"), "an integer in [0, 2**31)")
   _check(g("data.name") in DATA_SOURCES, "data.name", g("data.name"), f"one of {DATA_SOURCES}")
   for f in ("data.num_items", "data.num_queries", "data.num_train_pairs", "data.num_eval_pairs"):
     _check(_is_int(g(f)) and g(f) >= 1, f, g(f), "an integer >= 1")
@@ -161,6 +166,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
          "a tuple of positive integers with at most one -1")
   _check(isinstance(axes, (tuple, list)) and len(axes) == len(shape) and "data" in axes,
          "mesh.axes", axes, f"{len(shape)} axis names including 'data'")
+  _check_numbers(config)
+
+
+def _check_numbers(node, prefix: str = "") -> None:
+  """Every number of the config is finite, every integer of magnitude below 2**31 (steps, sizes
+  and ids are int32 on the device)."""
+  for key, v in node.items():
+    path = f"{prefix}{key}"
+    if isinstance(v, (Mapping, ml_collections.ConfigDict)):
+      _check_numbers(v, path + ".")
+      continue
+    for x in v if isinstance(v, (tuple, list)) else (v,):
+      if _is_int(x):
+        _check(-INT_LIMIT < x < INT_LIMIT, path, v, "integers of magnitude below 2**31")
+      elif isinstance(x, float):
+        _check(math.isfinite(x), path, v, "finite numbers")
 
 
 def _validate_real_data(g) -> None:

@@ -153,9 +153,18 @@ def loss_fn(params, pairs, items, views, rows=None, *, model: towers.TwoTower, c
   total = main
   metrics = {"loss/main": main}
   if config.ssl.alpha > 0:
+    # Both views in one encoder pass of 2N rows (per-row feature masks): half the dispatches.
     v1, m1, v2, m2, mask = views
-    z1 = model.apply(params, v1, m1, ids=ids("v1", item_scope), method=model.ssl_encoder)
-    z2 = model.apply(params, v2, m2, ids=ids("v2", item_scope), method=model.ssl_encoder)
+    n = jax.tree.leaves(v1)[0].shape[0]
+    both = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=0), v1, v2)
+    rows_mask = jnp.concatenate([jnp.broadcast_to(m1, (n,) + m1.shape),
+                                 jnp.broadcast_to(m2, (n,) + m2.shape)], axis=0)
+    both_ids = None
+    if rows is not None:
+      i1, i2 = ids("v1", item_scope), ids("v2", item_scope)
+      both_ids = {t: (jnp.concatenate([i1[t][0], i2[t][0]], axis=0), i1[t][1]) for t in i1}
+    z = model.apply(params, both, rows_mask, ids=both_ids, method=model.ssl_encoder)
+    z1, z2 = z[:n], z[n:]
     ssl = losses.ssl_loss(z1, z2, temperature=config.ssl.temperature)
     total = total + config.ssl.alpha * ssl
     metrics["loss/ssl"] = ssl
@@ -410,16 +419,16 @@ def checkpoint_manager(workdir: str, config):
   return checkpointing.manager(workdir, config)
 
 
-def batch_ids(run: Run, step: int) -> dict[str, np.ndarray]:
+def batch_ids(dataset, config, step: int) -> dict[str, np.ndarray]:
   """The rows of the global batches of ``step`` (1-based; both streams advance once per step):
   ``pair_rows`` (D_train), ``query_rows``, ``item_ids``, ``ssl_item_ids`` (SSL / spread-out on)
   and, when the data has them, ``item_keys`` / ``ssl_item_keys`` (the items' original keys)."""
   from sslrec.data import pipeline
-  d, c = run.dataset, run.config
+  d, c = dataset, config
   pair_seed, item_seed = stream_seeds(c.seed)
   rows = pipeline.EpochBatches(d.num_train, c.train.batch_size, pair_seed)[step - 1]
   out = {"pair_rows": rows, "query_rows": d.train_query[rows], "item_ids": d.train_item[rows]}
-  if run.item_data is not None:
+  if c.ssl.alpha > 0 or c.reg.spread_out_weight > 0:
     pool = pipeline.item_pool(d, c.ssl.item_sampling)
     out["ssl_item_ids"] = pool[pipeline.EpochBatches(len(pool), c.ssl.batch_size,
                                                      item_seed)[step - 1]]
@@ -478,9 +487,11 @@ def _handle_nonfinite(run: Run, bad, window: _Window, *, workdir: str, last_save
     path = os.path.join(workdir, f"nonfinite_step_{step}.json")
     write = is_main and (not skip or window.skipped < max_reports)
     if write:
-      reliability.write_nonfinite_report(workdir, step, scalars, batch_ids(run, step), last_saved)
+      reliability.write_nonfinite_report(workdir, step, scalars,
+                                         batch_ids(run.dataset, run.config, step), last_saved)
     if not skip:
-      kept = f"checkpoint {last_saved} is the last good one" if last_saved else "no checkpoint"
+      kept = (f"checkpoint {last_saved} is the last good one" if last_saved
+              else "no checkpoint was saved before it")
       raise reliability.NonFiniteError(
           f"non-finite loss or gradient at step {step} ({reliability.format_parts(scalars)}); "
           f"stopped, {kept}; the batch's ids are in {path}. Lower optimizer.learning_rate, "
@@ -498,14 +509,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   raises ``reliability.Stopped``. A non-finite loss or gradient raises
   ``reliability.NonFiniteError`` (or, with ``train.skip_nonfinite``, the step's update is skipped).
   """
-  import time
-  from sslrec import (checkpointing, configuration, evaluate as evaluate_lib, reliability,
-                      workdir as workdir_lib)
+  from sslrec import configuration, reliability, workdir as workdir_lib
 
   configuration.validate(config)
-  is_main = jax.process_index() == 0
   workdir_lib.prepare(workdir, configuration.to_dict(config),
-                      allow_config_change=allow_config_change, write=is_main)
+                      allow_config_change=allow_config_change, write=jax.process_index() == 0)
+  workdir_lib.check_free_space(workdir, 0, 0)  # a full disk, before the data is even loaded
+  stop = reliability.StopRequest()  # from here on, SIGTERM / SIGINT wait for a step boundary
+  try:
+    return _train(config, workdir, stop)
+  finally:
+    stop.close()
+
+
+def _train(config, workdir: str, stop) -> dict[str, float]:
+  import time
+  from sslrec import checkpointing, evaluate as evaluate_lib, reliability, workdir as workdir_lib
+  is_main = jax.process_index() == 0
   t0 = time.time()
   run = Run(config)
   d = run.dataset
@@ -517,32 +537,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       config.train.max_checkpoints)
   if space:
     _log(space)
+  stop.bind(run.mesh)
   manager = checkpoint_manager(workdir, config)
+  sealer = checkpointing.Sealer(manager, enabled=is_main)
+  writer = None
   try:
     resumed = checkpointing.restore_latest(manager, lambda step: run.restore(manager, step),
-                                             workdir=workdir, log=_log)
-  except BaseException:
-    manager.close()
-    raise
-  start, loop = resumed if resumed is not None else (0, {})
-  if resumed is not None:
-    _log(f"resumed from checkpoint at step {start}")
-  if is_main:
-    dropped = workdir_lib.truncate_logs(workdir, start)
-    if dropped:
-      _log(f"dropped {dropped} metrics / eval lines the interrupted run wrote after step {start}")
-  writer = workdir_lib.MetricsWriter(workdir, enabled=is_main, purge_step=start + 1)
-  num_steps = config.train.num_steps
-  tc = config.train
-  last_eval = None
-  last_saved = start if resumed is not None else None
-  window = _Window(loop)
-  sealer = checkpointing.Sealer(manager, enabled=is_main)
-  stop = reliability.StopRequest(run.mesh)
-  kill_at = reliability.kill_step()
-  t_window, n_window = time.time(), 0
-  t_start = time.time()
-  try:
+                                           workdir=workdir, log=_log)
+    start, loop = resumed if resumed is not None else (0, {})
+    if resumed is not None:
+      _log(f"resumed from checkpoint at step {start}")
+    if is_main:
+      dropped = workdir_lib.truncate_logs(workdir, start)
+      if dropped:
+        _log(f"dropped {dropped} metrics / eval lines the interrupted run wrote after step "
+             f"{start}")
+    writer = workdir_lib.MetricsWriter(workdir, enabled=is_main, purge_step=start + 1)
+    num_steps = config.train.num_steps
+    tc = config.train
+    last_eval = None
+    last_saved = start if resumed is not None else None
+    window = _Window(loop)
+    kill_at = reliability.kill_step()
+    t_window, n_window = time.time(), 0
+    t_start = time.time()
     for step in range(start + 1, num_steps + 1):
       window.add(step, run.step())
       n_window += 1
@@ -568,8 +586,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         parts = ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in sorted(scalars.items())
                           if k.startswith("loss/"))
         skipped = f" | {window.skipped} skipped" if window.skipped else ""
-        _log(f"step {step}/{num_steps} | loss {scalars.get('loss', float('nan')):.4f} ({parts}) | "
-             f"{scalars['examples_per_sec']:,.0f} ex/s | eta {_fmt_duration(eta)}{skipped}")
+        _log(f"step {step}/{num_steps} | loss {scalars.get('loss', float('nan')):.4f} "
+             f"({parts}) | {scalars['examples_per_sec']:,.0f} ex/s | eta {_fmt_duration(eta)}"
+             f"{skipped}")
         t_window, n_window = time.time(), 0
       if eval_now:
         last_eval = run.evaluate()
@@ -591,12 +610,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if last_eval is None:  # resumed at or past the end: evaluate the restored model
       last_eval = run.evaluate()
   finally:
-    stop.close()
     try:
       sealer.flush()  # an in-flight save completes (and is sealed) whatever stopped the loop
     finally:
       manager.close()
-      writer.close()
+      if writer is not None:
+        writer.close()
   _log(f"done: {num_steps - start} steps in {_fmt_duration(time.time() - t_start)}\n"
        + evaluate_lib.format_table(last_eval, config.eval.ks))
   return last_eval

@@ -6,6 +6,10 @@ Layout (a contract other tools read; see README "Outputs"):
   WORKDIR/metrics.jsonl   one JSON object per logged step
   WORKDIR/eval.jsonl      one JSON object per evaluation
   WORKDIR/tensorboard/    TensorBoard event files
+
+Before a run starts, ``check_writable`` and ``check_free_space`` refuse a workdir that cannot take
+its outputs; on resume, ``truncate_logs`` drops the lines a killed run wrote after its last
+checkpoint, so the files read as one clean run.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 
 from sslrec import configuration
@@ -27,12 +33,13 @@ def prepare(workdir: str, config_dict: dict, *, allow_config_change: bool, write
 
   Returns True when the workdir already holds a run (a resume). Raises WorkdirError, without
   touching anything, when the saved config describes a different model and
-  ``allow_config_change`` is False.
+  ``allow_config_change`` is False, or when the workdir cannot be written.
   """
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise WorkdirError(f"--workdir={workdir} exists and is not a directory")
   path = os.path.join(workdir, "config.json")
   resuming = os.path.exists(path)
+  diff = []
   if resuming:
     try:
       with open(path) as f:
@@ -47,20 +54,84 @@ def prepare(workdir: str, config_dict: dict, *, allow_config_change: bool, write
           f"{workdir} holds a run with a different model config ({shown}). Use another --workdir, "
           "or pass --allow_config_change to continue that run with the new config (its "
           "checkpoints are kept)")
-    if diff and write:
-      os.replace(path, os.path.join(workdir, f"config.{int(time.time())}.json"))
   elif not os.path.isdir(os.path.join(workdir, "checkpoints")) or not os.listdir(
       os.path.join(workdir, "checkpoints")):
     pass
   else:
     raise WorkdirError(f"{workdir} has checkpoints but no config.json; refusing to reuse it")
+  check_writable(workdir)  # every process: each writes its share of the checkpoints
+  if diff and write:
+    os.replace(path, os.path.join(workdir, f"config.{int(time.time())}.json"))
   if write:
-    os.makedirs(workdir, exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
       json.dump(config_dict, f, indent=2, sort_keys=True)
     os.replace(tmp, path)
   return resuming
+
+
+def check_writable(workdir: str) -> None:
+  """Creates ``workdir`` if needed and a temporary file in it; WorkdirError when it cannot."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".write_probe.", dir=workdir)
+    try:
+      os.write(fd, b"x")
+      os.fsync(fd)
+    finally:
+      os.close(fd)
+      os.unlink(probe)
+  except OSError as e:
+    raise WorkdirError(f"--workdir={workdir} is not writable ({e.strerror or e}); choose a "
+                       "directory this process can write") from None
+
+
+def check_free_space(workdir: str, checkpoint_bytes: int, max_checkpoints: int) -> str | None:
+  """WorkdirError when the workdir's file system cannot take one more checkpoint of about
+  ``checkpoint_bytes`` (with a 2x margin); a warning line when it cannot take ``max_checkpoints``
+  of them, else None."""
+  try:
+    free = shutil.disk_usage(workdir).free
+  except OSError:
+    return None  # not measurable here (e.g. a remote file system): not refused
+  gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
+  if free < 2 * checkpoint_bytes + (16 << 20):
+    raise WorkdirError(f"--workdir={workdir} has {gib(free)} free; a checkpoint of this run takes "
+                       f"about {gib(checkpoint_bytes)} (need at least {gib(2 * checkpoint_bytes)} "
+                       "plus room for metrics); free some space or use another --workdir")
+  if free < (max_checkpoints + 1) * checkpoint_bytes:
+    return (f"warning: --workdir={workdir} has {gib(free)} free, less than "
+            f"train.max_checkpoints + 1 = {max_checkpoints + 1} checkpoints of about "
+            f"{gib(checkpoint_bytes)}")
+  return None
+
+
+def truncate_logs(workdir: str, step: int) -> int:
+  """Drops from metrics.jsonl and eval.jsonl every line with a step > ``step`` (and any line a
+  crash cut short), rewriting each file atomically. Returns the number of lines dropped."""
+  dropped = 0
+  for name in ("metrics.jsonl", "eval.jsonl"):
+    path = os.path.join(workdir, name)
+    if not os.path.exists(path):
+      continue
+    with open(path) as f:
+      lines = f.read().splitlines()
+    kept = []
+    for line in lines:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if isinstance(record, dict) and int(record.get("step", 0)) <= step:
+        kept.append(line)
+    if len(kept) == len(lines):
+      continue
+    dropped += len(lines) - len(kept)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.write("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+  return dropped
 
 
 def _clean(v):
@@ -71,7 +142,9 @@ def _clean(v):
 class MetricsWriter:
   """Appends JSON lines and TensorBoard scalars (process 0 only; a no-op elsewhere)."""
 
-  def __init__(self, workdir: str, *, enabled: bool = True):
+  def __init__(self, workdir: str, *, enabled: bool = True, purge_step: int | None = None):
+    """``purge_step``: on resume, TensorBoard hides the events a killed run logged at steps
+    >= it."""
     self.enabled = enabled
     self._tb = None
     self.workdir = workdir
@@ -79,7 +152,7 @@ class MetricsWriter:
       os.makedirs(workdir, exist_ok=True)
       try:
         from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge_step)
       except ImportError:  # optional at import time; a dependency of the package
         self._tb = None
 
@@ -101,7 +174,15 @@ class MetricsWriter:
 
 
 def read_jsonl(path: str) -> list[dict]:
+  """The records of a .jsonl file; a last line cut short by a crash is skipped."""
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [line for line in f if line.strip()]
+  records = [json.loads(line) for line in lines[:-1]]
+  if lines:
+    try:
+      records.append(json.loads(lines[-1]))
+    except json.JSONDecodeError:
+      pass
+  return records

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from sslrec import features as features_lib
 
-MASKINGS = ("cfm", "rfm", "none")
+MASKINGS = ("cfm", "rfm", "none", "cfm_ids_random")
 
 
 def num_masked(k: int, fraction: float = 0.5) -> int:
@@ -105,6 +105,76 @@ def cfm_mask(rng: jax.Array, mi: jax.Array, fraction: float = 0.5) -> jax.Array:
   return jnp.zeros((k,), bool).at[order[:n]].set(True)
 
 
+def id_like_features(mi: jax.Array, rtol: float = 1e-4) -> jax.Array:
+  """Features that identify the item, read off the MI matrix.
+
+  A per-item id ``i`` determines every feature, so by the data-processing inequality
+  ``MI(i, j) >= MI(l, j)`` for all other ``l, j``: it is the top MI partner of every other
+  feature; and it has the largest entropy (``log N`` for N distinct items). Feature ``i`` is
+  flagged when both hold, up to the relative tolerance ``rtol`` (an id shared by a few items,
+  e.g. an out-of-vocabulary id, still qualifies). If every feature would be flagged, none is.
+
+  Args:
+    mi: ``[k, k]`` MI matrix with the entropies on the diagonal (``stats.mutual_information``).
+    rtol: relative tolerance of the comparisons.
+
+  Returns:
+    ``bool [k]``.
+  """
+  mi = jnp.asarray(mi, jnp.float32)
+  k = mi.shape[0]
+  eye = jnp.eye(k, dtype=bool)
+  off = jnp.where(eye, -jnp.inf, mi)  # [k, k], MI with the other features only
+  best = off.max(axis=0)  # [k], each feature's highest MI with another feature
+  slack = rtol * jnp.abs(mi).max()
+  top_of_all = jnp.all(eye | (off >= best[None, :] - slack), axis=1)  # [k]
+  entropy = jnp.diagonal(mi)
+  flags = top_of_all & (entropy >= entropy.max() - slack)
+  return flags & ~jnp.all(flags)
+
+
+def cfm_ids_random_mask(rng: jax.Array, mi: jax.Array, fraction: float = 0.5) -> jax.Array:
+  """CFM with per-item id features left out of the MI ranking and put on a random side.
+
+  ``MI(item_id, f) = H(f)``: the raw MI ranks a unique id first for every seed, so plain CFM
+  masks it together with the seed's group almost always, whatever the correlations are. Here
+  the id-like features (``id_like_features``) are never the seed nor a ranked partner; each is
+  masked by view 1 with probability ``fraction``. The other features are split by CFM (seed
+  among them, then its highest-MI partners among them) so that view 1 masks ``num_masked(k)``
+  features in all, as in ``cfm_mask``. Without id-like features this is ``cfm_mask``'s
+  distribution.
+
+  Args:
+    rng: PRNG key.
+    mi: ``[k, k]`` MI matrix (entropies on the diagonal).
+    fraction: static masked fraction.
+
+  Returns:
+    ``bool [k]``, True where view 1 masks the feature.
+  """
+  mi = jnp.asarray(mi, jnp.float32)
+  if mi.ndim != 2 or mi.shape[0] != mi.shape[1]:
+    raise ValueError(f"cfm_ids_random_mask needs a square [k, k] MI matrix, got {mi.shape}")
+  k = mi.shape[0]
+  n = num_masked(k, fraction)
+  ids = id_like_features(mi)  # [k]
+  side_rng, seed_rng, tie_rng = jax.random.split(rng, 3)
+  ids_masked = ids & (jax.random.uniform(side_rng, (k,)) < fraction)  # [k]
+  num_rest = k - ids.sum()
+  # The others mask what is left of n, at least one of them and at least one kept.
+  r = jnp.clip(n - ids_masked.sum(), jnp.minimum(1, num_rest - 1), num_rest - 1)
+  seed_logits = jnp.where(ids, -jnp.inf, 0.0)
+  seed = jax.random.categorical(seed_rng, seed_logits)
+  row = jnp.where(jnp.isnan(mi[seed]), -jnp.inf, mi[seed])
+  not_seed = jnp.arange(k) != seed
+  tie = jax.random.uniform(tie_rng, (k,))
+  # Ascending sort, last key most significant: non-ids first, the seed first among them,
+  # then MI descending, then the random tie-break.
+  order = jnp.lexsort((tie, -row, not_seed, ids))
+  rank = jnp.zeros((k,), jnp.int32).at[order].set(jnp.arange(k, dtype=jnp.int32))
+  return jnp.where(ids, ids_masked, rank < r)
+
+
 def multi_value_dropout(rng: jax.Array, ids: jax.Array, rate: float) -> jax.Array:
   """Drops each present value of a multi-valued feature with probability ``rate``.
 
@@ -177,8 +247,9 @@ def make_mask(
 
   Args:
     rng: PRNG key.
-    masking: 'cfm' (needs ``mi``), 'rfm', or 'none' (all False: both views keep every
-      feature and differ only by dropout, the spread-out-like special case).
+    masking: 'cfm' (needs ``mi``), 'cfm_ids_random' (CFM with per-item ids on a random side,
+      needs ``mi``), 'rfm', or 'none' (all False: both views keep every feature and differ
+      only by dropout, the spread-out-like special case).
     k: static number of features.
     mi: ``[k, k]`` mutual-information matrix for 'cfm'.
     fraction: static masked fraction.
@@ -192,6 +263,10 @@ def make_mask(
     if tuple(mi.shape) != (k, k):
       raise ValueError(f"masking='cfm': mi has shape {tuple(mi.shape)}, expected ({k}, {k})")
     return cfm_mask(rng, mi, fraction)
+  if masking == "cfm_ids_random":
+    if mi is None or tuple(mi.shape) != (k, k):
+      raise ValueError(f"masking='cfm_ids_random' needs a [{k}, {k}] MI matrix")
+    return cfm_ids_random_mask(rng, mi, fraction)
   if masking == "rfm":
     return rfm_mask(rng, k, fraction)
   if masking == "none":

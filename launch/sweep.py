@@ -1,0 +1,64 @@
+"""Sweeps: ``python launch/sweep.py --config=configs/base.py --workdir=DIR --grid ssl.alpha=0,0.3``.
+
+Runs the cartesian product of ``--grid KEY=V1,V2,...`` overrides x ``--variants`` x ``--seeds``
+(each run: ``launch/main.py`` in ``DIR/runs/NAME``), skips finished runs, resumes interrupted
+ones, then writes ``DIR/results.csv``, ``DIR/summary.csv``, ``DIR/results.md`` and plots.
+``--config.KEY=VALUE`` flags apply to every run. ``--spec=configs/paper.py`` takes the variants,
+grid and seeds from the file's ``get_sweep()``. See ``src/sslrec/sweep.py`` and docs/results.md.
+"""
+
+import os
+import shlex
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for configs/
+
+from absl import app, flags  # noqa: E402
+
+_CONFIG = flags.DEFINE_string("config", None, "Config file (path or path:arg) of the sweep.")
+_VARIANTS = flags.DEFINE_list("variants", [], "Config files to compare (path or path:arg); "
+                              "with --config, added after it.")
+_SPEC = flags.DEFINE_string("spec", None, "Sweep spec file with get_sweep() (configs/paper.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory (runs/, results, plots).")
+_GRID = flags.DEFINE_multi_string("grid", [], "KEY=V1,V2,... (repeatable; cartesian product).")
+_SEEDS = flags.DEFINE_integer("seeds", None, "Seeds per grid point: 0..N-1 (default 1).")
+_PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs at a time (subprocesses).")
+_PLOTS = flags.DEFINE_bool("plots", True, "Draw the plots (needs matplotlib).")
+_REFERENCE = flags.DEFINE_string("reference", None, "Variant the paired-differences table "
+                                 "compares to (default: the first).")
+
+_MAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "main.py")
+_overrides = []
+
+
+def main(argv):
+  if len(argv) > 1:
+    print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
+    sys.exit(2)
+  from sslrec import sweep
+  command = " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
+  sys.exit(sweep.run_command(
+      workdir=_WORKDIR.value, config=_CONFIG.value, variants=_VARIANTS.value, spec=_SPEC.value,
+      grid=_GRID.value, seeds=_SEEDS.value, parallel=_PARALLEL.value, overrides=_overrides,
+      main_script=_MAIN, command="python " + command, draw=_PLOTS.value,
+      reference=_REFERENCE.value))
+
+
+def parse_flags(argv):
+  """absl parsing, with --config.KEY=VALUE overrides set aside for the runs; bad flags are one
+  ``error:`` line and exit 2."""
+  rest = [argv[0]]
+  for arg in argv[1:]:
+    if arg.startswith(("--config.", "--noconfig.")):
+      _overrides.append(arg)
+    else:
+      rest.append(arg)
+  try:
+    return flags.FLAGS(rest)
+  except flags.Error as e:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

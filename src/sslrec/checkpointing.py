@@ -1,0 +1,218 @@
+"""Checkpoints that survive crashes: integrity seals, and restore with fallback.
+
+orbax writes a checkpoint into ``checkpoints/<step>.orbax-checkpoint-tmp`` and renames it to
+``checkpoints/<step>`` once every item is written, so a save cut short by a crash leaves only the
+temporary folder, which is never restored (orbax replaces it when that step is saved again).
+
+Once a save has completed, ``Sealer`` writes ``checkpoints/<step>/SEAL`` with the size and CRC-32
+of every file of the checkpoint. ``restore_latest`` tries the newest checkpoint first. A
+checkpoint whose files do not match its seal (truncated, changed, missing) or that has no seal
+and fails to restore is *bad*: the run names it and falls back to the previous one; once a good
+one is restored, the bad ones are moved to ``WORKDIR/checkpoints_bad/`` (never deleted). A sealed
+checkpoint that is intact but does not fit the run (other shapes: the model or the data changed)
+stops the run with a ``CheckpointError``, as does a workdir none of whose checkpoints can be read:
+a run never starts from scratch silently when checkpoints exist.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import zlib
+from typing import Callable
+
+import jax
+
+SEAL = "SEAL"  # per-checkpoint file: {relative path: [size, crc32]}
+TMP_MARK = ".orbax-checkpoint-tmp"
+BAD_DIR = "checkpoints_bad"
+_CHUNK = 1 << 22
+
+
+class CheckpointError(ValueError):
+  """No checkpoint of the workdir can be used; the message says which and why."""
+
+
+class CheckpointMismatch(ValueError):
+  """An intact checkpoint whose contents do not fit the run (shapes / structure)."""
+
+
+def directory(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def manager(workdir: str, config):
+  import orbax.checkpoint as ocp
+  return ocp.CheckpointManager(
+      directory(workdir),
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.train.max_checkpoints, create=True))
+
+
+def unfinished_saves(ckpt_dir: str) -> list[str]:
+  """Names of the temporary folders of saves that never completed."""
+  if not os.path.isdir(ckpt_dir):
+    return []
+  return sorted(n for n in os.listdir(ckpt_dir) if TMP_MARK in n)
+
+
+def _files(step_dir: str) -> list[str]:
+  out = []
+  for root, _, names in os.walk(step_dir):
+    for n in names:
+      rel = os.path.relpath(os.path.join(root, n), step_dir)
+      if rel != SEAL and not rel.startswith(SEAL + "."):
+        out.append(rel)
+  return sorted(out)
+
+
+def _crc(path: str) -> int:
+  crc = 0
+  with open(path, "rb") as f:
+    while chunk := f.read(_CHUNK):
+      crc = zlib.crc32(chunk, crc)
+  return crc
+
+
+def seal(step_dir: str) -> None:
+  """Writes the seal of a completed checkpoint (atomically: a crash leaves no partial seal)."""
+  entries = {rel: [os.path.getsize(os.path.join(step_dir, rel)), _crc(os.path.join(step_dir, rel))]
+             for rel in _files(step_dir)}
+  tmp = os.path.join(step_dir, SEAL + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(entries, f, sort_keys=True)
+  os.replace(tmp, os.path.join(step_dir, SEAL))
+
+
+def verify(step_dir: str) -> tuple[str, str]:
+  """``('ok' | 'unsealed' | 'bad', detail)``: the checkpoint's files against its seal."""
+  path = os.path.join(step_dir, SEAL)
+  if not os.path.exists(path):
+    return "unsealed", "no seal"
+  try:
+    with open(path) as f:
+      entries = json.load(f)
+    if not isinstance(entries, dict):
+      raise ValueError("not a mapping")
+  except (OSError, ValueError) as e:
+    return "bad", f"{SEAL}: unreadable ({e})"
+  for rel, (size, crc) in sorted(entries.items()):
+    full = os.path.join(step_dir, rel)
+    if not os.path.isfile(full):
+      return "bad", f"{rel}: missing"
+    actual = os.path.getsize(full)
+    if actual != size:
+      return "bad", f"{rel}: {actual} bytes, {size} when saved"
+    if _crc(full) != crc:
+      return "bad", f"{rel}: contents changed since it was saved (CRC mismatch)"
+  return "ok", ""
+
+
+class Sealer:
+  """Seals each checkpoint once its asynchronous save has completed (process 0 only)."""
+
+  def __init__(self, mgr, enabled: bool):
+    self.manager = mgr
+    self.enabled = enabled
+    self.pending: int | None = None
+
+  def saved(self, step: int):
+    """Call right after ``manager.save(step)``; seals the previous save first if pending."""
+    self.flush_if_done()
+    if self.pending is not None:  # orbax waits for the previous save inside save(): it is done
+      self._seal(self.pending)
+    self.pending = step
+
+  def flush_if_done(self):
+    """Non-blocking: seals the pending checkpoint if its save has completed."""
+    if self.pending is not None and not self.manager.is_saving_in_progress():
+      self._seal(self.pending)
+
+  def flush(self):
+    """Waits for the pending save and seals it."""
+    self.manager.wait_until_finished()
+    if self.pending is not None:
+      self._seal(self.pending)
+
+  def _seal(self, step: int):
+    step_dir = os.path.join(str(self.manager.directory), str(step))
+    self.pending = None
+    if self.enabled and os.path.isdir(step_dir):
+      seal(step_dir)
+
+
+def _first_line(e: BaseException, limit: int = 240) -> str:
+  text = " ".join(str(e).split()) or type(e).__name__
+  return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def restore_latest(mgr, restore_fn: Callable[[int], dict], *, workdir: str,
+                   log: Callable[[str], None]) -> tuple[int, dict] | None:
+  """Restores the newest usable checkpoint with ``restore_fn(step)``; returns ``(step, what
+  restore_fn returned)``, or None when the workdir has no checkpoint at all.
+
+  Bad checkpoints newer than the restored one are named in the log and moved to
+  ``WORKDIR/checkpoints_bad/``. Raises CheckpointError when none can be restored (nothing is
+  moved then), or when an intact checkpoint does not fit the run.
+  """
+  ckpt_dir = directory(workdir)
+  for name in unfinished_saves(ckpt_dir):
+    log(f"ignoring {os.path.join(ckpt_dir, name)}: a checkpoint save that never completed")
+  steps = sorted(mgr.all_steps(), reverse=True)
+  if not steps:
+    return None
+  bad: list[tuple[int, str]] = []
+  for step in steps:
+    step_dir = os.path.join(ckpt_dir, str(step))
+    status, detail = verify(step_dir)
+    if status == "bad":
+      bad.append((step, detail))
+      log(f"checkpoint {step_dir} is corrupt ({detail}); trying the previous one")
+      continue
+    try:
+      restored = restore_fn(step)
+    except CheckpointMismatch as e:
+      raise CheckpointError(f"checkpoint {step_dir} does not fit this run ({e}); the model or "
+                            "the data changed since it was saved. Use another --workdir") from None
+    except Exception as e:  # noqa: BLE001 -- any failure to read it makes it unusable
+      if status == "ok":  # intact files that do not restore: not a corruption
+        raise CheckpointError(f"checkpoint {step_dir} cannot be restored into this run "
+                              f"({_first_line(e)}); its files are intact: if the model or the "
+                              "data changed since it was saved, use another --workdir") from None
+      bad.append((step, _first_line(e)))
+      log(f"checkpoint {step_dir} cannot be read ({_first_line(e)}); trying the previous one")
+      continue
+    if bad:
+      _quarantine(workdir, [s for s, _ in bad], log)
+      mgr.reload()
+    return step, restored
+  listed = "; ".join(f"{s}: {d}" for s, d in bad)
+  raise CheckpointError(
+      f"none of the {len(steps)} checkpoints in {ckpt_dir} can be restored ({listed}). Move them "
+      "away (or use another --workdir) to start from scratch")
+
+
+def _quarantine(workdir: str, steps: list[int], log) -> None:
+  """Moves bad checkpoints out of the way (process 0; every process waits for it)."""
+  ckpt_dir = directory(workdir)
+  if jax.process_index() == 0:
+    bad_dir = os.path.join(os.path.abspath(workdir), BAD_DIR)
+    os.makedirs(bad_dir, exist_ok=True)
+    for step in steps:
+      dest = os.path.join(bad_dir, str(step))
+      if os.path.exists(dest):
+        dest = f"{dest}.{int(time.time())}"
+      shutil.move(os.path.join(ckpt_dir, str(step)), dest)
+      log(f"moved the bad checkpoint {step} to {dest}")
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("sslrec_checkpoint_quarantine")
+
+
+def estimate_bytes(abstract_tree) -> int:
+  """Bytes of a checkpoint of ``abstract_tree`` (its arrays, uncompressed)."""
+  import math
+  import numpy as np
+  return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(abstract_tree) if hasattr(x, "shape"))

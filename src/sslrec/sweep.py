@@ -1,0 +1,534 @@
+"""Sweeps: the cartesian product of config overrides x variants x seeds, one subprocess per run.
+
+    python launch/sweep.py --config=configs/base.py --workdir=DIR \
+        --grid ssl.alpha=0,0.1,0.3,1.0 --grid ssl.temperature=0.05,0.1,0.2 --seeds=3
+
+Each run is ``python launch/main.py --config=VARIANT --workdir=DIR/runs/NAME --config.KEY=VALUE
+...`` with its output in ``DIR/runs/NAME/log.txt``; NAME is built from the run's variant, grid
+values and seed (readable, filesystem-safe, the same on every invocation). Every run's config is
+built and validated in this process before anything is launched, so a bad grid key or value stops
+the sweep with one line. A run whose ``eval.jsonl`` holds its final step is skipped; an interrupted
+one is relaunched and resumes from its checkpoints. A failed run does not stop the others; the
+report (``sweep_report``) lists it with the last lines of its log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import itertools
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from typing import Any, Sequence
+
+import ml_collections
+
+from sslrec import configuration
+from sslrec import workdir as workdir_lib
+
+_SAFE = re.compile(r"[^A-Za-z0-9._=+-]")
+MAX_NAME_LEN = 120  # longer run names are cut and made unique by a hash suffix
+
+
+class SweepError(ValueError):
+  """Bad sweep input (grid, variants, spec); the message is one line for the user."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """A config file (with an optional ``:arg`` for its ``get_config``) and its short label."""
+  label: str
+  path: str  # as given, e.g. 'configs/rfm.py' or 'configs/paper.py:ssl_cfm'
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  """One run of the sweep.
+
+  Attributes:
+    name: the run's subdirectory name under ``DIR/runs``.
+    variant: the variant it runs.
+    point: the grid values ``((key, raw value string), ...)`` in grid key order.
+    seed: the run's ``config.seed``.
+    flags: the ``--config.KEY=VALUE`` flags passed to main.py (fixed overrides, grid, seed).
+    num_steps: the run's final step (``train.num_steps``).
+    values: the parsed grid values, ``{key: value}`` (for the report).
+  """
+  name: str
+  variant: Variant
+  point: tuple[tuple[str, str], ...]
+  seed: int
+  flags: tuple[str, ...]
+  num_steps: int
+  values: tuple[tuple[str, Any], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+  variants: tuple[Variant, ...]
+  grid: tuple[tuple[str, tuple[str, ...]], ...]  # ((key, (raw values...)), ...), given order
+  seeds: tuple[int, ...]
+  overrides: tuple[str, ...]  # fixed --config.KEY=VALUE flags applied to every run
+  runs: tuple[RunSpec, ...]
+
+
+# ----------------------------------------------------------------------------------------------
+# Building the plan (no runs started).
+
+
+def split_values(text: str) -> list[str]:
+  """Splits ``'0,0.1,(64,32)'`` on the commas outside brackets and quotes."""
+  out, depth, cur, quote = [], 0, [], None
+  for ch in text:
+    if quote:
+      quote = None if ch == quote else quote
+    elif ch in "'\"":
+      quote = ch
+    elif ch in "([{":
+      depth += 1
+    elif ch in ")]}":
+      depth -= 1
+    elif ch == "," and depth == 0:
+      out.append("".join(cur).strip())
+      cur = []
+      continue
+    cur.append(ch)
+  out.append("".join(cur).strip())
+  return out
+
+
+def parse_grid(items: Sequence[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+  """``['ssl.alpha=0,0.1', ...]`` -> ``(('ssl.alpha', ('0', '0.1')), ...)``."""
+  grid = []
+  for item in items:
+    key, sep, values = item.partition("=")
+    key = key.strip()
+    if key.startswith("config."):
+      key = key[len("config."):]
+    if not sep or not key:
+      raise SweepError(f"--grid {item!r}: expected KEY=V1,V2,... (e.g. --grid ssl.alpha=0,0.3)")
+    vals = split_values(values)
+    if not values.strip() or any(not v for v in vals):
+      raise SweepError(f"--grid {item}: empty value list; expected KEY=V1,V2,...")
+    if any(k == key for k, _ in grid):
+      raise SweepError(f"--grid {key} is given twice; put all its values in one --grid")
+    if key == "seed":
+      raise SweepError("--grid seed=...: use --seeds=N (seeds 0..N-1), which the report "
+                       "averages over")
+    if len(set(vals)) != len(vals):
+      raise SweepError(f"--grid {item}: a value is repeated")
+    grid.append((key, tuple(vals)))
+  return tuple(grid)
+
+
+def variant_label(path: str) -> str:
+  """``'configs/rfm.py'`` -> ``'rfm'``; ``'configs/paper.py:ssl_cfm'`` -> ``'ssl_cfm'``."""
+  file, _, arg = path.partition(":")
+  return arg or os.path.splitext(os.path.basename(file))[0]
+
+
+def parse_variants(paths: Sequence[str]) -> tuple[Variant, ...]:
+  variants = []
+  for path in paths:
+    path = path.strip()
+    if not path:
+      continue
+    file = path.split(":", 1)[0]
+    if not os.path.isfile(file):
+      raise SweepError(f"variant {path}: no such config file (configs are in configs/, e.g. "
+                       "configs/rfm.py)")
+    label = variant_label(path)
+    if any(v.label == label for v in variants):
+      raise SweepError(f"two variants are named {label!r} ({path}); give each a distinct "
+                       "file name or :arg")
+    variants.append(Variant(label=label, path=path))
+  if not variants:
+    raise SweepError("no variant: give --config=FILE or --variants=FILE1,FILE2,...")
+  return tuple(variants)
+
+
+def load_spec(path: str) -> dict:
+  """A sweep spec file: a config file whose ``get_sweep()`` returns ``{'variants': (...),
+  'grid': {key: (values...)}, 'seeds': N}``; a variant without ``.py`` is an argument of the
+  spec file's own ``get_config``."""
+  if not os.path.isfile(path):
+    raise SweepError(f"--spec={path}: no such file (e.g. configs/paper.py)")
+  from ml_collections.config_flags import config_flags
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    module = config_flags._LoadConfigModule("sweep_spec", path)  # pylint: disable=protected-access
+  if not hasattr(module, "get_sweep"):
+    raise SweepError(f"--spec={path}: the file has no get_sweep() (see configs/paper.py)")
+  spec = dict(module.get_sweep())
+  variants = [v if ".py" in v else f"{path}:{v}" for v in spec.get("variants", ())]
+  grid = [f"{k}={','.join(str(v) for v in vals)}" for k, vals in spec.get("grid", {}).items()]
+  return {"variants": variants, "grid": grid, "seeds": int(spec.get("seeds", 1))}
+
+
+def _leaf_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  out = []
+  for k, v in config.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      out.extend(_leaf_paths(v, f"{prefix}{k}."))
+    else:
+      out.append(f"{prefix}{k}")
+  return out
+
+
+def check_key(config: ml_collections.ConfigDict, key: str, where: str) -> None:
+  """Raises SweepError unless ``key`` (dotted) is a field (a leaf) of ``config``."""
+  leaves = _leaf_paths(config)
+  if key in leaves:
+    return
+  if any(p.startswith(key + ".") for p in leaves):
+    raise SweepError(f"{where}: {key!r} is a section, not a field; name a field such as "
+                     f"{next(p for p in leaves if p.startswith(key + '.'))!r}")
+  close = difflib.get_close_matches(key, leaves, n=1)
+  hint = f" (did you mean {close[0]!r}?)" if close else ""
+  raise SweepError(f"{where}: no such config field {key!r}{hint}; see configs/base.py")
+
+
+def build_config(variant_path: str, flags: Sequence[str]) -> ml_collections.ConfigDict:
+  """The config main.py would build from ``--config=variant_path`` and ``flags``.
+
+  Uses the same ml_collections flag parsing (types come from the config's fields). Raises
+  SweepError with one line on an unparsable value.
+  """
+  from absl import flags as absl_flags
+  from ml_collections.config_flags import config_flags
+  argv = ["sweep", f"--config={variant_path}", *flags]
+  fv = absl_flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv,
+                                  lock_config=True, sys_argv=argv)
+  try:
+    with warnings.catch_warnings():  # ml_collections loads the file with load_module()
+      warnings.simplefilter("ignore", DeprecationWarning)
+      fv(argv)
+    return fv.config
+  except Exception as e:  # noqa: BLE001 -- any parse failure is a user error here
+    text = " ".join(str(e).split())
+    m = re.match(r"flag (--config\.[\w.]+=.*?): (.*)", text)
+    if m:
+      text = f"{m.group(1)}: {m.group(2)}"
+    raise SweepError(f"{variant_path}: {text}") from None
+
+
+def _get(config, key: str):
+  node = config
+  for part in key.split("."):
+    node = node[part]
+  return node
+
+
+def format_value(v: Any) -> str:
+  """A parsed config value as a short string for run names."""
+  if isinstance(v, bool):
+    return str(v)
+  if isinstance(v, float):
+    return repr(v)
+  if isinstance(v, (tuple, list)):
+    return "x".join(format_value(x) for x in v) or "none"
+  return str(v)
+
+
+def run_name(variant: str, values: Sequence[tuple[str, Any]], seed: int) -> str:
+  """``'rfm__ssl.alpha=0.1__ssl.temperature=0.05__seed=0'``: keys sorted, so the name does not
+  depend on the order of the --grid flags; characters outside ``[A-Za-z0-9._=+-]`` become ``_``
+  and a hash of the exact text is appended when anything was changed or cut."""
+  parts = [variant] + [f"{k}={format_value(v)}" for k, v in sorted(values)] + [f"seed={seed}"]
+  text = "__".join(parts)
+  safe = _SAFE.sub("_", text)
+  if safe != text or len(safe) > MAX_NAME_LEN:
+    digest = hashlib.sha1(text.encode()).hexdigest()[:8]
+    safe = f"{safe[:MAX_NAME_LEN - 9]}-{digest}"
+  return safe
+
+
+def plan(*, variants: Sequence[str], grid: Sequence[str] = (), seeds: int = 1,
+         overrides: Sequence[str] = ()) -> Sweep:
+  """Parses and validates everything; builds every run's config in-process.
+
+  Args:
+    variants: config file paths (``path`` or ``path:arg``).
+    grid: ``KEY=V1,V2,...`` items; their cartesian product is crossed with variants and seeds.
+    seeds: number of seeds, ``0..seeds-1``.
+    overrides: ``--config.KEY=VALUE`` flags applied to every run.
+
+  Raises:
+    SweepError: one line naming the bad input; nothing has been started or written.
+  """
+  variant_list = parse_variants(variants)
+  grid_items = parse_grid(grid)
+  if not isinstance(seeds, int) or seeds < 1:
+    raise SweepError(f"--seeds={seeds}: must be an integer >= 1")
+  if not grid_items and len(variant_list) == 1 and seeds == 1:
+    raise SweepError("empty grid: nothing to sweep; give --grid KEY=V1,V2,..., "
+                     "--variants=A.py,B.py or --seeds=N")
+  for o in overrides:
+    if not re.match(r"--(no)?config\.[\w.]+(=|$)", o):
+      raise SweepError(f"{o}: fixed overrides are --config.KEY=VALUE")
+  fixed_keys = {re.match(r"--(?:no)?config\.([\w.]+)", o).group(1) for o in overrides}
+  for key, _ in grid_items:
+    if key in fixed_keys:
+      raise SweepError(f"--grid {key} is also a fixed override --config.{key}; give it once")
+  if "seed" in fixed_keys and seeds > 1:
+    raise SweepError("--config.seed with --seeds > 1: the sweep sets the seeds")
+  runs, names = [], {}
+  keys = [k for k, _ in grid_items]
+  for variant in variant_list:
+    raw = build_config(variant.path, ())
+    for o in overrides:
+      check_key(raw, re.match(r"--(?:no)?config\.([\w.]+)", o).group(1), o.split("=", 1)[0])
+    base = build_config(variant.path, overrides)
+    for key, vals in grid_items:
+      check_key(base, key, f"--grid {key}")
+      for v in vals:  # each value alone, so that a bad one is named
+        try:
+          build_config(variant.path, [*overrides, f"--config.{key}={v}"])
+        except SweepError as e:
+          raise SweepError(f"--grid {key}={v}: {str(e).split(': ', 2)[-1]} "
+                           f"({variant.path})") from None
+    for combo in itertools.product(*(vals for _, vals in grid_items)):
+      point = tuple(zip(keys, combo))
+      grid_flags = [f"--config.{k}={v}" for k, v in point]
+      config = build_config(variant.path, [*overrides, *grid_flags])
+      try:
+        configuration.validate(config)
+      except configuration.ConfigError as e:
+        where = " ".join(f"--grid {k}={v}" for k, v in point) or "the overrides"
+        raise SweepError(f"{where} ({variant.path}): {e}") from None
+      for seed in range(seeds):
+        if "seed" in fixed_keys:  # one seed, the one the user fixed
+          seed_flags, run_seed = [], int(config.seed)
+        else:
+          seed_flags, run_seed = [f"--config.seed={seed}"], seed
+        flags = (*overrides, *grid_flags, *seed_flags)
+        values = tuple((k, _get(config, k)) for k in keys)
+        name = run_name(variant.label, values, run_seed)
+        if name in names:
+          raise SweepError(f"runs {names[name]} and {flags} get the same directory {name!r} "
+                           "(the same value given twice?)")
+        names[name] = flags
+        runs.append(RunSpec(name=name, variant=variant, point=point, seed=run_seed, flags=flags,
+                            num_steps=int(config.train.num_steps), values=values))
+  return Sweep(variants=variant_list, grid=grid_items, seeds=tuple(range(seeds)),
+               overrides=tuple(overrides), runs=tuple(runs))
+
+
+# ----------------------------------------------------------------------------------------------
+# Running.
+
+
+def _raise_interrupt(signum, frame):
+  del signum, frame
+  raise KeyboardInterrupt
+
+
+def _set_aside_stale_config(rd: str) -> str | None:
+  """An earlier attempt that failed before its first checkpoint left only its config.json;
+  that file would make main.py refuse the run if the config schema moved on since. With
+  nothing to resume, it is renamed (kept) so the run starts fresh. Returns the new name."""
+  path = os.path.join(rd, "config.json")
+  ckpt = os.path.join(rd, "checkpoints")
+  has_ckpt = os.path.isdir(ckpt) and any(e.isdigit() for e in os.listdir(ckpt))
+  if not os.path.exists(path) or has_ckpt:
+    return None
+  new = f"config.{int(time.time())}.json"
+  os.replace(path, os.path.join(rd, new))
+  return new
+
+
+def run_dir(workdir: str, run: RunSpec) -> str:
+  return os.path.join(workdir, "runs", run.name)
+
+
+def final_eval(workdir: str, run: RunSpec) -> dict | None:
+  """The run's evaluation at its final step, or None if it has none (yet)."""
+  try:
+    records = workdir_lib.read_jsonl(os.path.join(run_dir(workdir, run), "eval.jsonl"))
+  except (OSError, ValueError):
+    return None
+  done = [r for r in records if r.get("step") == run.num_steps]
+  return done[-1] if done else None
+
+
+def log_tail(path: str, lines: int = 5) -> str:
+  """The last non-empty lines of a log file ('' if none)."""
+  try:
+    with open(path, errors="replace") as f:
+      text = f.read()[-20_000:]
+  except OSError:
+    return ""
+  kept = [ln.rstrip() for ln in text.splitlines() if ln.strip()]
+  return "\n".join(kept[-lines:])
+
+
+def _fmt_time(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def _last_step_line(path: str) -> str:
+  tail = log_tail(path, 20).splitlines()
+  steps = [ln for ln in tail if ln.startswith("step ")]
+  return steps[-1].split(" | ")[0] if steps else "starting"
+
+
+def execute(sweep: Sweep, workdir: str, *, main_script: str, parallel: int = 1,
+            python: str = sys.executable, env: dict | None = None, status_every: float = 60.0,
+            out=sys.stdout) -> dict[str, dict]:
+  """Runs every unfinished run of ``sweep`` (``parallel`` at a time); returns the outcome of
+  each run by name: ``{'status': 'done' | 'skipped' | 'failed', 'returncode', 'seconds'}``.
+
+  Prints a progress line on every start, finish and failure, and a status line of the running
+  runs every ``status_every`` seconds.
+  """
+  def say(msg):
+    try:
+      print(msg, file=out, flush=True)
+    except (BrokenPipeError, ValueError):  # a closed pipe must not orphan the runs
+      pass
+
+  outcomes: dict[str, dict] = {}
+  todo = []
+  for run in sweep.runs:
+    if final_eval(workdir, run) is not None:
+      outcomes[run.name] = {"status": "skipped", "returncode": 0, "seconds": 0.0}
+    else:
+      todo.append(run)
+  total = len(sweep.runs)
+  say(f"sweep: {total} runs in {workdir}/runs ({total - len(todo)} already finished, "
+      f"{len(todo)} to run, {parallel} at a time)")
+  running: dict[str, tuple[subprocess.Popen, RunSpec, float, Any]] = {}
+  failed = 0
+  t0 = time.time()
+  last_status = time.time()
+
+  def progress() -> str:
+    done = sum(o["status"] != "failed" for o in outcomes.values())
+    return (f"{done}/{total} done, {len(running)} running, "
+            f"{total - len(outcomes) - len(running)} left, {failed} failed, "
+            f"{_fmt_time(time.time() - t0)}")
+
+  queue = list(todo)
+  previous = signal.getsignal(signal.SIGTERM)
+  if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+  try:
+    while queue or running:
+      while queue and len(running) < max(parallel, 1):
+        run = queue.pop(0)
+        rd = run_dir(workdir, run)
+        os.makedirs(rd, exist_ok=True)
+        cmd = [python, main_script, f"--config={run.variant.path}", f"--workdir={rd}",
+               *run.flags]
+        log = open(os.path.join(rd, "log.txt"), "a")
+        stale = _set_aside_stale_config(rd)
+        if stale:
+          log.write(f"(no checkpoint to resume: the earlier attempt's config is now {stale})\n")
+        log.write("$ " + shlex.join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                stdin=subprocess.DEVNULL)
+        running[run.name] = (proc, run, time.time(), log)
+        say(f"start  {run.name} | {progress()}")
+      time.sleep(0.2)
+      for name, (proc, run, started, log) in list(running.items()):
+        rc = proc.poll()
+        if rc is None:
+          continue
+        log.close()
+        del running[name]
+        seconds = time.time() - started
+        ok = rc == 0 and final_eval(workdir, run) is not None
+        outcomes[name] = {"status": "done" if ok else "failed", "returncode": rc,
+                          "seconds": seconds}
+        if ok:
+          say(f"done   {name} ({_fmt_time(seconds)}) | {progress()}")
+        else:
+          failed += 1
+          last = log_tail(os.path.join(run_dir(workdir, run), "log.txt"), 1)
+          if rc == 0:
+            last = f"no evaluation at step {run.num_steps} in eval.jsonl"
+          say(f"FAILED {name} (exit {rc}): {last} | {progress()}")
+      if running and time.time() - last_status >= status_every:
+        last_status = time.time()
+        for name, (_, run, started, _) in running.items():
+          line = _last_step_line(os.path.join(run_dir(workdir, run), "log.txt"))
+          say(f"  ...  {name}: {line} ({_fmt_time(time.time() - started)})")
+  except KeyboardInterrupt:
+    for name, (proc, _, _, log) in running.items():
+      proc.terminate()
+      try:
+        proc.wait(timeout=30)
+      except subprocess.TimeoutExpired:
+        proc.kill()
+      log.close()
+    say(f"interrupted; {len(running)} running runs stopped (re-run the same command to resume)")
+    raise
+  finally:
+    if threading.current_thread() is threading.main_thread():
+      signal.signal(signal.SIGTERM, previous)
+  say(f"sweep finished: {progress()}")
+  return outcomes
+
+
+# ----------------------------------------------------------------------------------------------
+# The command (launch/sweep.py parses the flags and calls this).
+
+
+def run_command(*, workdir: str, config: str | None = None, variants: Sequence[str] = (),
+                spec: str | None = None, grid: Sequence[str] = (), seeds: int | None = None,
+                parallel: int = 1, overrides: Sequence[str] = (), main_script: str,
+                command: str = "", draw: bool = True, reference: str | None = None,
+                out=sys.stdout, err=sys.stderr) -> int:
+  """Plans (validating everything), runs and reports a sweep; returns the exit code: 0 when
+  every run finished, 1 when some failed, 2 on bad input (one ``error:`` line, nothing run)."""
+  from sslrec import sweep_report
+  try:
+    if not workdir:
+      raise SweepError("--workdir is required")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+      raise SweepError(f"--workdir={workdir} exists and is not a directory")
+    if not isinstance(parallel, int) or parallel < 1:
+      raise SweepError(f"--parallel={parallel}: must be an integer >= 1")
+    spec_args = load_spec(spec) if spec else {"variants": [], "grid": [], "seeds": 1}
+    if config and not os.path.isfile(config.split(":", 1)[0]):
+      raise SweepError(f"--config={config}: no such file (configs are in configs/, e.g. "
+                       "configs/base.py)")
+    chosen = ([config] if config else []) + [v for v in variants if v != config]
+    chosen = chosen or spec_args["variants"]
+    grid_keys = {g.partition("=")[0].strip() for g in grid}
+    merged_grid = [g for g in spec_args["grid"] if g.partition("=")[0] not in grid_keys]
+    sweep = plan(variants=chosen, grid=[*merged_grid, *grid],
+                 seeds=spec_args["seeds"] if seeds is None else seeds, overrides=overrides)
+    labels = [v.label for v in sweep.variants]
+    if reference is not None and reference not in labels:
+      raise SweepError(f"--reference={reference}: not a variant of this sweep; one of {labels}")
+  except SweepError as e:
+    print(f"error: {e}", file=err, flush=True)
+    return 2
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "sweep_command.txt"), "a") as f:
+    f.write(command + "\n")
+  env = dict(os.environ)
+  try:
+    outcomes = execute(sweep, workdir, main_script=main_script, parallel=parallel, env=env,
+                       out=out)
+  except KeyboardInterrupt:
+    sweep_report.report(sweep, workdir, None, command=command, draw=draw, reference=reference,
+                        out=out)
+    return 130
+  sweep_report.report(sweep, workdir, outcomes, command=command, draw=draw, reference=reference,
+                      out=out)
+  return 1 if any(o["status"] == "failed" for o in outcomes.values()) else 0
