@@ -86,7 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 1000  # steps between evaluations (and always at the end)
   c.train.checkpoint_every = 1000  # steps between checkpoints (and always at the end)
   c.train.max_checkpoints = 3  # checkpoints kept
-  c.train.skip_nonfinite = False  # non-finite loss/gradient: False = stop the run, True = skip that update (counted)
+  c.train.skip_nonfinite = False  # non-finite loss/grad: False = stop the run, True = skip update
 
   c.eval = ml_collections.ConfigDict()
   c.eval.ks = (10, 50, 100)  # Recall@K cut-offs

@@ -128,9 +128,11 @@ def test_config_override_is_accepted_or_refused_in_one_line(field, value):
 SEPARATORS = {"u.data": "\t", "u.item": "|", "u.user": "|", "ratings.dat": "::",
               "movies.dat": "::", "users.dat": "::", "interactions.csv": ",", "items.csv": ",",
               "users.csv": ","}
-HEADERS = {"u.data": "user id\titem id\trating\ttimestamp", "u.user": "user id|age|gender|occupation|zip code",
+HEADERS = {"u.data": "user id\titem id\trating\ttimestamp",
+           "u.user": "user id|age|gender|occupation|zip code",
            "u.item": "movie id|title|release date|video release date|IMDb URL" + "|genre" * 19,
-           "ratings.dat": "UserID::MovieID::Rating::Timestamp", "movies.dat": "MovieID::Title::Genres",
+           "ratings.dat": "UserID::MovieID::Rating::Timestamp",
+           "movies.dat": "MovieID::Title::Genres",
            "users.dat": "UserID::Gender::Age::Occupation::Zip-code"}
 KINDS = ("truncated", "separator", "bad_bytes", "huge_id", "empty", "repeated_header", "directory")
 BEYOND_INT64 = ["99999999999999999999", str(2**63), str(2**64), "-9223372036854775809", "9" * 40]
@@ -214,17 +216,13 @@ def load_checked(config):
   return dataset
 
 
-def check_damage(damage: Damage, tmp_root: str, tolerate_known: bool = True) -> str:
+def check_damage(damage: Damage, tmp_root: str) -> str:
   folder = os.path.join(tmp_root, "data")
   shutil.rmtree(folder, ignore_errors=True)
   shutil.copytree(FIXTURES[damage.fixture], folder)
   path = damage.apply(folder)
   try:
     dataset = load_checked(data_config(folder, damage.fixture))
-  except OverflowError:
-    if tolerate_known and damage.fixture.startswith("ml-") and damage.kind == "huge_id":
-      return "KNOWN BUG (movielens.py: OverflowError on an id beyond int64)"
-    raise
   except cli.USER_ERRORS as e:
     msg = str(e)
     assert one_clear_line(msg), msg
@@ -248,13 +246,11 @@ def test_damaged_data_files_load_or_fail_in_one_line(damage, tmp_path):
   event(f"{damage.kind}: {outcome}")
 
 
-@pytest.mark.xfail(raises=OverflowError, strict=True,
-                   reason="known bug in data/movielens.py: an id beyond int64 raises OverflowError "
-                   "instead of a DataError naming the line (remove this mark once fixed)")
 @pytest.mark.parametrize("name", ["u.data", "u.item", "u.user"])
 def test_movielens_id_beyond_int64_is_one_clear_line(tmp_path, name):
-  check_damage(Damage("ml-100k", name, "huge_id", 0.0, "99999999999999999999"), str(tmp_path),
-               tolerate_known=False)
+  for value in BEYOND_INT64:
+    outcome = check_damage(Damage("ml-100k", name, "huge_id", 0.0, value), str(tmp_path))
+    assert outcome == "refused", (value, outcome)
 
 
 class OneDeviceRun(train.Run):

@@ -83,7 +83,8 @@ def assert_same_run(reference, workdir, step=NUM_STEPS):
   """Every logged line (but the wall-clock rates) and the final parameters, bitwise."""
   for name in ("metrics.jsonl", "eval.jsonl"):
     a, b = logged(reference, name), logged(workdir, name)
-    assert a == b, f"{name} differs at step {next((x['step'] for x, y in zip(a, b) if x != y), None)}"
+    first = next((x["step"] for x, y in zip(a, b) if x != y), None)
+    assert a == b, f"{name} differs (first at step {first}; {len(a)} vs {len(b)} lines)"
   tree_a, leaves_a = saved_state(reference, step)
   tree_b, leaves_b = saved_state(workdir, step)
   assert tree_a == tree_b and len(leaves_a) == len(leaves_b) > 0
@@ -270,7 +271,8 @@ def test_nonfinite_loss_stops_keeps_last_checkpoint_and_writes_batch_ids(monkeyp
   wd = str(tmp_path / "run")
   assert cli.run_main(config, wd) == 1
   err = capsys.readouterr().err.strip()
-  assert err.count("\n") == 0 and err.startswith(f"error: non-finite loss or gradient at step {bad_step} (loss nan, loss/main ")
+  assert err.count("\n") == 0 and err.startswith(
+      f"error: non-finite loss or gradient at step {bad_step} (loss nan, loss/main ")
   assert "loss/ssl" in err and "grad_norm nan" in err and "checkpoint 4 is the last good one" in err
   report = json.load(open(os.path.join(wd, f"nonfinite_step_{bad_step}.json")))
   assert report["step"] == bad_step and report["metrics"]["loss"] == "nan"

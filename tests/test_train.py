@@ -79,3 +79,19 @@ def test_workdir_with_other_model_is_refused_and_kept(config, tmp_path):
   assert json.load(open(os.path.join(wd, "config.json")))["ssl"]["alpha"] == 0.3
   assert any(p.startswith("config.") and p != "config.json" for p in os.listdir(wd))
   assert "6" in os.listdir(os.path.join(wd, "checkpoints"))
+
+
+def test_data_error_leaves_no_config_behind(config, tmp_path):
+  """A run that fails on its data leaves no config.json that a corrected rerun would be held to."""
+  from sslrec import cli
+  config.train.num_steps = 2
+  config.data.name = "movielens"
+  config.data.path = str(tmp_path / "no_such_dir")
+  wd = str(tmp_path / "run")
+  assert cli.run_main(config, wd) == 2
+  assert not os.path.exists(os.path.join(wd, "config.json"))
+  os.makedirs(config.data.path)
+  with open(os.path.join(config.data.path, "u.data"), "w") as f:
+    f.write("1\t1\t5\t10\n")
+  assert cli.run_main(config, wd) == 2  # still bad (no u.item): still nothing written
+  assert not os.path.exists(os.path.join(wd, "config.json"))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 import zlib
 from typing import Callable
@@ -110,12 +111,14 @@ def verify(step_dir: str) -> tuple[str, str]:
 
 
 class Sealer:
-  """Seals each checkpoint once its asynchronous save has completed (process 0 only)."""
+  """Seals each checkpoint once its asynchronous save has completed (process 0 only), in a
+  background thread: reading a large checkpoint back does not hold up training."""
 
   def __init__(self, mgr, enabled: bool):
     self.manager = mgr
     self.enabled = enabled
     self.pending: int | None = None
+    self._thread: threading.Thread | None = None
 
   def saved(self, step: int):
     """Call right after ``manager.save(step)``; seals the previous save first if pending."""
@@ -125,21 +128,37 @@ class Sealer:
     self.pending = step
 
   def flush_if_done(self):
-    """Non-blocking: seals the pending checkpoint if its save has completed."""
+    """Non-blocking: starts sealing the pending checkpoint if its save has completed."""
     if self.pending is not None and not self.manager.is_saving_in_progress():
       self._seal(self.pending)
 
   def flush(self):
-    """Waits for the pending save and seals it."""
+    """Waits for the pending save and for its seal."""
     self.manager.wait_until_finished()
     if self.pending is not None:
       self._seal(self.pending)
+    self._join()
+
+  def _join(self):
+    if self._thread is not None:
+      self._thread.join()
+      self._thread = None
 
   def _seal(self, step: int):
-    step_dir = os.path.join(str(self.manager.directory), str(step))
     self.pending = None
-    if self.enabled and os.path.isdir(step_dir):
-      seal(step_dir)
+    if not self.enabled:
+      return
+    self._join()
+    step_dir = os.path.join(str(self.manager.directory), str(step))
+    self._thread = threading.Thread(target=_seal_if_present, args=(step_dir,), daemon=True)
+    self._thread.start()
+
+
+def _seal_if_present(step_dir: str) -> None:
+  try:
+    seal(step_dir)
+  except OSError:  # deleted meanwhile (train.max_checkpoints): nothing to seal
+    pass
 
 
 def _first_line(e: BaseException, limit: int = 240) -> str:

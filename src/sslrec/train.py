@@ -512,8 +512,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   from sslrec import configuration, reliability, workdir as workdir_lib
 
   configuration.validate(config)
+  # Checks only: config.json is written once the data has loaded (a run that fails on its data
+  # leaves no config behind that a corrected rerun would be compared against).
   workdir_lib.prepare(workdir, configuration.to_dict(config),
-                      allow_config_change=allow_config_change, write=jax.process_index() == 0)
+                      allow_config_change=allow_config_change, write=False)
   workdir_lib.check_free_space(workdir, 0, 0)  # a full disk, before the data is even loaded
   stop = reliability.StopRequest()  # from here on, SIGTERM / SIGINT wait for a step boundary
   try:
@@ -524,7 +526,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 def _train(config, workdir: str, stop) -> dict[str, float]:
   import time
-  from sslrec import checkpointing, evaluate as evaluate_lib, reliability, workdir as workdir_lib
+  from sslrec import checkpointing, configuration, evaluate as evaluate_lib, reliability
+  from sslrec import workdir as workdir_lib
   is_main = jax.process_index() == 0
   t0 = time.time()
   run = Run(config)
@@ -532,6 +535,8 @@ def _train(config, workdir: str, stop) -> dict[str, float]:
   _log(f"data: {d.name}: {d.num_items} items ({d.item_spec.num_features} features), "
        f"{d.num_train} train pairs, {d.num_eval} eval pairs; built in {time.time() - t0:.1f}s; "
        f"mesh {dict(run.mesh.shape)}")
+  if is_main:
+    workdir_lib.save_config(workdir, configuration.to_dict(config))
   space = workdir_lib.check_free_space(
       workdir, checkpointing.estimate_bytes((run.state, run.stats.mi, run.stats.item_freq)),
       config.train.max_checkpoints)

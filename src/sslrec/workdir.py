@@ -60,14 +60,27 @@ def prepare(workdir: str, config_dict: dict, *, allow_config_change: bool, write
   else:
     raise WorkdirError(f"{workdir} has checkpoints but no config.json; refusing to reuse it")
   check_writable(workdir)  # every process: each writes its share of the checkpoints
-  if diff and write:
-    os.replace(path, os.path.join(workdir, f"config.{int(time.time())}.json"))
   if write:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(config_dict, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    save_config(workdir, config_dict)
   return resuming
+
+
+def save_config(workdir: str, config_dict: dict) -> None:
+  """Writes ``workdir/config.json`` (atomically); a saved config of a different model is kept
+  aside as ``config.<time>.json``. Call after ``prepare`` has accepted the workdir, and only
+  once the run has got far enough (its data loaded) that the config is known to be usable."""
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    if saved == config_dict:
+      return
+    if configuration.diff_model_fields(saved, config_dict):
+      os.replace(path, os.path.join(workdir, f"config.{int(time.time())}.json"))
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(config_dict, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
 
 
 def check_writable(workdir: str) -> None:

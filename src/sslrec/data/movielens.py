@@ -99,12 +99,14 @@ def _parse_lines(path: str, data: bytes, sep: str, names, floats) -> dict[str, n
                       f"separated by {sep!r}, found {len(fields)}: {_shown(line)}")
     row = []
     for name, field in zip(names, fields):
-      try:
-        row.append(float(field) if name in floats else int(field))
-      except ValueError:
-        kind = "a number" if name in floats else "an integer"
-        raise DataError(
-            f"{path}:{lineno}: {name} {field!r} is not {kind}: {_shown(line)}") from None
+      if name in floats:
+        try:
+          row.append(float(field))
+        except ValueError:
+          raise DataError(
+              f"{path}:{lineno}: {name} {field!r} is not a number: {_shown(line)}") from None
+      else:
+        row.append(_int(path, lineno, line, name, field))
     rows.append(row)
   return {name: np.array([r[j] for r in rows], np.float64 if name in floats else np.int64)
           for j, name in enumerate(names)}
@@ -139,7 +141,7 @@ def read_numeric(path: str, sep: str, names: tuple[str, ...], floats=()) -> dict
     try:
       return {name: fields[:, j].astype(np.float64 if name in floats else np.int64)
               for j, name in enumerate(names)}
-    except ValueError:
+    except (ValueError, OverflowError):  # not numbers, or beyond int64: named line by line
       pass
   return _parse_lines(path, data, sep, names, floats)
 
@@ -159,11 +161,18 @@ def _fields(path: str, lineno: int, line: str, sep: str, names: tuple[str, ...])
   return fields
 
 
+_INT64 = (-(2**63), 2**63 - 1)
+
+
 def _int(path: str, lineno: int, line: str, name: str, value: str) -> int:
   try:
-    return int(value)
+    v = int(value)
   except ValueError:
     raise DataError(f"{path}:{lineno}: {name} {value!r} is not an integer: {_shown(line)}") from None
+  if not _INT64[0] <= v <= _INT64[1]:
+    raise DataError(f"{path}:{lineno}: {name} {value} is out of range (ids must fit in 64-bit "
+                    f"integers, [{_INT64[0]}, {_INT64[1]}]): {_shown(line)}")
+  return v
 
 
 _YEAR_IN_TITLE = re.compile(r"\((\d{4})\)\s*$")
