@@ -100,8 +100,8 @@ def test_sparse_train_step_matches_dense_rowwise_reference():
   rng = jax.random.fold_in(run.step_rng, 0)
   views = train.make_views(rng, items, model=run.model, config=config,
                            mi=jnp.asarray(run.stats.mi, jnp.float32))
-  grad_fn = jax.grad(lambda p: train.loss_fn(p, pairs, items, views, model=run.model,
-                                             config=config)[0])
+  grad_fn = jax.jit(jax.grad(lambda p: train.loss_fn(p, pairs, items, views, model=run.model,
+                                             config=config)[0]))
   full_grads = jax.device_get(grad_fn(before.params))
   new_state, metrics = run.step_fn(run.state, pairs, items, run.step_rng)
   new_state = jax.device_get(new_state)
