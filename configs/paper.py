@@ -1,4 +1,4 @@
-"""The paper's comparison as a sweep: six variants x train_fraction {1.0, 0.1} x 3 seeds.
+"""The paper's comparison as a sweep: seven variants x train_fraction {1.0, 0.1} x 3 seeds.
 
     python launch/sweep.py --spec=configs/paper.py --workdir=runs/paper
 
