@@ -128,6 +128,7 @@ def test_sparse_training_learns(tmp_path):
   from tests.conftest import tiny_config
   config = tiny_config()
   config.optimizer.embedding_update = "sparse"
+  config.optimizer.sparse_min_rows = 0  # every table, also the smoke config's small ones
   config.train.num_steps = 200
   config.train.log_every = 50
   out = train.train_and_evaluate(config, str(tmp_path))
