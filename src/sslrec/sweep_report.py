@@ -314,30 +314,24 @@ def _plot_bars(plt, sweep, groups, ks, workdir) -> str:
       ax.grid(axis="y", alpha=0.3)
       if row == 0 and col == len(columns) - 1 and len(pts) > 1:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-  fig.suptitle("Head / tail Recall@K per variant (mean ± std over seeds)", fontsize=10)
-  fig.tight_layout()
-  path = os.path.join(workdir, "recall_head_tail.png")
-  fig.savefig(path, dpi=80, bbox_inches="tight")
-  plt.close(fig)
-  return path
+  return _save(plt, fig, "Head / tail Recall@K per variant (mean ± std over seeds)",
+               os.path.join(workdir, "recall_head_tail.png"))
 
 
 def _plot_heatmap(plt, sweep, groups, k, workdir) -> str:
-  grid = dict(sweep.grid)
   alphas = list(dict.fromkeys(sweep_lib.format_value(g["values"][ALPHA]) for g in groups))
   taus = list(dict.fromkeys(sweep_lib.format_value(g["values"][TAU]) for g in groups))
-  del grid
   others = _other_keys(sweep, (ALPHA, TAU))
-  panels = list(dict.fromkeys((g["variant"],) + tuple(
-      sweep_lib.format_value(g["values"][o]) for o in others) for g in groups))
+  panel_of = lambda g: (g["variant"],) + tuple(  # noqa: E731
+      sweep_lib.format_value(g["values"][o]) for o in others)
+  panels = list(dict.fromkeys(panel_of(g) for g in groups))
   metric = f"recall@{k}/tail"
   fig, axes = plt.subplots(1, len(panels), figsize=(1.3 * len(taus) * len(panels) + 2, 0.7 *
                                                     len(alphas) + 1.8), squeeze=False)
   for ax, panel in zip(axes[0], panels):
     cells = [[None] * len(taus) for _ in alphas]
     for g in groups:
-      key = (g["variant"],) + tuple(sweep_lib.format_value(g["values"][o]) for o in others)
-      if key != panel or metric not in g["mean"]:
+      if panel_of(g) != panel or metric not in g["mean"]:
         continue
       i = alphas.index(sweep_lib.format_value(g["values"][ALPHA]))
       j = taus.index(sweep_lib.format_value(g["values"][TAU]))
@@ -356,12 +350,8 @@ def _plot_heatmap(plt, sweep, groups, k, workdir) -> str:
     title = panel[0] + "".join(f" {o.split('.')[-1]}={v}" for o, v in zip(others, panel[1:]))
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046)
-  fig.suptitle(f"Tail Recall@{k} (mean ± std over seeds)", fontsize=10)
-  fig.tight_layout()
-  path = os.path.join(workdir, "heatmap_alpha_tau.png")
-  fig.savefig(path, dpi=80, bbox_inches="tight")
-  plt.close(fig)
-  return path
+  return _save(plt, fig, f"Tail Recall@{k} (mean ± std over seeds)",
+               os.path.join(workdir, "heatmap_alpha_tau.png"))
 
 
 def _plot_fraction(plt, sweep, groups, k, workdir) -> str:
@@ -385,9 +375,13 @@ def _plot_fraction(plt, sweep, groups, k, workdir) -> str:
     ax.set_title(f"Recall@{k}{part or ' (all)'}", fontsize=9)
     ax.grid(alpha=0.3)
   axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-  fig.suptitle("Recall against the fraction of D_train kept (mean ± std over seeds)", fontsize=10)
+  return _save(plt, fig, "Recall against the fraction of D_train kept (mean ± std over seeds)",
+               os.path.join(workdir, "recall_vs_train_fraction.png"))
+
+
+def _save(plt, fig, title: str, path: str) -> str:
+  fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  path = os.path.join(workdir, "recall_vs_train_fraction.png")
   fig.savefig(path, dpi=80, bbox_inches="tight")
   plt.close(fig)
   return path

@@ -515,7 +515,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # Checks only: config.json is written once the data has loaded (a run that fails on its data
   # leaves no config behind that a corrected rerun would be compared against).
   workdir_lib.prepare(workdir, configuration.to_dict(config),
-                      allow_config_change=allow_config_change, write=False)
+                      allow_config_change=allow_config_change)
   workdir_lib.check_free_space(workdir, 0, 0)  # a full disk, before the data is even loaded
   stop = reliability.StopRequest()  # from here on, SIGTERM / SIGINT wait for a step boundary
   try:

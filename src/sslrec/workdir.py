@@ -28,8 +28,9 @@ class WorkdirError(ValueError):
   """A workdir that cannot be used for this run; nothing in it was changed."""
 
 
-def prepare(workdir: str, config_dict: dict, *, allow_config_change: bool, write: bool) -> bool:
-  """Checks ``workdir`` against ``config_dict``; writes config.json when allowed.
+def prepare(workdir: str, config_dict: dict, *, allow_config_change: bool) -> bool:
+  """Checks ``workdir`` against ``config_dict`` without writing anything to it but a probe
+  (``save_config`` writes config.json once the run's data has loaded).
 
   Returns True when the workdir already holds a run (a resume). Raises WorkdirError, without
   touching anything, when the saved config describes a different model and
@@ -38,8 +39,8 @@ def prepare(workdir: str, config_dict: dict, *, allow_config_change: bool, write
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise WorkdirError(f"--workdir={workdir} exists and is not a directory")
   path = os.path.join(workdir, "config.json")
+  ckpt_dir = os.path.join(workdir, "checkpoints")
   resuming = os.path.exists(path)
-  diff = []
   if resuming:
     try:
       with open(path) as f:
@@ -54,14 +55,9 @@ def prepare(workdir: str, config_dict: dict, *, allow_config_change: bool, write
           f"{workdir} holds a run with a different model config ({shown}). Use another --workdir, "
           "or pass --allow_config_change to continue that run with the new config (its "
           "checkpoints are kept)")
-  elif not os.path.isdir(os.path.join(workdir, "checkpoints")) or not os.listdir(
-      os.path.join(workdir, "checkpoints")):
-    pass
-  else:
+  elif os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
     raise WorkdirError(f"{workdir} has checkpoints but no config.json; refusing to reuse it")
   check_writable(workdir)  # every process: each writes its share of the checkpoints
-  if write:
-    save_config(workdir, config_dict)
   return resuming
 
 

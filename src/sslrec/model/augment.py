@@ -88,21 +88,32 @@ def cfm_mask(rng: jax.Array, mi: jax.Array, fraction: float = 0.5) -> jax.Array:
   Returns:
     ``bool [k]``, True where view 1 masks the feature.
   """
-  mi = jnp.asarray(mi, jnp.float32)
-  if mi.ndim != 2 or mi.shape[0] != mi.shape[1]:
-    raise ValueError(f"cfm_mask needs a square [k, k] MI matrix, got shape {mi.shape}")
+  mi = _square(mi, "cfm_mask")
   k = mi.shape[0]
   n = num_masked(k, fraction)
   seed_rng, tie_rng = jax.random.split(rng)
   seed = jax.random.randint(seed_rng, (), 0, k)
-  row = mi[seed]  # [k]
-  row = jnp.where(jnp.isnan(row), -jnp.inf, row)
+  order = _partners_of(seed, mi, tie_rng)
+  return jnp.zeros((k,), bool).at[order[:n]].set(True)
+
+
+def _square(mi, caller: str) -> jax.Array:
+  mi = jnp.asarray(mi, jnp.float32)
+  if mi.ndim != 2 or mi.shape[0] != mi.shape[1]:
+    raise ValueError(f"{caller} needs a square [k, k] MI matrix, got shape {mi.shape}")
+  return mi
+
+
+def _partners_of(seed: jax.Array, mi: jax.Array, tie_rng: jax.Array, *first) -> jax.Array:
+  """Feature indices ordered by the ``first`` sort keys (ascending, most significant first),
+  then the seed, then MI with the seed descending (NaN lowest), then a random tie-break: a
+  random permutation decides among equal MI values without perturbing them."""
+  k = mi.shape[0]
+  row = jnp.where(jnp.isnan(mi[seed]), -jnp.inf, mi[seed])  # [k]
   not_seed = jnp.arange(k) != seed
   tie = jax.random.uniform(tie_rng, (k,))
-  # Ascending sort, last key most significant: the seed first, then MI descending, then the
-  # random tie-break key.
-  order = jnp.lexsort((tie, -row, not_seed))
-  return jnp.zeros((k,), bool).at[order[:n]].set(True)
+  # jnp.lexsort: ascending, the last key most significant.
+  return jnp.lexsort((tie, -row, not_seed, *reversed(first)))
 
 
 def id_like_features(mi: jax.Array, rtol: float = 1e-4) -> jax.Array:
@@ -152,9 +163,7 @@ def cfm_ids_random_mask(rng: jax.Array, mi: jax.Array, fraction: float = 0.5) ->
   Returns:
     ``bool [k]``, True where view 1 masks the feature.
   """
-  mi = jnp.asarray(mi, jnp.float32)
-  if mi.ndim != 2 or mi.shape[0] != mi.shape[1]:
-    raise ValueError(f"cfm_ids_random_mask needs a square [k, k] MI matrix, got {mi.shape}")
+  mi = _square(mi, "cfm_ids_random_mask")
   k = mi.shape[0]
   n = num_masked(k, fraction)
   ids = id_like_features(mi)  # [k]
@@ -165,12 +174,7 @@ def cfm_ids_random_mask(rng: jax.Array, mi: jax.Array, fraction: float = 0.5) ->
   r = jnp.clip(n - ids_masked.sum(), jnp.minimum(1, num_rest - 1), num_rest - 1)
   seed_logits = jnp.where(ids, -jnp.inf, 0.0)
   seed = jax.random.categorical(seed_rng, seed_logits)
-  row = jnp.where(jnp.isnan(mi[seed]), -jnp.inf, mi[seed])
-  not_seed = jnp.arange(k) != seed
-  tie = jax.random.uniform(tie_rng, (k,))
-  # Ascending sort, last key most significant: non-ids first, the seed first among them,
-  # then MI descending, then the random tie-break.
-  order = jnp.lexsort((tie, -row, not_seed, ids))
+  order = _partners_of(seed, mi, tie_rng, ids)  # non-ids first, then the seed and its partners
   rank = jnp.zeros((k,), jnp.int32).at[order].set(jnp.arange(k, dtype=jnp.int32))
   return jnp.where(ids, ids_masked, rank < r)
 
