@@ -11,6 +11,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for configs/
 
 from absl import app, flags, logging  # noqa: E402
+from sslrec import cli  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by launch/main.py.")
 _OUT = flags.DEFINE_string("out", None, "Export directory to write.")
@@ -27,7 +28,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.ERROR)  # orbax warns that the read-only checkpoint is read-only
   from configs import base
-  from sslrec import cli, export, serving
+  from sslrec import export, serving
   try:
     export.export(_WORKDIR.value, _OUT.value, step=_STEP.value, overwrite=_OVERWRITE.value,
                   defaults=base.get_config(), platforms=_PLATFORMS.value)
@@ -36,13 +37,5 @@ def main(argv):
     sys.exit(2)
 
 
-def parse_flags(argv):
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -25,7 +25,7 @@ def main():
   if args.num_processes < 1 or args.devices_per_process < 1:
     print("error: --num_processes and --devices_per_process must be >= 1", file=sys.stderr)
     sys.exit(2)
-  from sslrec import cluster
+  from sslrec.run import cluster
   sys.exit(cluster.run(main_args, num_processes=args.num_processes,
                        devices_per_process=args.devices_per_process, port=args.port))
 

@@ -4,12 +4,14 @@ Overrides: ``--config.ssl.alpha=0.3 --config.train.num_steps=500``. Re-running t
 the same workdir resumes from its latest checkpoint.
 """
 
+import functools
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for configs/
 
 from absl import app, flags, logging  # noqa: E402
+from sslrec import cli  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
@@ -35,7 +37,6 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # keep library INFO chatter (orbax) out of the log
-  from sslrec import cli
   sys.exit(cli.run_main(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW.value,
                         distributed=dict(coordinator_address=_COORD.value,
                                          num_processes=_NPROC.value, process_id=_PID.value,
@@ -43,19 +44,5 @@ def main(argv):
                                          timeout_s=_DIST_TIMEOUT.value)))
 
 
-def parse_flags(argv):
-  """absl flag parsing with bad flags (unknown config fields, wrong types) as one clear line."""
-  from sslrec import cli
-  bad = cli.check_config_file(argv)
-  if bad:
-    print(f"error: {bad}", file=sys.stderr, flush=True)
-    sys.exit(2)
-  try:
-    return flags.FLAGS(argv)
-  except Exception as e:  # noqa: BLE001 -- any parse failure is a user error here
-    print(f"error: {cli.flag_error_message(argv, e)}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=functools.partial(cli.parse_flags, config_file=True))

@@ -14,6 +14,7 @@ import warnings
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
 
 from absl import app, flags, logging  # noqa: E402
+from sslrec import cli  # noqa: E402
 
 _EXPORT = flags.DEFINE_string("export", None, "Export directory written by launch/export.py.")
 _QUERY = flags.DEFINE_string("query", None, "Raw query features: 'name=value,name=v1|v2|v3'.")
@@ -70,13 +71,5 @@ def main(argv):
   print(serving.format_results(res))
 
 
-def parse_flags(argv):
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -7,6 +7,7 @@ ones, then writes ``DIR/results.csv``, ``DIR/summary.csv``, ``DIR/results.md`` a
 grid and seeds from the file's ``get_sweep()``. See ``src/sslrec/sweep.py`` and docs/results.md.
 """
 
+import functools
 import os
 import shlex
 import sys
@@ -14,6 +15,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for configs/
 
 from absl import app, flags  # noqa: E402
+from sslrec import cli  # noqa: E402
 
 _CONFIG = flags.DEFINE_string("config", None, "Config file (path or path:arg) of the sweep.")
 _VARIANTS = flags.DEFINE_list("variants", [], "Config files to compare (path or path:arg); "
@@ -44,21 +46,5 @@ def main(argv):
       reference=_REFERENCE.value))
 
 
-def parse_flags(argv):
-  """absl parsing, with --config.KEY=VALUE overrides set aside for the runs; bad flags are one
-  ``error:`` line and exit 2."""
-  rest = [argv[0]]
-  for arg in argv[1:]:
-    if arg.startswith(("--config.", "--noconfig.")):
-      _overrides.append(arg)
-    else:
-      rest.append(arg)
-  try:
-    return flags.FLAGS(rest)
-  except flags.Error as e:
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=functools.partial(cli.parse_flags, set_aside=_overrides))

@@ -37,7 +37,7 @@ TRIAL = {"data.num_items": 512, "data.num_queries": 1000, "data.num_train_pairs"
 
 
 def _env(cache, devices, **extra):
-  from sslrec import reliability
+  from sslrec.run import reliability
   flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
            if not f.startswith("--xla_force_host_platform_device_count")]
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from sslrec import export, serving, train, workdir as workdir_lib
+from sslrec import export, serving, train
+from sslrec.run import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

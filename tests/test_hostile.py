@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, assume, event, given, settings, strategies a
 from ml_collections import config_flags
 
 from configs import files as files_config
-from sslrec import checkpointing, cli, configuration, parallel, train
+from sslrec import cli, configuration, parallel, train
+from sslrec.run import checkpointing
 from sslrec.data import sources
 
 from tests.conftest import tiny_config

@@ -9,7 +9,11 @@ import jax
 import numpy as np
 import pytest
 
-from sslrec import cluster, parallel, train, workdir as workdir_lib
+from sslrec import parallel, train
+
+from sslrec.run import cluster
+
+from sslrec.run import workdir as workdir_lib
 
 from tests.conftest import tiny_config
 

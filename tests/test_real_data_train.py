@@ -6,7 +6,9 @@ import os
 import jax
 import numpy as np
 
-from sslrec import evaluate, parallel, train, workdir as workdir_lib
+from sslrec import evaluate, parallel, train
+
+from sslrec.run import workdir as workdir_lib
 from sslrec.data import sources, stats
 
 from tests.conftest import tiny_config

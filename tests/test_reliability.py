@@ -21,7 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sslrec import checkpointing, cli, reliability, train, workdir as workdir_lib
+from sslrec import cli, train
+
+from sslrec.run import checkpointing
+
+from sslrec.run import reliability
+
+from sslrec.run import workdir as workdir_lib
 from sslrec.data import sources
 
 from tests.conftest import tiny_config

@@ -124,7 +124,8 @@ def test_sparse_train_step_matches_dense_rowwise_reference():
 
 
 def test_sparse_training_learns(tmp_path):
-  from sslrec import train, workdir
+  from sslrec import train
+  from sslrec.run import workdir
   from tests.conftest import tiny_config
   config = tiny_config()
   config.optimizer.embedding_update = "sparse"

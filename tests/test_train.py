@@ -6,7 +6,9 @@ import os
 import numpy as np
 import pytest
 
-from sslrec import train, workdir as workdir_lib
+from sslrec import train
+
+from sslrec.run import workdir as workdir_lib
 
 
 def _metrics(wd):

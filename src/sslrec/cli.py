@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from sslrec import checkpointing, configuration, features, parallel, reliability, workdir
+from sslrec import configuration, features, parallel
 from sslrec.data import table
+from sslrec.run import checkpointing, reliability, workdir
 
 USER_ERRORS = (configuration.ConfigError, table.DataError, features.SchemaError,
                workdir.WorkdirError, parallel.DistributedError, checkpointing.CheckpointError)
@@ -105,3 +106,29 @@ def check_config_file(argv) -> str | None:
       if not os.path.isfile(path):
         return f"--config={path}: no such file (configs are in configs/, e.g. configs/base.py)"
   return None
+
+
+def parse_flags(argv, *, config_file: bool = False, set_aside: list | None = None):
+  """The absl ``flags_parser`` of every launcher: a bad flag is one ``error:`` line and exit 2.
+
+  ``config_file``: ``--config`` names an ml_collections config file (checked to exist first; an
+  unknown field or a wrong type names the flag). ``set_aside``: ``--config.KEY=VALUE`` arguments
+  are appended to this list instead of being parsed (the sweep passes them on to its runs).
+  """
+  from absl import flags
+  if set_aside is not None:
+    kept = [argv[0]]
+    for arg in argv[1:]:
+      (set_aside if arg.startswith(("--config.", "--noconfig.")) else kept).append(arg)
+    argv = kept
+  if config_file:
+    bad = check_config_file(argv)
+    if bad:
+      print(f"error: {bad}", file=sys.stderr, flush=True)
+      sys.exit(2)
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # noqa: BLE001 -- any parse failure is a user error here
+    message = flag_error_message(argv, e) if config_file else " ".join(str(e).split())
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)

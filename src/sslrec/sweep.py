@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import ml_collections
 
 from sslrec import configuration
-from sslrec import workdir as workdir_lib
+from sslrec.run import workdir as workdir_lib
 
 _SAFE = re.compile(r"[^A-Za-z0-9._=+-]")
 MAX_NAME_LEN = 120  # longer run names are cut and made unique by a hash suffix

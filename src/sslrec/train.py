@@ -397,7 +397,7 @@ class Run:
     """Restores checkpoint ``step`` (state and both streams' positions); returns its loop record
     (``{}`` for checkpoints without one). Raises ``checkpointing.CheckpointMismatch`` when the
     saved state does not have this run's structure and shapes."""
-    from sslrec import checkpointing
+    from sslrec.run import checkpointing
     has_loop = os.path.isdir(os.path.join(str(manager.directory), str(step), "loop"))
     restored = manager.restore(step, args=self.checkpoint_args(save=False, restore_loop=has_loop))
     want = jax.tree_util.tree_structure(self.state)
@@ -415,7 +415,7 @@ class Run:
 
 
 def checkpoint_manager(workdir: str, config):
-  from sslrec import checkpointing
+  from sslrec.run import checkpointing
   return checkpointing.manager(workdir, config)
 
 
@@ -481,7 +481,7 @@ def _handle_nonfinite(run: Run, bad, window: _Window, *, workdir: str, last_save
                       is_main: bool):
   """Stops the run on the first non-finite step (NonFiniteError), or, with
   ``train.skip_nonfinite``, counts and reports the skipped steps."""
-  from sslrec import reliability
+  from sslrec.run import reliability
   max_reports = 10  # skipped steps whose batch ids are written
   for step, scalars in bad:
     path = os.path.join(workdir, f"nonfinite_step_{step}.json")
@@ -509,7 +509,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   raises ``reliability.Stopped``. A non-finite loss or gradient raises
   ``reliability.NonFiniteError`` (or, with ``train.skip_nonfinite``, the step's update is skipped).
   """
-  from sslrec import configuration, reliability, workdir as workdir_lib
+  from sslrec import configuration
+  from sslrec.run import reliability
+  from sslrec.run import workdir as workdir_lib
 
   configuration.validate(config)
   # Checks only: config.json is written once the data has loaded (a run that fails on its data
@@ -526,8 +528,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 def _train(config, workdir: str, stop) -> dict[str, float]:
   import time
-  from sslrec import checkpointing, configuration, evaluate as evaluate_lib, reliability
-  from sslrec import workdir as workdir_lib
+  from sslrec import configuration, evaluate as evaluate_lib
+  from sslrec.run import checkpointing
+  from sslrec.run import reliability
+  from sslrec.run import workdir as workdir_lib
   is_main = jax.process_index() == 0
   t0 = time.time()
   run = Run(config)
