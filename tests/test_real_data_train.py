@@ -6,7 +6,7 @@ import os
 import jax
 import numpy as np
 
-from sslrec import evaluate, parallel, train
+from sslrec import evaluate, parallel, step, train
 
 from sslrec.run import workdir as workdir_lib
 from sslrec.data import sources, stats
@@ -17,8 +17,8 @@ from tests.test_movielens import ml_config
 
 def _model(config):
   dataset = sources.load(config)
-  model = train.create_model(config, dataset)
-  query, item = train.example_inputs(dataset)
+  model = step.create_model(config, dataset)
+  query, item = step.example_inputs(dataset)
   params = model.init(jax.random.key(0), query, item)
   mesh = parallel.make_mesh(config.mesh.shape, config.mesh.axes)
   freq = stats.item_frequencies(dataset.train_item, dataset.num_items)
@@ -134,6 +134,6 @@ def test_item_to_item_mode_trains_with_shared_tables():
   # Without sharing the query tower owns its tables.
   config.model.share_item_tables = False
   dataset = sources.load(config)
-  model = train.create_model(config, dataset)
-  query, item = train.example_inputs(dataset)
+  model = step.create_model(config, dataset)
+  query, item = step.example_inputs(dataset)
   assert "query_input" in model.init(jax.random.key(0), query, item)["params"]

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sslrec import cli, train
+from sslrec import cli, step, train
 
 from sslrec.run import checkpointing
 
@@ -247,7 +247,7 @@ def test_no_readable_checkpoint_is_a_clear_error_and_nothing_changes(reference, 
 def _poisoned_loss(monkeypatch, sums):
   """Makes the loss (and so every gradient) NaN on the steps whose pair batch's item ids sum to
   one of ``sums``."""
-  original = train.loss_fn
+  original = step.loss_fn
 
   def loss_fn(params, pairs, items, views, rows=None, **kw):
     total, metrics = original(params, pairs, items, views, rows, **kw)
@@ -255,7 +255,7 @@ def _poisoned_loss(monkeypatch, sums):
     total = total * jnp.where(poison, jnp.nan, 1.0)
     metrics["loss"] = total
     return total, metrics
-  monkeypatch.setattr(train, "loss_fn", loss_fn)
+  monkeypatch.setattr(step, "loss_fn", loss_fn)
 
 
 def _small_config(**train_fields):

@@ -91,16 +91,16 @@ def _sparse_run(**overrides):
 
 def test_sparse_train_step_matches_dense_rowwise_reference():
   import functools
-  from sslrec import parallel, train
+  from sslrec import parallel, step, train
   run, config = _sparse_run()
   pairs = parallel.to_global(next(run.pair_iter), run.mesh)
   items = parallel.to_global(next(run.item_iter), run.mesh)
   before = jax.device_get(run.state)
   # Reference: full gradient of every table row, then dense row-wise Adagrad on the whole table.
   rng = jax.random.fold_in(run.step_rng, 0)
-  views = train.make_views(rng, items, model=run.model, config=config,
+  views = step.make_views(rng, items, model=run.model, config=config,
                            mi=jnp.asarray(run.stats.mi, jnp.float32))
-  grad_fn = jax.jit(jax.grad(lambda p: train.loss_fn(p, pairs, items, views, model=run.model,
+  grad_fn = jax.jit(jax.grad(lambda p: step.loss_fn(p, pairs, items, views, model=run.model,
                                              config=config)[0]))
   full_grads = jax.device_get(grad_fn(before.params))
   new_state, metrics = run.step_fn(run.state, pairs, items, run.step_rng)

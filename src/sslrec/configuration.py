@@ -14,6 +14,10 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from sslrec import errors, sparse, step
+from sslrec.data import pipeline, sources
+from sslrec.model import augment
+
 # Fields that may change between a run and its continuation in the same workdir.
 RESUMABLE_FIELDS = frozenset({
     "train.num_steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
@@ -21,12 +25,15 @@ RESUMABLE_FIELDS = frozenset({
     "data.prefetch", "eval.exclude_train_items", "train.skip_nonfinite",
 })
 
-MASKINGS = ("cfm", "rfm", "none", "cfm_ids_random")
-ITEM_SAMPLINGS = ("uniform", "train")
-OPTIMIZERS = ("adagrad", "adam")
+# Choice fields whose allowed values are the registries of the modules that own them: a new
+# masking strategy, optimizer or data source is one function plus one registry line there.
+MASKINGS = tuple(augment.MASKS)
+ITEM_SAMPLINGS = tuple(pipeline.ITEM_POOLS)
+OPTIMIZERS = tuple(step.OPTIMIZERS)
+EMBEDDING_OPTIMIZERS = tuple(sparse.OPTIMIZERS)
+DATA_SOURCES = tuple(sources.SOURCES)
 SSL_SHARING = ("all", "all_but_last", "none")
 DTYPES = ("float32", "bfloat16")
-DATA_SOURCES = ("synthetic", "movielens", "files")
 SPLITS = ("global", "user")
 QUERY_MODES = ("user", "item")
 UNKNOWN_ITEMS = ("drop", "error")
@@ -35,8 +42,7 @@ UNKNOWN_ITEMS = ("drop", "error")
 INT_LIMIT = 2**31  # integers of the config stay below this magnitude (int32 on the device)
 
 
-class ConfigError(ValueError):
-  """An invalid config value; the message names the field and what is allowed."""
+ConfigError = errors.ConfigError  # raised by validate(); defined apart so owners can raise it
 
 
 def _get(config, path: str) -> Any:
@@ -129,9 +135,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
          "optimizer.warmup_steps", g("optimizer.warmup_steps"), "an integer >= 0")
   _check(g("optimizer.embedding_update") in ("dense", "sparse"), "optimizer.embedding_update",
          g("optimizer.embedding_update"), "one of ('dense', 'sparse')")
-  _check(g("optimizer.embedding_optimizer") in ("rowwise_adagrad", "lazy_adam"),
+  _check(g("optimizer.embedding_optimizer") in EMBEDDING_OPTIMIZERS,
          "optimizer.embedding_optimizer", g("optimizer.embedding_optimizer"),
-         "one of ('rowwise_adagrad', 'lazy_adam')")
+         f"one of {EMBEDDING_OPTIMIZERS}")
   _check(_is_num(g("optimizer.embedding_learning_rate")) and g("optimizer.embedding_learning_rate") > 0,
          "optimizer.embedding_learning_rate", g("optimizer.embedding_learning_rate"), "a number > 0")
   _check(_is_int(g("optimizer.sparse_min_rows")) and g("optimizer.sparse_min_rows") >= 0,

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from sslrec import configuration
+from sslrec import errors
 
 
 class DistributedError(RuntimeError):
@@ -98,11 +98,11 @@ def make_mesh(shape, axes, devices=None) -> Mesh:
   if -1 in shape:
     rest = math.prod(s for s in shape if s != -1)
     if n % rest:
-      raise configuration.ConfigError(
+      raise errors.ConfigError(
           f"config.mesh.shape={tuple(shape)} does not divide the {n} devices")
     shape[shape.index(-1)] = n // rest
   if math.prod(shape) != n:
-    raise configuration.ConfigError(
+    raise errors.ConfigError(
         f"config.mesh.shape={tuple(shape)} needs {math.prod(shape)} devices; {n} are available")
   return jax.make_mesh(tuple(shape), tuple(axes), axis_types=(AxisType.Auto,) * len(shape),
                        devices=devices)
@@ -137,7 +137,7 @@ def num_table_shards(mesh: Mesh) -> int:
 def check_table_rows(mesh: Mesh, row_multiple: int) -> None:
   shards = num_table_shards(mesh)
   if row_multiple % shards:
-    raise configuration.ConfigError(
+    raise errors.ConfigError(
         f"config.model.table_row_multiple={row_multiple} is not divisible by the {shards} "
         "embedding-table shards of this mesh; use a multiple of it")
 
@@ -194,7 +194,7 @@ def check_memory(abstract_state, mesh: Mesh, *, dense_update: bool, fraction: fl
     need *= local
     limit, where = _host_memory_bytes(), "this host's memory"
   if need > fraction * limit:
-    raise configuration.ConfigError(
+    raise errors.ConfigError(
         f"the embedding tables and optimizer state need {need / 2**30:.2f} GiB on {where} "
         f"({limit / 2**30:.2f} GiB, at most {fraction:.0%} usable); reduce vocabulary / hash "
         "sizes or embedding dims, use sparse updates, or shard over more devices")
@@ -203,11 +203,11 @@ def check_memory(abstract_state, mesh: Mesh, *, dense_update: bool, fraction: fl
 def local_batch_size(global_batch: int, mesh: Mesh, field: str) -> int:
   """The per-process share of a global batch; checks divisibility."""
   if global_batch % data_size(mesh):
-    raise configuration.ConfigError(
+    raise errors.ConfigError(
         f"config.{field}={global_batch} is not divisible by the mesh's 'data' axis "
         f"({data_size(mesh)} devices)")
   if global_batch % jax.process_count():
-    raise configuration.ConfigError(
+    raise errors.ConfigError(
         f"config.{field}={global_batch} is not divisible by the {jax.process_count()} processes")
   return global_batch // jax.process_count()
 

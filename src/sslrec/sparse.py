@@ -29,13 +29,17 @@ Optimizers (``optimizer.embedding_optimizer``):
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
+
+from sslrec import features as features_lib
+from sslrec.model import embeddings
 
 Array = jax.Array
-OPTIMIZERS = ("rowwise_adagrad", "lazy_adam")
+TableKey = tuple[str, str]  # (input scope, table param name), e.g. ("item_input", "genre_table")
 
 
 def dedupe(ids: Sequence[Array], num_rows: int) -> tuple[Array, list[Array]]:
@@ -116,12 +120,118 @@ class LazyAdam:
              "nu": state["nu"].at[uniq].set(nu, mode="drop")})
 
 
+# The row-wise optimizers by ``optimizer.embedding_optimizer`` name (configuration reads the
+# allowed names from here): a new one is a class with ``init`` / ``update`` plus one line.
+OPTIMIZERS = {"rowwise_adagrad": RowwiseAdagrad, "lazy_adam": LazyAdam}
+
+
 def make_optimizer(name: str, learning_rate: float, min_rows: int = 0):
-  if name == "rowwise_adagrad":
-    return RowwiseAdagrad(learning_rate, min_rows=min_rows)
-  if name == "lazy_adam":
-    return LazyAdam(learning_rate, min_rows=min_rows)
-  raise ValueError(f"embedding optimizer {name!r}; allowed: {OPTIMIZERS}")
+  if name not in OPTIMIZERS:
+    raise ValueError(f"embedding optimizer {name!r}; allowed: {tuple(OPTIMIZERS)}")
+  return OPTIMIZERS[name](learning_rate, min_rows=min_rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan of one step: which rows of which table every model call reads.
+
+
+def split_tables(params, min_rows: int = 0) -> tuple[dict, dict[TableKey, Array]]:
+  """``(dense, tables)``: params without the embedding tables of at least ``min_rows`` rows, and
+  those tables as ``{(scope, name): table}``. Smaller tables stay with the dense parameters (a
+  sparse update does not pay for a table a batch touches most of anyway)."""
+  flat = traverse_util.flatten_dict(params)
+  is_sparse = lambda k, v: k[-1].endswith("_table") and v.shape[0] >= min_rows  # noqa: E731
+  tables = {(k[-2], k[-1]): v for k, v in flat.items() if is_sparse(k, v)}
+  dense = traverse_util.unflatten_dict({k: v for k, v in flat.items() if not is_sparse(k, v)})
+  return dense, tables
+
+
+def merge_tables(dense, tables: Mapping[TableKey, Array]) -> dict:
+  """The inverse of ``split_tables``."""
+  flat = traverse_util.flatten_dict(dense)
+  for (scope, name), v in tables.items():
+    flat[("params", scope, name)] = v
+  return traverse_util.unflatten_dict(flat)
+
+
+@dataclasses.dataclass(frozen=True)
+class TowerCall:
+  """One model call of a step: the tower batch it embeds and the input scope whose tables it reads.
+
+  ``ids_from``: the call reads the same ids as another call, some dropped (-1): the SSL views of
+  the SSL item batch. Its positions are that call's, masked, instead of being deduplicated again.
+  ``name`` identifies the call in the plan (and in error messages).
+  """
+
+  name: str
+  batch: Mapping[str, Array]
+  scope: str
+  spec: features_lib.TowerSpec
+  ids_from: "TowerCall | None" = None
+
+
+class Plan:
+  """The sparse-update plan of one step, built inside the jitted step.
+
+  ``Plan(tables, calls)`` deduplicates, per table, the ids every call (except ``ids_from`` ones)
+  looks up (``uniq``) and each call's positions into them. Then:
+
+    rows = plan.gather(tables)                 # {(scope, table): [U, D]}, differentiate these
+    model.apply(..., ids=plan.lookup(rows, call))
+    tables, emb_state = plan.apply(opt, tables, emb_state, row_grads, step)
+  """
+
+  def __init__(self, tables: Mapping[TableKey, Array], calls: Sequence[TowerCall]):
+    raw = {c.name: embeddings.all_table_ids(c.spec, c.batch) for c in calls}
+    deduped = [c for c in calls if c.ids_from is None]
+    self.uniq: dict[TableKey, Array] = {}
+    self._local: dict[str, dict[str, Array]] = {c.name: {} for c in calls}
+    for (scope, tname), table in tables.items():
+      users = [c for c in deduped if c.scope == scope and tname in raw[c.name]]
+      if not users:
+        continue
+      uniq, locs = dedupe([raw[c.name][tname] for c in users], table.shape[0])
+      for c, loc in zip(users, locs):
+        self._local[c.name][tname] = loc
+      for c in calls:
+        if c.ids_from is not None and c.scope == scope and tname in raw[c.name]:
+          self._local[c.name][tname] = jnp.where(raw[c.name][tname] >= 0,
+                                                 self._local[c.ids_from.name][tname], -1)
+      self.uniq[(scope, tname)] = uniq
+
+  def gather(self, tables: Mapping[TableKey, Array]) -> dict[TableKey, Array]:
+    """The rows of every planned table the step reads: ``{(scope, table): [U, D]}``."""
+    return {key: gather_rows(tables[key], uniq) for key, uniq in self.uniq.items()}
+
+  def lookup(self, rows: Mapping[TableKey, Array], *calls: TowerCall) -> dict[str, Any]:
+    """The ``ids`` argument of the model for ``calls`` (several: their batches concatenated
+    along the batch axis, for one encoder pass): ``{table: (positions, rows [U, D])}``."""
+    scope = calls[0].scope
+    local = [self._local[c.name] for c in calls]
+    return {t: (loc if len(calls) == 1 else jnp.concatenate([l[t] for l in local], axis=0),
+                rows[(scope, t)])
+            for t, loc in local[0].items()}
+
+  def apply(self, opt, tables: Mapping[TableKey, Array], emb_state: Mapping[str, Any],
+            row_grads: Mapping[TableKey, Array], step: Array, scale: Array | float = 1.0
+            ) -> tuple[dict[TableKey, Array], dict[str, Any]]:
+    """The row-wise optimizer ``opt`` on the touched rows (gradients times ``scale``); returns
+    the new tables and their optimizer state (``{"<scope>/<table>": ...}``)."""
+    new_tables, new_state = dict(tables), dict(emb_state)
+    for key, uniq in self.uniq.items():
+      skey = state_key(key)
+      new_tables[key], new_state[skey] = opt.update(tables[key], emb_state[skey], uniq,
+                                                    row_grads[key] * scale, step)
+    return new_tables, new_state
+
+
+def state_key(key: TableKey) -> str:
+  """The key of a table's row-wise optimizer state in ``TrainState.emb_state``."""
+  return f"{key[0]}/{key[1]}"
+
+
+def init_state(opt, tables: Mapping[TableKey, Array]) -> dict[str, Any]:
+  return {state_key(key): opt.init(t) for key, t in tables.items()}
 
 
 def dense_rowwise_adagrad_reference(table, acc, grads_full, learning_rate, eps=1e-8):

@@ -32,13 +32,13 @@ import os
 
 import numpy as np
 
-from sslrec import configuration
+from sslrec import errors
 from sslrec.data import encode
 from sslrec.data import interactions
 from sslrec.data import table as table_lib
 
 DataError = table_lib.DataError
-ConfigError = configuration.ConfigError
+ConfigError = errors.ConfigError
 ENTRY_FIELDS = ("kind", "column", "buckets", "max_len", "separator", "second_hash")
 DEFAULT_MAX_LEN = 8  # values kept per row of a 'multi' / 'history' feature unless max_len is set
 DEFAULT_SEPARATOR = "|"  # separator of a 'multi' string column unless separator is set

@@ -122,13 +122,19 @@ def pair_stream(dataset: table_lib.Dataset, log_q: np.ndarray, *, batch_size: in
                  num_threads=num_threads, prefetch=prefetch)
 
 
+# The SSL item pools by ``ssl.item_sampling`` name: the catalogue ('uniform', the paper's D_item)
+# or D_train's item column ('train', the ablation that follows the power-law marginal).
+ITEM_POOLS = {
+    "uniform": lambda dataset: np.arange(dataset.num_items, dtype=np.int32),
+    "train": lambda dataset: dataset.train_item.astype(np.int32),
+}
+
+
 def item_pool(dataset: table_lib.Dataset, sampling: str) -> np.ndarray:
-  """The SSL item pool: the catalogue ('uniform') or D_train's item column ('train')."""
-  if sampling == "uniform":
-    return np.arange(dataset.num_items, dtype=np.int32)
-  if sampling == "train":
-    return dataset.train_item.astype(np.int32)
-  raise ValueError(f"item_sampling={sampling!r}; allowed: 'uniform', 'train'")
+  """The SSL item pool named ``sampling`` (``ITEM_POOLS``)."""
+  if sampling not in ITEM_POOLS:
+    raise ValueError(f"item_sampling={sampling!r}; allowed: {tuple(ITEM_POOLS)}")
+  return ITEM_POOLS[sampling](dataset)
 
 
 def item_stream(dataset: table_lib.Dataset, *, sampling: str, batch_size: int, seed: int,

@@ -7,8 +7,30 @@ import dataclasses
 import ml_collections
 import numpy as np
 
-from sslrec.data import synthetic
+from sslrec.data import files, movielens, synthetic
 from sslrec.data import table as table_lib
+
+
+def _synthetic(config: ml_collections.ConfigDict) -> table_lib.Dataset:
+  d = config.data
+  return synthetic.generate(
+      config.seed, num_items=d.num_items, num_queries=d.num_queries,
+      num_train_pairs=d.num_train_pairs, num_eval_pairs=d.num_eval_pairs,
+      popularity_exponent=d.popularity_exponent, feature_noise=d.feature_noise,
+      embed_dim=d.embed_dim)
+
+
+def _movielens(config: ml_collections.ConfigDict) -> table_lib.Dataset:
+  d = config.data
+  return movielens.load(
+      d.path, min_rating=d.min_rating, split=d.split, eval_fraction=d.eval_fraction,
+      history_length=d.history_length, query_mode=d.query_mode, unknown_items=d.unknown_items,
+      share_tables=config.model.share_item_tables, seed=config.seed, embed_dim=d.embed_dim)
+
+
+# The data sources by ``data.name`` (configuration reads the allowed names from here): a new
+# source is one ``fn(config) -> Dataset`` plus one line.
+SOURCES = {"synthetic": _synthetic, "movielens": _movielens, "files": files.load}
 
 
 def load(config: ml_collections.ConfigDict) -> table_lib.Dataset:
@@ -18,24 +40,9 @@ def load(config: ml_collections.ConfigDict) -> table_lib.Dataset:
   ``eval.exclude_train_items=False`` empties the pairs evaluation would exclude.
   """
   d = config.data
-  if d.name == "synthetic":
-    dataset = synthetic.generate(
-        config.seed, num_items=d.num_items, num_queries=d.num_queries,
-        num_train_pairs=d.num_train_pairs, num_eval_pairs=d.num_eval_pairs,
-        popularity_exponent=d.popularity_exponent, feature_noise=d.feature_noise,
-        embed_dim=d.embed_dim)
-  elif d.name == "movielens":
-    from sslrec.data import movielens
-    dataset = movielens.load(
-        d.path, min_rating=d.min_rating, split=d.split, eval_fraction=d.eval_fraction,
-        history_length=d.history_length, query_mode=d.query_mode, unknown_items=d.unknown_items,
-        share_tables=config.model.share_item_tables, seed=config.seed, embed_dim=d.embed_dim)
-  elif d.name == "files":
-    from sslrec.data import files
-    dataset = files.load(config)
-  else:
-    raise table_lib.DataError(
-        f"config.data.name={d.name!r}; allowed: 'synthetic', 'movielens', 'files'")
+  if d.name not in SOURCES:
+    raise table_lib.DataError(f"config.data.name={d.name!r}; allowed: {tuple(SOURCES)}")
+  dataset = SOURCES[d.name](config)
   if d.train_fraction < 1.0:
     dataset = subsample_train(dataset, d.train_fraction, config.seed)
   if not config.eval.exclude_train_items:

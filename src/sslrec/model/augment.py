@@ -26,7 +26,6 @@ import jax.numpy as jnp
 
 from sslrec import features as features_lib
 
-MASKINGS = ("cfm", "rfm", "none", "cfm_ids_random")
 
 
 def num_masked(k: int, fraction: float = 0.5) -> int:
@@ -261,18 +260,30 @@ def make_mask(
   Returns:
     ``bool [k]``.
   """
-  if masking == "cfm":
+  if masking not in MASKS:
+    raise ValueError(f"unknown masking {masking!r}; allowed: {tuple(MASKS)}")
+  fn, needs_mi = MASKS[masking]
+  if needs_mi:
     if mi is None:
-      raise ValueError("masking='cfm' needs the feature MI matrix (mi=None given)")
+      raise ValueError(f"masking={masking!r} needs the feature MI matrix (mi=None given)")
     if tuple(mi.shape) != (k, k):
-      raise ValueError(f"masking='cfm': mi has shape {tuple(mi.shape)}, expected ({k}, {k})")
-    return cfm_mask(rng, mi, fraction)
-  if masking == "cfm_ids_random":
-    if mi is None or tuple(mi.shape) != (k, k):
-      raise ValueError(f"masking='cfm_ids_random' needs a [{k}, {k}] MI matrix")
-    return cfm_ids_random_mask(rng, mi, fraction)
-  if masking == "rfm":
-    return rfm_mask(rng, k, fraction)
-  if masking == "none":
-    return jnp.zeros((k,), bool)
-  raise ValueError(f"unknown masking {masking!r}; allowed: {MASKINGS}")
+      raise ValueError(f"masking={masking!r}: mi has shape {tuple(mi.shape)}, expected ({k}, {k})")
+    return fn(rng, mi, fraction)
+  return fn(rng, k, fraction)
+
+
+def no_mask(rng: jax.Array, k: int, fraction: float = 0.5) -> jax.Array:
+  """'none': nothing masked; both views keep every feature and differ only by dropout."""
+  del rng, fraction
+  return jnp.zeros((k,), bool)
+
+
+# The masking strategies by ``ssl.masking`` name: (function, needs the MI matrix). A strategy
+# that reads MI is ``fn(rng, mi [k, k], fraction)``, one that does not ``fn(rng, k, fraction)``;
+# configuration reads the allowed names from here, so a new strategy is a function plus a line.
+MASKS = {
+    "cfm": (cfm_mask, True),
+    "rfm": (rfm_mask, False),
+    "none": (no_mask, False),
+    "cfm_ids_random": (cfm_ids_random_mask, True),
+}

@@ -1,0 +1,258 @@
+"""What is trained: the train state, its creation, and the pure, jit-compiled train step.
+
+    loss = L_main + alpha * L_self + reg.spread_out_weight * L_spread_out
+
+``train_step(state, pair_batch, item_batch, rng) -> (state, metrics)`` is a pure function,
+jit-compiled once with explicit shardings over the mesh (see ``compile_train_step``). The step's
+randomness (the CFM seed feature, RFM split, value dropout) is ``fold_in(rng, state.step)``, so a
+resumed run draws exactly what an uninterrupted run would. The loop around it is ``train.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from sslrec import losses, parallel, sparse
+from sslrec.data import table as table_lib
+from sslrec.model import augment, embeddings, towers
+
+Array = jax.Array
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+  """``params``: the model's parameters; ``opt_state``: the optax state of the parameters it
+  updates (all of them, or all but the embedding tables with sparse updates); ``emb_state``:
+  the row-wise optimizer state of each table (``{"<scope>/<table>": ...}``, sparse updates)."""
+
+  step: Array
+  params: PyTree
+  opt_state: PyTree
+  emb_state: PyTree = None
+
+
+def uses_item_stream(config: ml_collections.ConfigDict) -> bool:
+  """Whether the run draws the D_item stream: SSL or the spread-out regulariser is on."""
+  return config.ssl.alpha > 0 or config.reg.spread_out_weight > 0
+
+
+def create_model(config: ml_collections.ConfigDict, dataset) -> towers.TwoTower:
+  return towers.TwoTower(
+      query_spec=dataset.query_spec,
+      item_spec=dataset.item_spec,
+      query_hidden=tuple(config.model.query_hidden),
+      item_hidden=tuple(config.model.item_hidden),
+      output_dim=config.model.output_dim,
+      ssl_sharing=config.ssl.encoder_sharing,
+      dtype=jnp.dtype(config.model.dtype),
+      table_row_multiple=config.model.table_row_multiple,
+  )
+
+
+def learning_rate(config) -> optax.Schedule:
+  oc = config.optimizer
+  if oc.warmup_steps > 0:
+    return optax.warmup_constant_schedule(0.0, oc.learning_rate, oc.warmup_steps)
+  return optax.constant_schedule(oc.learning_rate)
+
+
+# The optax optimizers of the dense parameters by ``optimizer.name`` (configuration reads the
+# allowed names from here): a new one is one line.
+OPTIMIZERS: dict[str, Callable[[optax.Schedule], optax.GradientTransformation]] = {
+    "adagrad": lambda lr: optax.adagrad(lr, initial_accumulator_value=0.1),
+    "adam": optax.adam,
+}
+
+
+def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """The optax optimizer of the dense parameters (and of the tables with dense updates)."""
+  return OPTIMIZERS[config.optimizer.name](learning_rate(config))
+
+
+def create_embedding_optimizer(config: ml_collections.ConfigDict):
+  """The row-wise optimizer of the tables with sparse updates, or None with dense updates."""
+  oc = config.optimizer
+  if oc.embedding_update != "sparse":
+    return None
+  return sparse.make_optimizer(oc.embedding_optimizer, oc.embedding_learning_rate,
+                               min_rows=oc.sparse_min_rows)
+
+
+def example_inputs(dataset, n: int = 2):
+  """A tiny (query batch, item batch) from the dataset's first rows, for ``init``."""
+  rows = np.arange(n)
+  return table_lib.take(dataset.queries, rows), table_lib.take(dataset.items, rows)
+
+
+def create_train_state(rng: Array, model: towers.TwoTower, tx: optax.GradientTransformation,
+                       dataset, emb_opt=None) -> TrainState:
+  query, item = example_inputs(dataset)
+  params = model.init(rng, query, item)
+  if emb_opt is None:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  dense, tables = sparse.split_tables(params, emb_opt.min_rows)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(dense),
+                    emb_state=sparse.init_state(emb_opt, tables))
+
+
+@dataclasses.dataclass(frozen=True)
+class Views:
+  """The two augmented views of the SSL item batch (``augment.two_views``) and the mask drawn."""
+
+  v1: PyTree
+  m1: Array
+  v2: PyTree
+  m2: Array
+  mask: Array
+
+
+def make_views(rng, items, *, model, config, mi) -> Views:
+  """The two augmented views of the SSL item batch."""
+  mask_rng, view_rng = jax.random.split(rng)
+  k = model.item_spec.num_features
+  mask = augment.make_mask(mask_rng, config.ssl.masking, k, mi=mi,
+                           fraction=config.ssl.mask_fraction)
+  v1, m1, v2, m2 = augment.two_views(view_rng, items["item"], model.item_spec, mask,
+                                     config.ssl.dropout_rate)
+  return Views(v1, m1, v2, m2, mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCalls:
+  """Every model call of one step (``sparse.TowerCall``s); None where the config has none."""
+
+  query: sparse.TowerCall
+  item: sparse.TowerCall
+  ssl_items: sparse.TowerCall | None  # the D_item batch (spread-out; SSL: the views' ids)
+  view1: sparse.TowerCall | None
+  view2: sparse.TowerCall | None
+
+  def all(self) -> list[sparse.TowerCall]:
+    return [c for c in (self.query, self.item, self.ssl_items, self.view1, self.view2)
+            if c is not None]
+
+
+def step_calls(pairs, items, views: Views | None, model, config) -> StepCalls:
+  query_spec = model.item_spec if model.shares_item_tables else model.query_spec
+  item = functools.partial(sparse.TowerCall, scope="item_input", spec=model.item_spec)
+  ssl_items = item("ssl_items", items["item"]) if uses_item_stream(config) else None
+  return StepCalls(
+      query=sparse.TowerCall("query", pairs["query"], model.query_input_name, query_spec),
+      item=item("item", pairs["item"]),
+      ssl_items=ssl_items,
+      view1=None if views is None else item("view1", views.v1, ids_from=ssl_items),
+      view2=None if views is None else item("view2", views.v2, ids_from=ssl_items))
+
+
+def loss_fn(params, pairs, items, views: Views | None, rows=None, *, model: towers.TwoTower,
+            config, plan: sparse.Plan | None = None) -> tuple[Array, dict]:
+  """The joint loss of one step and its parts.
+
+  ``views``: ``make_views``'s output (SSL on) or None. Sparse updates: ``rows`` are the gathered
+  table rows of ``plan`` (the params then hold no such tables); dense updates: both None.
+  """
+  calls = step_calls(pairs, items, views, model, config)
+
+  def ids(*c):
+    return None if plan is None else plan.lookup(rows, *c)
+
+  q = model.apply(params, pairs["query"], ids=ids(calls.query), method=model.query_tower)
+  x = model.apply(params, pairs["item"], ids=ids(calls.item), method=model.item_tower)
+  main = losses.batch_softmax_loss(
+      q, x, temperature=config.loss.temperature,
+      log_q=pairs["log_q"] if config.loss.logq_correction else None,
+      item_ids=pairs["item_id"] if config.loss.remove_accidental_hits else None)
+  total = main
+  metrics = {"loss/main": main}
+  if config.ssl.alpha > 0:
+    # Both views in one encoder pass of 2N rows (per-row feature masks): half the dispatches.
+    n = jax.tree.leaves(views.v1)[0].shape[0]
+    both = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=0), views.v1, views.v2)
+    rows_mask = jnp.concatenate([jnp.broadcast_to(views.m1, (n,) + views.m1.shape),
+                                 jnp.broadcast_to(views.m2, (n,) + views.m2.shape)], axis=0)
+    z = model.apply(params, both, rows_mask, ids=ids(calls.view1, calls.view2),
+                    method=model.ssl_encoder)
+    ssl = losses.ssl_loss(z[:n], z[n:], temperature=config.ssl.temperature)
+    total = total + config.ssl.alpha * ssl
+    metrics["loss/ssl"] = ssl
+    metrics["ssl/masked_features"] = views.mask.sum().astype(jnp.float32)
+  if config.reg.spread_out_weight > 0:
+    e = model.apply(params, items["item"], ids=ids(calls.ssl_items), method=model.item_tower)
+    reg = losses.spread_out_loss(e)
+    total = total + config.reg.spread_out_weight * reg
+    metrics["loss/spread_out"] = reg
+  metrics["loss"] = total
+  return total, metrics
+
+
+def _clip(grads, max_norm: float):
+  norm = optax.tree.norm(grads)
+  if max_norm <= 0:
+    return grads, norm
+  scale = jnp.minimum(1.0, max_norm / (norm + 1e-12))
+  return jax.tree.map(lambda g: g * scale, grads), norm
+
+
+def train_step(state: TrainState, pairs, items, rng: Array, *, model, tx, config, mi,
+               emb_opt=None) -> tuple[TrainState, dict]:
+  """One optimisation step on a global pair batch and a global SSL item batch.
+
+  Dense updates: gradients of every parameter, one optax update. Sparse updates (``emb_opt``):
+  the rows the step's batches use are deduplicated and gathered (``sparse.Plan``), the loss is
+  differentiated with respect to those rows, and the row-wise optimizer writes them back; every
+  other parameter takes the optax update. With ``train.skip_nonfinite``, a step whose loss or
+  gradient norm is not finite leaves the parameters and optimizer state as they were (only
+  ``step`` advances).
+  """
+  step_rng = jax.random.fold_in(rng, state.step)
+  views = make_views(step_rng, items, model=model, config=config, mi=mi) \
+      if config.ssl.alpha > 0 else None
+  calls = step_calls(pairs, items, views, model, config)
+  oov = sum(embeddings.oov_count(c.spec, c.batch) for c in calls.all())
+  loss = functools.partial(loss_fn, model=model, config=config)
+  clip = config.optimizer.grad_clip_norm
+  if emb_opt is None:
+    (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params, pairs, items, views)
+    grads, metrics["grad_norm"] = _clip(grads, clip)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              opt_state=opt_state)
+  else:
+    dense, tables = sparse.split_tables(state.params, emb_opt.min_rows)
+    plan = sparse.Plan(tables, calls.all())
+    grad_fn = jax.value_and_grad(functools.partial(loss, plan=plan), argnums=(0, 4), has_aux=True)
+    (_, metrics), grads = grad_fn(dense, pairs, items, views, plan.gather(tables))
+    (dense_grads, row_grads), metrics["grad_norm"] = _clip(grads, clip)
+    updates, opt_state = tx.update(dense_grads, state.opt_state, dense)
+    warm = jnp.minimum(1.0, (state.step + 1) / max(config.optimizer.warmup_steps, 1))
+    tables, emb_state = plan.apply(emb_opt, tables, state.emb_state, row_grads, state.step, warm)
+    new_state = state.replace(step=state.step + 1,
+                              params=sparse.merge_tables(optax.apply_updates(dense, updates), tables),
+                              opt_state=opt_state, emb_state=emb_state)
+  metrics["data/oov_ids"] = oov.astype(jnp.float32)
+  if config.train.skip_nonfinite:  # a non-finite loss or gradient: keep params and optimizer state
+    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state,
+                             state.replace(step=new_state.step))
+  return new_state, metrics
+
+
+def compile_train_step(model, tx, config, mi: np.ndarray, mesh, state_sharding, emb_opt=None
+                       ) -> Callable[..., tuple[TrainState, dict]]:
+  """``train_step`` jit-compiled with explicit in/out shardings (state donated)."""
+  data = parallel.data_sharding(mesh)
+  rep = parallel.replicated(mesh)
+  step = functools.partial(train_step, model=model, tx=tx, config=config,
+                           mi=jnp.asarray(mi, jnp.float32), emb_opt=emb_opt)
+  return jax.jit(step, in_shardings=(state_sharding, data, data, rep),
+                 out_shardings=(state_sharding, rep), donate_argnums=(0,))
