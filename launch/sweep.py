@@ -4,7 +4,8 @@ Runs the cartesian product of ``--grid KEY=V1,V2,...`` overrides x ``--variants`
 (each run: ``launch/main.py`` in ``DIR/runs/NAME``), skips finished runs, resumes interrupted
 ones, then writes ``DIR/results.csv``, ``DIR/summary.csv``, ``DIR/results.md`` and plots.
 ``--config.KEY=VALUE`` flags apply to every run. ``--spec=configs/paper.py`` takes the variants,
-grid and seeds from the file's ``get_sweep()``. See ``src/sslrec/sweep.py`` and docs/results.md.
+grid and seeds from the file's ``get_sweep()``. See ``src/sslrec/experiments/`` (``plan``,
+``execute``, ``report``, ``plots``) and docs/results.md.
 """
 
 import functools
@@ -16,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from absl import app, flags  # noqa: E402
 from sslrec import cli  # noqa: E402
+from sslrec.experiments import execute  # noqa: E402
 
 _CONFIG = flags.DEFINE_string("config", None, "Config file (path or path:arg) of the sweep.")
 _VARIANTS = flags.DEFINE_list("variants", [], "Config files to compare (path or path:arg); "
@@ -37,9 +39,8 @@ def main(argv):
   if len(argv) > 1:
     print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
     sys.exit(2)
-  from sslrec import sweep
   command = " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
-  sys.exit(sweep.run_command(
+  sys.exit(execute.run_command(
       workdir=_WORKDIR.value, config=_CONFIG.value, variants=_VARIANTS.value, spec=_SPEC.value,
       grid=_GRID.value, seeds=_SEEDS.value, parallel=_PARALLEL.value, overrides=_overrides,
       main_script=_MAIN, command="python " + command, draw=_PLOTS.value,

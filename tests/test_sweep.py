@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from sslrec import sweep, sweep_report
+from sslrec.experiments import execute, plan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.train.num_steps=5", "--config.train.log_every=5", "--config.ssl.alpha=0",
@@ -145,22 +145,22 @@ def test_bad_input_one_line_before_any_run(tmp_path, args, expect):
 
 
 def test_run_names_are_readable_safe_and_order_free():
-  assert sweep.run_name("rfm", [("ssl.temperature", 0.05), ("ssl.alpha", 0.1)], 2) == \
+  assert plan.run_name("rfm", [("ssl.temperature", 0.05), ("ssl.alpha", 0.1)], 2) == \
       "rfm__ssl.alpha=0.1__ssl.temperature=0.05__seed=2"
-  odd = sweep.run_name("x", [("data.path", "/tmp/a b")], 0)
+  odd = plan.run_name("x", [("data.path", "/tmp/a b")], 0)
   assert odd.startswith("x__data.path=_tmp_a_b__seed=0-") and "/" not in odd
-  assert odd != sweep.run_name("x", [("data.path", "/tmp/a_b")], 0)
-  assert sweep.split_values("0,(64,32),'a,b'") == ["0", "(64,32)", "'a,b'"]
+  assert odd != plan.run_name("x", [("data.path", "/tmp/a_b")], 0)
+  assert plan.split_values("0,(64,32),'a,b'") == ["0", "(64,32)", "'a,b'"]
 
 
 def _fabricate(wd, seeds=2):
   """A planned sweep whose runs look finished, with known tail Recall@50 values."""
-  s = sweep.plan(variants=["configs/baseline.py", "configs/cfm.py"],
-                 grid=["ssl.alpha=0.1,1.0", "ssl.temperature=0.05,0.2",
-                       "data.train_fraction=1.0,0.1"], seeds=seeds,
-                 overrides=["--config.train.num_steps=7"])
+  s = plan.plan(variants=["configs/baseline.py", "configs/cfm.py"],
+                grid=["ssl.alpha=0.1,1.0", "ssl.temperature=0.05,0.2",
+                      "data.train_fraction=1.0,0.1"], seeds=seeds,
+                overrides=["--config.train.num_steps=7"])
   for i, run in enumerate(s.runs):
-    rd = sweep.run_dir(str(wd), run)
+    rd = plan.run_dir(str(wd), run)
     os.makedirs(rd)
     rec = {"step": 7}
     for k in (10, 50, 100):
@@ -173,7 +173,7 @@ def _fabricate(wd, seeds=2):
 
 def test_report_mean_and_std_over_seeds(tmp_path):
   s = _fabricate(tmp_path, seeds=3)
-  out = sweep_report.report(s, str(tmp_path), draw=False)
+  out = execute.write_results(s, str(tmp_path), draw=False)
   assert len(out["summary"]) == 16
   first = out["summary"][0]
   xs = [0.01 * (i % 7) + 0.05 for i in range(3)]  # the first point's three seeds
@@ -187,7 +187,7 @@ def test_report_mean_and_std_over_seeds(tmp_path):
 def test_plots(tmp_path):
   pytest.importorskip("matplotlib")
   s = _fabricate(tmp_path)
-  out = sweep_report.report(s, str(tmp_path))
+  out = execute.write_results(s, str(tmp_path))
   names = sorted(os.path.basename(p) for p in out["plots"])
   assert names == ["heatmap_alpha_tau.png", "recall_head_tail.png",
                    "recall_vs_train_fraction.png"]

@@ -1,4 +1,5 @@
-"""Benchmarks (``launch/bench.py``): train step, input pipeline, MI statistics, evaluation.
+"""Benchmarks (``launch/bench.py`` calls ``run_command``): train step, input pipeline, MI
+statistics, evaluation.
 
 Every figure is the median of several timed repetitions after compilation; ratios are taken within
 one run (this kind of machine is shared and noisy). Each train-step configuration runs in its own
@@ -22,9 +23,17 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Sequence
 
 import jax
 import numpy as np
+
+from sslrec import evaluate, train
+from sslrec.data import sources, stats, synthetic, table
+
+# src/sslrec/experiments/bench.py -> the repository root (launch/bench.py runs each train step).
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))))
 
 VARIANTS = {
     # name: config overrides
@@ -61,7 +70,6 @@ def peak_rss_bytes() -> int:
 def with_item_table_rows(dataset, rows: int, seed: int = 0):
   """The dataset with its ``item_id`` table grown to ``rows`` rows: the catalogue's ids are
   spread over ``[0, rows)`` by a seeded injective map (a large id space, as in production)."""
-  from sslrec import features
   spec = dataset.item_spec
   if rows < dataset.num_items:
     raise ValueError(f"table_rows={rows} < catalogue size {dataset.num_items}")
@@ -71,15 +79,12 @@ def with_item_table_rows(dataset, rows: int, seed: int = 0):
                                                       for x in spec.features))
   ids = np.random.default_rng(seed).choice(rows, size=dataset.num_items, replace=False)
   items = dict(dataset.items, item_id=ids.astype(np.int32))
-  del features
   return dataclasses.replace(dataset, item_spec=new_spec, items=items)
 
 
 def train_step_record(base_config, variant: str, update: str, table_rows: int, *, steps: int,
                       repeats: int) -> dict:
   """Examples/sec of the compiled train step alone (device-resident batches, cycled)."""
-  from sslrec import train
-  from sslrec.data import sources
   config = apply_overrides(base_config.copy_and_resolve_references(), VARIANTS[variant])
   config.optimizer.embedding_update = update
   config.data.num_items = min(config.data.num_items, 10_000)  # table_rows >= catalogue
@@ -112,8 +117,7 @@ def train_step_record(base_config, variant: str, update: str, table_rows: int, *
 def train_step_subprocess(config_path: str, variant: str, update: str, table_rows: int, *,
                           steps: int, repeats: int, embed_dim: int) -> dict:
   """``train_step_record`` in a fresh process (own peak RSS); an error becomes a record too."""
-  launch = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-      os.path.abspath(__file__)))), "launch", "bench.py")
+  launch = os.path.join(_REPO, "launch", "bench.py")
   spec = json.dumps({"variant": variant, "update": update, "table_rows": table_rows,
                      "steps": steps, "repeats": repeats})
   cmd = [sys.executable, launch, f"--config={config_path}", f"--one={spec}",
@@ -128,7 +132,6 @@ def train_step_subprocess(config_path: str, variant: str, update: str, table_row
 
 def input_pipeline_record(base_config, *, batches: int, repeats: int) -> dict:
   """Examples/sec (pairs) of both grain streams together, to host numpy batches."""
-  from sslrec import train
   run = train.Run(base_config.copy_and_resolve_references())
 
   def go():
@@ -145,7 +148,6 @@ def input_pipeline_record(base_config, *, batches: int, repeats: int) -> dict:
 
 def mi_stats_record(num_items: int, *, repeats: int, seed: int = 0) -> dict:
   """Seconds to compute the item-feature MI matrix over ``num_items`` generated items."""
-  from sslrec.data import stats, synthetic
   d = synthetic.generate(seed, num_items=num_items, num_queries=1000, num_train_pairs=1000,
                          num_eval_pairs=100)
   sec = _median_seconds(lambda: stats.mutual_information(d.items, d.item_spec), repeats)
@@ -155,8 +157,6 @@ def mi_stats_record(num_items: int, *, repeats: int, seed: int = 0) -> dict:
 def eval_record(base_config, *, num_items: int, num_queries: int, repeats: int) -> dict:
   """Queries/sec of full-corpus exact retrieval (query tower + sharded top-100) against
   ``num_items`` item embeddings."""
-  from sslrec import evaluate, train
-  from sslrec.data import table
   run = train.Run(base_config.copy_and_resolve_references())
   rng = np.random.default_rng(0)
   emb = rng.normal(size=(num_items, run.config.model.output_dim)).astype(np.float32)
@@ -207,3 +207,54 @@ def markdown(records: list[dict]) -> str:
     if r["benchmark"] == "eval":
       lines.append(f"evaluation against {r['items']:,} items: {r['queries_per_sec']:,.0f} queries/sec")
   return "\n".join(lines)
+
+
+def run_command(config, *, config_path: str, quick: bool = False,
+                variants: Sequence[str] | None = None, updates: Sequence[str] = ("dense", "sparse"),
+                table_rows: Sequence[str] | None = None, out_path: str | None = None,
+                one: str | None = None) -> list[dict]:
+  """The benchmark command (``launch/bench.py`` parses the flags and calls this).
+
+  Measures every train-step configuration (each in its own subprocess), the input pipeline, the
+  MI statistics and evaluation; prints each train-step record as a JSON line, then the markdown
+  table; writes all records as JSON to ``out_path`` if given, and returns them.
+
+  Args:
+    config: the base config (``--config``, overrides applied).
+    config_path: its file, passed on to the train-step subprocesses.
+    quick: a subset (about a minute or two).
+    variants: train-step variants (default by mode).
+    updates: embedding update paths.
+    table_rows: item-id table sizes, e.g. ``'1e6'`` (default by mode).
+    out_path: write the records as JSON here.
+    one: internal (a train-step subprocess): measure only this train-step config (JSON) and
+      print its record as one JSON line.
+  """
+  if one:  # one train-step measurement in this process (own peak RSS)
+    spec = json.loads(one)
+    record = train_step_record(config, spec["variant"], spec["update"], spec["table_rows"],
+                               steps=spec["steps"], repeats=spec["repeats"])
+    print(json.dumps(record), flush=True)
+    return [record]
+  variants = variants or (["baseline", "cfm"] if quick else ["baseline", "rfm", "cfm"])
+  rows = [int(float(r)) for r in (table_rows or (["1e4", "1e6"] if quick else
+                                                 ["1e4", "1e5", "1e6", "1e7"]))]
+  steps, repeats = (10, 3) if quick else (20, 5)
+  records = []
+  for n in rows:
+    for update in updates:
+      for v in variants:
+        r = train_step_subprocess(config_path, v, update, n, steps=steps, repeats=repeats,
+                                  embed_dim=64)
+        records.append(r)
+        print(json.dumps(r), flush=True)
+  records.append(input_pipeline_record(config, batches=50, repeats=repeats))
+  for n in ((10**5,) if quick else (10**5, 10**6)):
+    records.append(mi_stats_record(n, repeats=1 if quick else 3))
+  records.append(eval_record(config, num_items=10**6, num_queries=1024 if quick else 4096,
+                             repeats=repeats))
+  print(markdown(records))
+  if out_path:
+    with open(out_path, "w") as f:
+      json.dump(records, f, indent=1)
+  return records

@@ -1,15 +1,14 @@
-"""Sweeps: the cartesian product of config overrides x variants x seeds, one subprocess per run.
+"""Sweep planning: the cartesian product of config overrides x variants x seeds, as named runs.
 
     python launch/sweep.py --config=configs/base.py --workdir=DIR \
         --grid ssl.alpha=0,0.1,0.3,1.0 --grid ssl.temperature=0.05,0.1,0.2 --seeds=3
 
-Each run is ``python launch/main.py --config=VARIANT --workdir=DIR/runs/NAME --config.KEY=VALUE
-...`` with its output in ``DIR/runs/NAME/log.txt``; NAME is built from the run's variant, grid
-values and seed (readable, filesystem-safe, the same on every invocation). Every run's config is
-built and validated in this process before anything is launched, so a bad grid key or value stops
-the sweep with one line. A run whose ``eval.jsonl`` holds its final step is skipped; an interrupted
-one is relaunched and resumes from its checkpoints. A failed run does not stop the others; the
-report (``sweep_report``) lists it with the last lines of its log.
+``plan`` parses the grid (or a spec file's ``get_sweep()``) and builds and validates every run's
+config in this process before anything is launched, so a bad grid key or value stops the sweep
+with one line (``SweepError``). Each run gets a NAME built from its variant, grid values and seed
+(readable, filesystem-safe, the same on every invocation) and lives in ``DIR/runs/NAME``
+(``run_dir``); ``final_eval`` tells whether it finished. Running the plan is ``execute``'s job,
+its tables ``report``'s and its figures ``plots``'.
 """
 
 from __future__ import annotations
@@ -20,16 +19,12 @@ import hashlib
 import itertools
 import os
 import re
-import shlex
-import signal
-import subprocess
-import sys
-import threading
-import time
 import warnings
 from typing import Any, Sequence
 
 import ml_collections
+from absl import flags as absl_flags
+from ml_collections.config_flags import config_flags
 
 from sslrec import configuration
 from sslrec.run import workdir as workdir_lib
@@ -161,7 +156,6 @@ def load_spec(path: str) -> dict:
   spec file's own ``get_config``."""
   if not os.path.isfile(path):
     raise SweepError(f"--spec={path}: no such file (e.g. configs/paper.py)")
-  from ml_collections.config_flags import config_flags
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     module = config_flags._LoadConfigModule("sweep_spec", path)  # pylint: disable=protected-access
@@ -202,8 +196,6 @@ def build_config(variant_path: str, flags: Sequence[str]) -> ml_collections.Conf
   Uses the same ml_collections flag parsing (types come from the config's fields). Raises
   SweepError with one line on an unparsable value.
   """
-  from absl import flags as absl_flags
-  from ml_collections.config_flags import config_flags
   argv = ["sweep", f"--config={variant_path}", *flags]
   fv = absl_flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv,
@@ -324,26 +316,7 @@ def plan(*, variants: Sequence[str], grid: Sequence[str] = (), seeds: int = 1,
 
 
 # ----------------------------------------------------------------------------------------------
-# Running.
-
-
-def _raise_interrupt(signum, frame):
-  del signum, frame
-  raise KeyboardInterrupt
-
-
-def _set_aside_stale_config(rd: str) -> str | None:
-  """An earlier attempt that failed before its first checkpoint left only its config.json;
-  that file would make main.py refuse the run if the config schema moved on since. With
-  nothing to resume, it is renamed (kept) so the run starts fresh. Returns the new name."""
-  path = os.path.join(rd, "config.json")
-  ckpt = os.path.join(rd, "checkpoints")
-  has_ckpt = os.path.isdir(ckpt) and any(e.isdigit() for e in os.listdir(ckpt))
-  if not os.path.exists(path) or has_ckpt:
-    return None
-  new = f"config.{int(time.time())}.json"
-  os.replace(path, os.path.join(rd, new))
-  return new
+# Where a planned run lives, and whether it finished (read by execute and report).
 
 
 def run_dir(workdir: str, run: RunSpec) -> str:
@@ -369,166 +342,3 @@ def log_tail(path: str, lines: int = 5) -> str:
     return ""
   kept = [ln.rstrip() for ln in text.splitlines() if ln.strip()]
   return "\n".join(kept[-lines:])
-
-
-def _fmt_time(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
-def _last_step_line(path: str) -> str:
-  tail = log_tail(path, 20).splitlines()
-  steps = [ln for ln in tail if ln.startswith("step ")]
-  return steps[-1].split(" | ")[0] if steps else "starting"
-
-
-def execute(sweep: Sweep, workdir: str, *, main_script: str, parallel: int = 1,
-            python: str = sys.executable, env: dict | None = None, status_every: float = 60.0,
-            out=sys.stdout) -> dict[str, dict]:
-  """Runs every unfinished run of ``sweep`` (``parallel`` at a time); returns the outcome of
-  each run by name: ``{'status': 'done' | 'skipped' | 'failed', 'returncode', 'seconds'}``.
-
-  Prints a progress line on every start, finish and failure, and a status line of the running
-  runs every ``status_every`` seconds.
-  """
-  def say(msg):
-    try:
-      print(msg, file=out, flush=True)
-    except (BrokenPipeError, ValueError):  # a closed pipe must not orphan the runs
-      pass
-
-  outcomes: dict[str, dict] = {}
-  todo = []
-  for run in sweep.runs:
-    if final_eval(workdir, run) is not None:
-      outcomes[run.name] = {"status": "skipped", "returncode": 0, "seconds": 0.0}
-    else:
-      todo.append(run)
-  total = len(sweep.runs)
-  say(f"sweep: {total} runs in {workdir}/runs ({total - len(todo)} already finished, "
-      f"{len(todo)} to run, {parallel} at a time)")
-  running: dict[str, tuple[subprocess.Popen, RunSpec, float, Any]] = {}
-  failed = 0
-  t0 = time.time()
-  last_status = time.time()
-
-  def progress() -> str:
-    done = sum(o["status"] != "failed" for o in outcomes.values())
-    return (f"{done}/{total} done, {len(running)} running, "
-            f"{total - len(outcomes) - len(running)} left, {failed} failed, "
-            f"{_fmt_time(time.time() - t0)}")
-
-  queue = list(todo)
-  previous = signal.getsignal(signal.SIGTERM)
-  if threading.current_thread() is threading.main_thread():
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-  try:
-    while queue or running:
-      while queue and len(running) < max(parallel, 1):
-        run = queue.pop(0)
-        rd = run_dir(workdir, run)
-        os.makedirs(rd, exist_ok=True)
-        cmd = [python, main_script, f"--config={run.variant.path}", f"--workdir={rd}",
-               *run.flags]
-        log = open(os.path.join(rd, "log.txt"), "a")
-        stale = _set_aside_stale_config(rd)
-        if stale:
-          log.write(f"(no checkpoint to resume: the earlier attempt's config is now {stale})\n")
-        log.write("$ " + shlex.join(cmd) + "\n")
-        log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                stdin=subprocess.DEVNULL)
-        running[run.name] = (proc, run, time.time(), log)
-        say(f"start  {run.name} | {progress()}")
-      time.sleep(0.2)
-      for name, (proc, run, started, log) in list(running.items()):
-        rc = proc.poll()
-        if rc is None:
-          continue
-        log.close()
-        del running[name]
-        seconds = time.time() - started
-        ok = rc == 0 and final_eval(workdir, run) is not None
-        outcomes[name] = {"status": "done" if ok else "failed", "returncode": rc,
-                          "seconds": seconds}
-        if ok:
-          say(f"done   {name} ({_fmt_time(seconds)}) | {progress()}")
-        else:
-          failed += 1
-          last = log_tail(os.path.join(run_dir(workdir, run), "log.txt"), 1)
-          if rc == 0:
-            last = f"no evaluation at step {run.num_steps} in eval.jsonl"
-          say(f"FAILED {name} (exit {rc}): {last} | {progress()}")
-      if running and time.time() - last_status >= status_every:
-        last_status = time.time()
-        for name, (_, run, started, _) in running.items():
-          line = _last_step_line(os.path.join(run_dir(workdir, run), "log.txt"))
-          say(f"  ...  {name}: {line} ({_fmt_time(time.time() - started)})")
-  except KeyboardInterrupt:
-    for name, (proc, _, _, log) in running.items():
-      proc.terminate()
-      try:
-        proc.wait(timeout=30)
-      except subprocess.TimeoutExpired:
-        proc.kill()
-      log.close()
-    say(f"interrupted; {len(running)} running runs stopped (re-run the same command to resume)")
-    raise
-  finally:
-    if threading.current_thread() is threading.main_thread():
-      signal.signal(signal.SIGTERM, previous)
-  say(f"sweep finished: {progress()}")
-  return outcomes
-
-
-# ----------------------------------------------------------------------------------------------
-# The command (launch/sweep.py parses the flags and calls this).
-
-
-def run_command(*, workdir: str, config: str | None = None, variants: Sequence[str] = (),
-                spec: str | None = None, grid: Sequence[str] = (), seeds: int | None = None,
-                parallel: int = 1, overrides: Sequence[str] = (), main_script: str,
-                command: str = "", draw: bool = True, reference: str | None = None,
-                out=sys.stdout, err=sys.stderr) -> int:
-  """Plans (validating everything), runs and reports a sweep; returns the exit code: 0 when
-  every run finished, 1 when some failed, 2 on bad input (one ``error:`` line, nothing run)."""
-  from sslrec import sweep_report
-  try:
-    if not workdir:
-      raise SweepError("--workdir is required")
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-      raise SweepError(f"--workdir={workdir} exists and is not a directory")
-    if not isinstance(parallel, int) or parallel < 1:
-      raise SweepError(f"--parallel={parallel}: must be an integer >= 1")
-    spec_args = load_spec(spec) if spec else {"variants": [], "grid": [], "seeds": 1}
-    if config and not os.path.isfile(config.split(":", 1)[0]):
-      raise SweepError(f"--config={config}: no such file (configs are in configs/, e.g. "
-                       "configs/base.py)")
-    chosen = ([config] if config else []) + [v for v in variants if v != config]
-    chosen = chosen or spec_args["variants"]
-    grid_keys = {g.partition("=")[0].strip() for g in grid}
-    merged_grid = [g for g in spec_args["grid"] if g.partition("=")[0] not in grid_keys]
-    sweep = plan(variants=chosen, grid=[*merged_grid, *grid],
-                 seeds=spec_args["seeds"] if seeds is None else seeds, overrides=overrides)
-    labels = [v.label for v in sweep.variants]
-    if reference is not None and reference not in labels:
-      raise SweepError(f"--reference={reference}: not a variant of this sweep; one of {labels}")
-  except SweepError as e:
-    print(f"error: {e}", file=err, flush=True)
-    return 2
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "sweep_command.txt"), "a") as f:
-    f.write(command + "\n")
-  env = dict(os.environ)
-  try:
-    outcomes = execute(sweep, workdir, main_script=main_script, parallel=parallel, env=env,
-                       out=out)
-  except KeyboardInterrupt:
-    sweep_report.report(sweep, workdir, None, command=command, draw=draw, reference=reference,
-                        out=out)
-    return 130
-  sweep_report.report(sweep, workdir, outcomes, command=command, draw=draw, reference=reference,
-                      out=out)
-  return 1 if any(o["status"] == "failed" for o in outcomes.values()) else 0
