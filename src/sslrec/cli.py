@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import re
+import shlex
 import sys
 
-from sslrec import configuration, features, parallel
+import jax
+from absl import flags
+
+from sslrec import configuration, features, parallel, train
 from sslrec.data import table
 from sslrec.run import checkpointing, reliability, workdir
 
@@ -18,8 +24,6 @@ def _one_line(text: str) -> str:
 
 def resume_command() -> str:
   """This process's command line, to re-run for a resume."""
-  import os
-  import shlex
   exe = "python" if os.path.basename(sys.executable).startswith("python") else sys.executable
   return shlex.join([exe, *sys.argv])
 
@@ -31,7 +35,6 @@ def run_main(config, workdir_path: str, *, allow_config_change: bool = False,
   checkpoint (one line says how to resume), 1 when a step was not finite, 2 for user errors
   (bad config, data, workdir or checkpoints), 130 when interrupted before a checkpoint could be
   saved. Each failure is one ``error:`` line on stderr."""
-  from sslrec import train
   try:
     configuration.validate(config)  # before waiting on other processes
     if distributed:
@@ -48,7 +51,6 @@ def run_main(config, workdir_path: str, *, allow_config_change: bool = False,
     print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
     return 1
   except reliability.Stopped as e:
-    import jax
     if jax.process_index() == 0:
       print(f"stopped at step {e.step} on {e.signal_name}; checkpoint saved in {e.checkpoint}. "
             f"To resume, run the same command again: {resume_command()}", flush=True)
@@ -62,7 +64,6 @@ def run_main(config, workdir_path: str, *, allow_config_change: bool = False,
 
 def flag_error_message(argv, exc: BaseException) -> str:
   """One line for a command-line parsing failure, naming the offending flag."""
-  import re
   texts = []
   e = exc
   while e is not None:
@@ -94,7 +95,6 @@ def flag_error_message(argv, exc: BaseException) -> str:
 
 def check_config_file(argv) -> str | None:
   """An error line when ``--config=PATH`` names a file that does not exist."""
-  import os
   for i, arg in enumerate(argv[1:], start=1):
     path = None
     if arg.startswith("--config="):
@@ -115,7 +115,6 @@ def parse_flags(argv, *, config_file: bool = False, set_aside: list | None = Non
   unknown field or a wrong type names the flag). ``set_aside``: ``--config.KEY=VALUE`` arguments
   are appended to this list instead of being parsed (the sweep passes them on to its runs).
   """
-  from absl import flags
   if set_aside is not None:
     kept = [argv[0]]
     for arg in argv[1:]:

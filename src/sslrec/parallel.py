@@ -18,6 +18,9 @@ quadratic in the global batch, linear in the number of devices saved.
 from __future__ import annotations
 
 import math
+import os
+import socket
+import time
 
 import jax
 import jax.numpy as jnp
@@ -75,8 +78,6 @@ def _wait_for_coordinator(address: str, timeout_s: int) -> None:
   XLA's client aborts the whole process (no Python exception) when it cannot connect, so an
   unreachable coordinator is detected here first and reported as a DistributedError.
   """
-  import socket
-  import time
   host, port = address.rsplit(":", 1)
   deadline = time.monotonic() + timeout_s
   while True:
@@ -161,7 +162,6 @@ def state_shardings(state, mesh: Mesh):
 
 
 def _host_memory_bytes() -> int:
-  import os
   return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 

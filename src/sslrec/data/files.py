@@ -160,7 +160,7 @@ def _read_csv(path: str, wanted: dict[str, str], separator: str) -> dict[str, Co
 
 
 def _read_parquet(path: str, wanted: dict[str, str]) -> dict[str, Column]:
-  try:
+  try:  # pyarrow is an optional extra ('sslrec[files]'): imported only when a Parquet is read
     import pyarrow as pa
     import pyarrow.parquet as pq
   except ImportError:

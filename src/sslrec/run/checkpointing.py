@@ -17,6 +17,7 @@ a run never starts from scratch silently when checkpoints exist.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import threading
@@ -25,6 +26,9 @@ import zlib
 from typing import Callable
 
 import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 SEAL = "SEAL"  # per-checkpoint file: {relative path: [size, crc32]}
 TMP_MARK = ".orbax-checkpoint-tmp"
@@ -45,7 +49,6 @@ def directory(workdir: str) -> str:
 
 
 def manager(workdir: str, config):
-  import orbax.checkpoint as ocp
   return ocp.CheckpointManager(
       directory(workdir),
       options=ocp.CheckpointManagerOptions(max_to_keep=config.train.max_checkpoints, create=True))
@@ -225,13 +228,10 @@ def _quarantine(workdir: str, steps: list[int], log) -> None:
       shutil.move(os.path.join(ckpt_dir, str(step)), dest)
       log(f"moved the bad checkpoint {step} to {dest}")
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("sslrec_checkpoint_quarantine")
 
 
 def estimate_bytes(abstract_tree) -> int:
   """Bytes of a checkpoint of ``abstract_tree`` (its arrays, uncompressed)."""
-  import math
-  import numpy as np
   return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
              for x in jax.tree.leaves(abstract_tree) if hasattr(x, "shape"))

@@ -25,6 +25,7 @@ import threading
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 KILL_ENV = "SSLREC_TEST_KILL_AT_STEP"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -72,7 +73,6 @@ class StopRequest:
     """Sets up the agreement across processes (a no-op with one process)."""
     self._multi = jax.process_count() > 1
     if self._multi:
-      from jax.sharding import NamedSharding, PartitionSpec as P
       sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))  # one flag per device
       self._flags = [jax.make_array_from_callback(
           (mesh.size,), sharding, lambda _, v=v: np.full((1,), v, np.int32)) for v in (0, 1)]

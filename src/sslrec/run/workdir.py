@@ -159,7 +159,7 @@ class MetricsWriter:
     self.workdir = workdir
     if enabled:
       os.makedirs(workdir, exist_ok=True)
-      try:
+      try:  # imported lazily on purpose: only the writing process pays for it
         from tensorboardX import SummaryWriter
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge_step)
       except ImportError:  # optional at import time; a dependency of the package
