@@ -7,7 +7,7 @@
    (``--spread=1``: a vector's cosine to its centre is ~0.7). Queries are drawn the same way.
 2. Exact top-``--k`` (``sslrec.serving.exact_search``: JAX matmul + top_k) is the ground truth;
    its queries/sec at batch 256 and batch 1.
-3. Each installed ann backend (``sslrec.ann``): build time, then Recall@k against exact and
+3. Each installed ann backend (``sslrec.serving.ann``): build time, then Recall@k against exact and
    queries/sec (all queries in one call, and one query per call) for a sweep of its search-time
    knob (ScaNN ``leaves_to_search``, faiss ``nprobe``); the default setting is marked.
 4. With ``--export``: the exported query tower's latency at batch 1 and batch 256 (median of
@@ -39,8 +39,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 50, "Timed calls per latency figure."
 _SEED = flags.DEFINE_integer("seed", 0, "Data seed.")
 _OUT = flags.DEFINE_string("out", None, "Write the figures as JSON here.")
 
-SWEEPS = {"scann": ("leaves_to_search", (5, 10, 20, 40, 80)),
-          "faiss": ("nprobe", (5, 10, 20, 40, 80))}
+SWEEP = (5, 10, 20, 40, 80)  # values of each backend's search-time knob (index.knob)
 
 
 def clustered(n, centres, spread, rng, chunk=100_000):
@@ -85,7 +84,8 @@ def recall(found, truth):
 def bench_search(results):
   import jax
   import numpy as np
-  from sslrec import ann, serving
+  from sslrec import serving
+  from sslrec.serving import ann
   rng = np.random.default_rng(_SEED.value)
   d = _DIM.value
   centres = rng.standard_normal((_CLUSTERS.value, d), dtype=np.float32)
@@ -116,11 +116,11 @@ def bench_search(results):
     t = time.perf_counter()
     index = ann.build(items, backend)
     build_s = time.perf_counter() - t
-    knob, values = SWEEPS[backend]
+    knob = index.knob
     default = getattr(index, knob)
     rows = []
-    print(f"{backend}: built in {build_s:.1f}s ({_describe(index)})", flush=True)
-    for v in sorted(set(values) | {default}):
+    print(f"{backend}: built in {build_s:.1f}s ({index.describe()})", flush=True)
+    for v in sorted(set(SWEEP) | {default}):
       setattr(index, knob, v)
       index.search(queries[:64], k)  # warm
       t = time.perf_counter()
@@ -151,16 +151,10 @@ def bench_search(results):
     print(f"  calibrated for 0.95 on catalogue samples in {cal_s:.1f}s: {knob}={value} "
           f"(sample recall {cal_recall:.4f}) -> recall@{k} {r:.4f} on the queries, "
           f"{qps:,.0f} queries/s batched ({qps / exact_qps:.0f}x exact)", flush=True)
-    results[backend] = {"build_s": build_s, "params": _describe(index), "sweep": rows,
+    results[backend] = {"build_s": build_s, "params": index.describe(), "sweep": rows,
                         "calibrated": calibrated}
     del index
   del items_dev
-
-
-def _describe(index) -> str:
-  if index.backend == "scann":
-    return f"num_leaves={index.num_leaves}, AH 2 dims/block, reorder={index.reorder}"
-  return f"IVFFlat nlist={index.nlist}"
 
 
 def bench_tower(results):

@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 from absl import app, flags, logging  # noqa: E402
 from sslrec import cli  # noqa: E402
+from sslrec.serving import ann  # noqa: E402
 
 _EXPORT = flags.DEFINE_string("export", None, "Export directory written by launch/export.py.")
 _QUERY = flags.DEFINE_string("query", None, "Raw query features: 'name=value,name=v1|v2|v3'.")
@@ -24,7 +25,7 @@ _K = flags.DEFINE_integer("k", 10, "Number of items to return.")
 _METHOD = flags.DEFINE_enum("method", "exact", ["exact", "ann"],
                             "exact (JAX, every item scored) or ann (approximate index, needs "
                             "the 'ann' extra).")
-_BACKEND = flags.DEFINE_enum("backend", "auto", ["auto", "scann", "faiss"], "ann backend.")
+_BACKEND = flags.DEFINE_enum("backend", "auto", ["auto", *ann.BACKENDS], "ann backend.")
 _NO_VERIFY = flags.DEFINE_bool("no_verify", False, "Skip the sha256 check of the export's files.")
 flags.mark_flag_as_required("export")
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from sslrec import export, serving, train
+from sslrec import export, serving, step
 from sslrec.data import sources, synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,9 +22,9 @@ def exported(tmp_path_factory):
   """An export of a tiny model (2000 items) with random weights, without a training run."""
   config = tiny_config()
   dataset = sources.load(config)
-  model = train.create_model(config, dataset)
+  model = step.create_model(config, dataset)
   rng = np.random.default_rng(0)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), *train.example_inputs(dataset))
+  shapes = jax.eval_shape(model.init, jax.random.key(0), *step.example_inputs(dataset))
   params = jax.tree.map(lambda a: (0.2 * rng.standard_normal(a.shape)).astype(a.dtype), shapes)
   out = str(tmp_path_factory.mktemp("serving") / "export")
   export.write_export(out, model=model, params=params, dataset=dataset, config=config, step=0,
@@ -188,7 +188,7 @@ def test_corrupt_tower_with_matching_checksum_is_refused(exported, tmp_path):
 
 
 def test_missing_ann_extra_is_one_clear_error(retriever, monkeypatch):
-  from sslrec import ann
+  from sslrec.serving import ann
 
   def unavailable(backend):
     raise ann.AnnUnavailable(f"approximate search with {backend!r} needs ... pip install "
@@ -222,7 +222,7 @@ def test_approximate_search_agrees_with_exact(retriever, backend, params):
 @pytest.mark.parametrize("backend", ["scann", "faiss"])
 def test_ann_index_is_calibrated_to_a_target_recall(retriever, backend):
   pytest.importorskip(backend)
-  from sslrec import ann
+  from sslrec.serving import ann
   partitions = {"scann": "num_leaves", "faiss": "nlist"}[backend]
   index = retriever.build_ann_index(backend, target_recall=0.97, **{partitions: 64})
   cal = index.calibration

@@ -34,10 +34,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 
 from sslrec import serving
+from sslrec import step as step_lib
 from sslrec.data import sources
 from sslrec.data import table as table_lib
+from sslrec.run import checkpointing
 
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")  # the query tower is lowered for each of these
 EMBED_BATCH = 4096  # catalogue rows embedded per item-tower call
@@ -55,22 +58,31 @@ class ExportError(ValueError):
 # Reading the run.
 
 
+def open_checkpoints(workdir: str) -> ocp.CheckpointManager:
+  """A read-only orbax manager of the run's checkpoints (a context manager: close it)."""
+  return ocp.CheckpointManager(
+      checkpointing.directory(workdir),
+      options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+
+
 def load_config(workdir: str, step: int, defaults: ml_collections.ConfigDict | None = None
                 ) -> ml_collections.ConfigDict:
-  """The config the checkpoint at ``step`` was saved with (else ``config.json``).
+  """The config the checkpoint at ``step`` was saved with (its ``config`` item, else the run's
+  ``config.json``).
 
   Fields missing from the saved config (a run from an older version) take ``defaults``' values.
   """
-  saved = None
-  ckpt_config = os.path.join(workdir, "checkpoints", str(step), "config", "metadata")
-  for path in (ckpt_config, os.path.join(workdir, "config.json")):
-    if os.path.isfile(path):
-      try:
-        with open(path) as f:
-          saved = json.load(f)
-        break
-      except (OSError, ValueError):
-        continue
+  try:
+    with open_checkpoints(workdir) as manager:
+      restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    saved = restored["config"]
+  except Exception:  # noqa: BLE001 -- no such checkpoint or item, unreadable JSON: use config.json
+    saved = None
+    try:
+      with open(os.path.join(workdir, "config.json")) as f:
+        saved = json.load(f)
+    except (OSError, ValueError):
+      pass
   if not isinstance(saved, dict):
     raise ExportError(f"{workdir}: no readable config.json")
   if defaults is None:
@@ -90,15 +102,16 @@ def _merge(config: ml_collections.ConfigDict, saved: dict):
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
-  """Steps with a committed checkpoint, ascending."""
-  root = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(root):
-    return []
-  steps = []
-  for name in os.listdir(root):
-    if name.isdigit() and os.path.isdir(os.path.join(root, name, "state")):
-      steps.append(int(name))
-  return sorted(steps)
+  """Steps with a committed checkpoint that holds a train state, ascending."""
+  with open_checkpoints(workdir) as manager:
+    return [step for step in manager.all_steps() if _has_state(manager, step)]
+
+
+def _has_state(manager: ocp.CheckpointManager, step: int) -> bool:
+  try:
+    return "state" in manager.metadata(step).item_metadata
+  except Exception:  # noqa: BLE001 -- unreadable metadata: restore_params will say what is wrong
+    return True
 
 
 def restore_params(workdir: str, step: int, model, dataset):
@@ -108,14 +121,10 @@ def restore_params(workdir: str, step: int, model, dataset):
   the optimizer state nor the input streams), whatever the shardings it was saved with, and checks
   every leaf against the parameters ``model`` has (``model.init``'s shapes and dtypes).
   """
-  import orbax.checkpoint as ocp
-  from sslrec import train
-  want = jax.eval_shape(model.init, jax.random.key(0), *train.example_inputs(dataset))
+  want = jax.eval_shape(model.init, jax.random.key(0), *step_lib.example_inputs(dataset))
   item = {"params": jax.tree.map(lambda a: np.zeros((), a.dtype), want)}
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-  manager = ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), "checkpoints"),
-      options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+  manager = open_checkpoints(workdir)
   try:
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=item, restore_args=restore_args, partial_restore=True)))
@@ -288,7 +297,6 @@ def export(workdir: str, out: str, *, step: int | None = None, overwrite: bool =
   Raises ExportError (one line) for a run that cannot be exported or an ``out`` that must not be
   written; nothing is left behind then.
   """
-  from sslrec import train
   if not os.path.isdir(workdir):
     raise ExportError(f"--workdir={workdir}: no such directory")
   steps = checkpoint_steps(workdir)
@@ -304,7 +312,7 @@ def export(workdir: str, out: str, *, step: int | None = None, overwrite: bool =
   t0 = time.time()
   config = load_config(workdir, step, defaults)
   dataset = sources.load(config).validate()
-  model = train.create_model(config, dataset)
+  model = step_lib.create_model(config, dataset)
   params = restore_params(workdir, step, model, dataset)
   log(f"restored step {step} of {workdir} ({dataset.name}: {dataset.num_items} items) in "
       f"{time.time() - t0:.1f}s")

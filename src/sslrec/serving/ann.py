@@ -21,6 +21,9 @@ How many partitions a query must visit for a given recall depends on the data, s
 doubles the search-time knob (``index.knob``: ScaNN ``leaves_to_search``, faiss ``nprobe``) until
 Recall@k against exact answers reaches a target (``sslrec.serving`` does it on build, with a sample
 of the catalogue's own embeddings as queries).
+
+Every backend is one class implementing ``AnnIndex`` and one entry of ``BACKENDS``; ``available``,
+``resolve`` and ``build`` know the backends only through that registry.
 """
 
 from __future__ import annotations
@@ -28,11 +31,10 @@ from __future__ import annotations
 import importlib
 import math
 import os
+from typing import ClassVar, Protocol
 
 import numpy as np
 
-BACKENDS = ("scann", "faiss")  # in order of preference for backend='auto'
-PACKAGES = {"scann": "scann", "faiss": "faiss-cpu"}
 MIN_PARTITIONED_ITEMS = 10_000
 
 
@@ -40,15 +42,48 @@ class AnnUnavailable(ImportError):
   """The requested approximate-search backend is not installed."""
 
 
+class AnnIndex(Protocol):
+  """An approximate maximum-inner-product index over ``items [N, D]``, built by
+  ``cls(items, **params)`` (``cls`` a value of ``BACKENDS``).
+
+  Attributes:
+    backend: its name in ``BACKENDS`` (results of ``method="ann"`` say ``ann:<backend>``).
+    module: the Python module the backend imports; package: the pip package that installs it.
+    knob: the name of the attribute holding the search-time knob (partitions searched per query)
+      that ``calibrate`` doubles; it may be changed between searches.
+    partitions: the number of partitions (0: an exact, brute-force index).
+    calibration: what ``Retriever.build_ann_index`` calibrated (None when it did not).
+  """
+
+  backend: ClassVar[str]
+  module: ClassVar[str]
+  package: ClassVar[str]
+  knob: ClassVar[str]
+  partitions: int
+  calibration: dict | None
+
+  def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(scores float32 [B, k], rows int64 [B, k])``, best first; ``k <= N``."""
+    ...
+
+  def describe(self) -> str:
+    """The index's structure in a few words (for benchmark reports)."""
+    ...
+
+
 def _import(backend: str):
-  if backend not in BACKENDS:
-    raise ValueError(f"ann backend {backend!r}; allowed: {BACKENDS} or 'auto'")
+  """The module of ``backend``, imported now: lazily on purpose, since scann and faiss are heavy
+  optional dependencies (the ``ann`` extra) that importing this module must never need."""
   try:
-    return importlib.import_module(backend)
+    cls = BACKENDS[backend]
+  except (KeyError, TypeError):
+    raise ValueError(f"ann backend {backend!r}; allowed: {tuple(BACKENDS)} or 'auto'") from None
+  try:
+    return importlib.import_module(cls.module)
   except ImportError:
     raise AnnUnavailable(
-        f"approximate search with {backend!r} needs the optional package {PACKAGES[backend]!r}: "
-        f"pip install 'sslrec[ann]' (or pip install {PACKAGES[backend]})") from None
+        f"approximate search with {backend!r} needs the optional package {cls.package!r}: "
+        f"pip install 'sslrec[ann]' (or pip install {cls.package})") from None
 
 
 def available() -> list[str]:
@@ -74,9 +109,10 @@ def resolve(backend: str = "auto") -> str:
     except AnnUnavailable:
       continue
     return b
+  preferred = next(iter(BACKENDS.values()))
   raise AnnUnavailable(
       "approximate search needs the optional 'ann' extra: pip install 'sslrec[ann]' "
-      f"(installs {PACKAGES[BACKENDS[0]]!r})")
+      f"(installs {preferred.package!r})")
 
 
 def _as_matrix(x: np.ndarray, name: str) -> np.ndarray:
@@ -90,7 +126,10 @@ class ScannIndex:
   """ScaNN: tree partitioning + asymmetric hashing + exact re-ordering."""
 
   backend = "scann"
+  module = "scann"
+  package = "scann"
   knob = "leaves_to_search"
+  calibration = None
 
   def __init__(self, items: np.ndarray, *, num_leaves: int | None = None,
                leaves_to_search: int | None = None, reorder: int = 100,
@@ -104,7 +143,7 @@ class ScannIndex:
       training_sample_size: items the partitioner and quantiser are trained on.
       num_threads: search threads (default: the CPUs this process may use).
     """
-    scann = _import("scann")
+    scann = _import(self.backend)
     items = _as_matrix(items, "items")
     n = items.shape[0]
     self.num_items, self.dim = items.shape
@@ -135,12 +174,18 @@ class ScannIndex:
                                                           **kwargs)
     return np.asarray(scores, np.float32), np.asarray(rows, np.int64)
 
+  def describe(self) -> str:
+    return f"num_leaves={self.num_leaves}, AH 2 dims/block, reorder={self.reorder}"
+
 
 class FaissIndex:
   """faiss: inverted file with exact inner products in the probed cells."""
 
   backend = "faiss"
+  module = "faiss"
+  package = "faiss-cpu"
   knob = "nprobe"
+  calibration = None
 
   def __init__(self, items: np.ndarray, *, nlist: int | None = None, nprobe: int | None = None,
                training_sample_size: int = 262_144, num_threads: int | None = None, seed: int = 0):
@@ -153,7 +198,7 @@ class FaissIndex:
       num_threads: OpenMP threads (default: the CPUs this process may use).
       seed: picks the training sample.
     """
-    faiss = _import("faiss")
+    faiss = _import(self.backend)
     items = _as_matrix(items, "items")
     n, d = items.shape
     self.num_items, self.dim = n, d
@@ -182,12 +227,17 @@ class FaissIndex:
     scores, rows = self._index.search(_as_matrix(queries, "queries"), k)
     return np.asarray(scores, np.float32), np.asarray(rows, np.int64)
 
+  def describe(self) -> str:
+    return f"IVFFlat nlist={self.nlist}"
 
-def build(items: np.ndarray, backend: str = "auto", **params):
+
+# The backends by name, in order of preference for backend='auto'.
+BACKENDS: dict[str, type[AnnIndex]] = {"scann": ScannIndex, "faiss": FaissIndex}
+
+
+def build(items: np.ndarray, backend: str = "auto", **params) -> AnnIndex:
   """An index over ``items [N, D]`` with the given (or preferred installed) backend."""
-  backend = resolve(backend)
-  cls = ScannIndex if backend == "scann" else FaissIndex
-  return cls(items, **params)
+  return BACKENDS[resolve(backend)](items, **params)
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
@@ -197,12 +247,12 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
                         for a, b in zip(found, truth)]))
 
 
-def calibrate(index, queries: np.ndarray, truth: np.ndarray, target: float = 0.95, *,
+def calibrate(index: AnnIndex, queries: np.ndarray, truth: np.ndarray, target: float = 0.95, *,
               exclude_rows: np.ndarray | None = None) -> tuple[int, float]:
   """Doubles ``index``'s search-time knob until Recall@k of ``queries`` reaches ``target``.
 
   Args:
-    index: a partitioned ``ScannIndex`` / ``FaissIndex`` (a brute-force one is returned as is).
+    index: a partitioned index (a brute-force one is returned as is).
     queries: ``float32 [B, D]`` sample queries.
     truth: ``int [B, k]`` their exact top-k rows.
     target: the Recall@k to reach (or every partition searched).

@@ -1,0 +1,142 @@
+"""The export format on disk: file names, the manifest, the schema, and the errors of reading it.
+
+An export directory (written by ``sslrec.export``, layout in docs/serving.md) holds the files named
+below; ``read_manifest`` checks it (format version, files present, sha256 checksums) and
+``read_schema`` reads the query tower's input features (``Feature``) and their vocabularies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+
+import numpy as np
+
+FORMAT = "sslrec-export"
+FORMAT_VERSION = 1  # bump on any change a reader of version 1 would misread
+MANIFEST = "manifest.json"
+ITEM_EMBEDDINGS = "item_embeddings.npy"
+ITEM_KEYS = "item_keys.npy"
+ITEM_NAMES = "item_names.npy"
+QUERY_TOWER = "query_tower.jax"
+QUERY_PARAMS = "query_params.npz"
+SCHEMA = "schema.json"
+VOCABULARIES = "vocabularies.json"
+REQUIRED_FILES = (ITEM_EMBEDDINGS, ITEM_KEYS, QUERY_TOWER, QUERY_PARAMS, SCHEMA, VOCABULARIES)
+OOV_ID = -1  # what an unknown raw value maps to: the missing id (learned default embedding)
+
+
+class ServingError(ValueError):
+  """A user error while loading or querying an export; the message is one line."""
+
+
+class ExportDirError(ServingError):
+  """An export directory that cannot be served (missing files, other format, bad checksums)."""
+
+
+class QueryError(ServingError):
+  """A query that cannot be answered (unknown features, bad values, unknown item key, bad K)."""
+
+
+class ServingWarning(UserWarning):
+  """Something was adjusted to answer a query (e.g. K clamped to the catalogue size)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Feature:
+  """One query-tower input as ``schema.json`` describes it."""
+
+  name: str
+  kind: str  # 'id' | 'multi' | 'dense'
+  vocab_size: int = 0
+  max_len: int = 1
+  dense_dim: int = 0
+  oov_id: int = OOV_ID
+  hashed: bool = False  # values are fingerprints crc32(str(value)) & 0x7fffffff (features.py)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return {"id": (), "multi": (self.max_len,), "dense": (self.dense_dim,)}[self.kind]
+
+  @property
+  def dtype(self):
+    return np.float32 if self.kind == "dense" else np.int32
+
+
+def sha256_file(path: str, chunk: int = 1 << 22) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    while block := f.read(chunk):
+      h.update(block)
+  return h.hexdigest()
+
+
+def one_line(e: BaseException) -> str:
+  """An exception's message on one line (at most 300 characters)."""
+  return " ".join(str(e).split())[:300]
+
+
+def cannot_read(export_dir: str, e: BaseException) -> ExportDirError:
+  """The error for an export whose files exist but cannot be parsed."""
+  return ExportDirError(f"{export_dir}: cannot read the export ({type(e).__name__}: "
+                        f"{one_line(e)})")
+
+
+# What reading a file of a damaged export raises (each becomes ``cannot_read``'s one line).
+READ_ERRORS = (OSError, ValueError, KeyError, TypeError)
+
+
+def read_schema(export_dir: str) -> tuple[list[Feature], dict[str, list]]:
+  """``(query features, {feature: [raw value of id 0, id 1, ...]})`` of an export directory."""
+  try:
+    with open(os.path.join(export_dir, SCHEMA)) as f:
+      schema = json.load(f)
+    with open(os.path.join(export_dir, VOCABULARIES)) as f:
+      vocabularies = json.load(f)
+    features = [Feature(**f) for f in schema["query"]]
+  except READ_ERRORS as e:
+    raise cannot_read(export_dir, e) from None
+  return features, vocabularies
+
+
+def read_manifest(export_dir: str, *, verify: bool = True) -> dict:
+  """The manifest of an export directory, after checking format, files and (optionally) sha256s."""
+  if not os.path.isdir(export_dir):
+    raise ExportDirError(f"{export_dir}: no such export directory")
+  path = os.path.join(export_dir, MANIFEST)
+  if not os.path.isfile(path):
+    raise ExportDirError(f"{export_dir}: not an sslrec export (no {MANIFEST}); write one with "
+                         "launch/export.py")
+  try:
+    with open(path) as f:
+      manifest = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ExportDirError(f"{path}: unreadable ({one_line(e)})") from None
+  if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    raise ExportDirError(f"{path}: not an sslrec export manifest (format != {FORMAT!r})")
+  version = manifest.get("format_version")
+  if version != FORMAT_VERSION:
+    raise ExportDirError(
+        f"{export_dir} was written in export format version {version!r}; this sslrec reads "
+        f"version {FORMAT_VERSION}: re-export the run with this version (launch/export.py)")
+  files = manifest.get("files")
+  needed = ("step", "num_items", "embedding_dim")
+  if not isinstance(files, dict) or any(k not in manifest for k in needed):
+    raise ExportDirError(f"{path}: incomplete manifest (needs 'files', {', '.join(needed)})")
+  missing = [n for n in sorted(set(files) | set(REQUIRED_FILES))
+             if not os.path.isfile(os.path.join(export_dir, n))]
+  if missing:
+    raise ExportDirError(f"{export_dir}: missing files: {', '.join(missing)} (an incomplete copy? "
+                         "copy the whole directory, or re-export)")
+  unlisted = [n for n in REQUIRED_FILES if n not in files]
+  if unlisted:
+    raise ExportDirError(f"{path}: no checksum for {', '.join(unlisted)}")
+  if verify:
+    bad = [n for n, meta in sorted(files.items())
+           if sha256_file(os.path.join(export_dir, n)) != meta.get("sha256")]
+    if bad:
+      raise ExportDirError(f"{export_dir}: checksum mismatch for {', '.join(bad)} (changed or "
+                           "corrupted since export; re-export or copy it again)")
+  return manifest

@@ -1,0 +1,342 @@
+"""Serving an export: raw query features -> query tower -> top-K catalogue items.
+
+``Retriever.load(EXPORT_DIR)`` reads a directory written by ``launch/export.py`` (layout in
+docs/serving.md), checks it (format version, files, sha256 checksums) and serves it:
+
+    r = Retriever.load("exports/base")
+    res = r.search({"q_topic": 3, "q_style": 5, "q_history": [1, 2, 3]}, k=10)
+    res.keys[0], res.scores[0]            # the 10 best items of the first query, best first
+    r.similar_items(1234, k=10)           # item-to-item: the items closest to item key 1234
+
+The query tower is a ``jax.export`` artifact (StableHLO) called with its parameters from
+``query_params.npz``; raw values become ids as ``sslrec.serving.query`` describes, exact search is
+``sslrec.serving.search`` and approximate search ``sslrec.serving.ann``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sslrec.serving import ann
+from sslrec.serving import format as format_lib
+from sslrec.serving import query as query_lib
+from sslrec.serving import search as search_lib
+from sslrec.serving.format import ExportDirError, Feature, QueryError, ServingError, ServingWarning
+
+
+@dataclasses.dataclass
+class Results:
+  """The top-K items of a batch of queries, best first.
+
+  Attributes:
+    scores: ``float32 [B, K]`` inner products of the L2-normalised embeddings (cosine).
+    rows: ``int64 [B, K]`` catalogue rows.
+    keys: ``[B, K]`` item keys (the dataset's keys; ints, or strings).
+    names: ``[B, K]`` item names, or None when the dataset has none.
+    method: 'exact' or 'ann:<backend>'.
+    notes: what the query encoding had to assume (OOV values, features not given, clamped K).
+  """
+
+  scores: np.ndarray
+  rows: np.ndarray
+  keys: np.ndarray
+  names: np.ndarray | None
+  method: str
+  notes: list[str] = dataclasses.field(default_factory=list)
+
+
+class Retriever:
+  """A loaded export: query encoding, the query tower, exact and approximate top-K search."""
+
+  def __init__(self, export_dir: str, manifest: dict, features: Sequence[Feature],
+               vocabularies: Mapping[str, list], item_embeddings: np.ndarray,
+               item_keys: np.ndarray, item_names: np.ndarray | None, query_tower,
+               query_params: Mapping[str, np.ndarray]):
+    self.export_dir = export_dir
+    self.manifest = manifest
+    self.features = tuple(features)
+    self.item_embeddings = item_embeddings
+    self.item_keys = item_keys
+    self.item_names = item_names
+    self._tower = query_tower
+    self._params = {k: jnp.asarray(v) for k, v in query_params.items()}
+    self._items = jax.device_put(item_embeddings)
+    self._lookup = query_lib.vocabulary_lookups(vocabularies)
+    self._ann = {}
+
+  @functools.cached_property
+  def _key_rows(self) -> tuple[dict, dict]:
+    """``({key: row}, {str(key): row})``, built on the first item-to-item query."""
+    by_key, by_str = {}, {}
+    for row, key in enumerate(self.item_keys.tolist()):
+      by_key.setdefault(key, row)
+      by_str.setdefault(str(key), row)
+    return by_key, by_str
+
+  # -- Loading -----------------------------------------------------------------------------------
+
+  @classmethod
+  def load(cls, export_dir: str, *, verify: bool = True) -> "Retriever":
+    """Reads and checks an export directory; raises ExportDirError with one line if unusable.
+
+    Args:
+      export_dir: a directory written by ``launch/export.py``.
+      verify: check every file's sha256 against the manifest (reads every byte once).
+    """
+    manifest = format_lib.read_manifest(export_dir, verify=verify)
+    path = functools.partial(os.path.join, export_dir)
+    features, vocabularies = format_lib.read_schema(export_dir)
+    try:
+      item_embeddings = np.load(path(format_lib.ITEM_EMBEDDINGS), allow_pickle=False)
+      item_keys = np.load(path(format_lib.ITEM_KEYS), allow_pickle=False)
+      item_names = (np.load(path(format_lib.ITEM_NAMES), allow_pickle=False)
+                    if format_lib.ITEM_NAMES in manifest["files"] else None)
+      with np.load(path(format_lib.QUERY_PARAMS), allow_pickle=False) as z:
+        query_params = {k: z[k] for k in z.files}
+    except format_lib.READ_ERRORS as e:
+      raise format_lib.cannot_read(export_dir, e) from None
+    tower_path = path(format_lib.QUERY_TOWER)
+    try:
+      with open(tower_path, "rb") as f:
+        tower = jax.export.deserialize(bytearray(f.read()))
+    except Exception as e:  # noqa: BLE001 -- any failure means an unusable artifact
+      raise ExportDirError(f"{tower_path}: cannot deserialize the query tower "
+                           f"({type(e).__name__}: {format_lib.one_line(e)})") from None
+    platform = jax.devices()[0].platform
+    runs_on = {"gpu": ("cuda", "rocm")}.get(platform, (platform,))
+    if not set(runs_on) & set(tower.platforms):
+      raise ExportDirError(
+          f"{tower_path} was lowered for {', '.join(tower.platforms)}; this process "
+          f"computes on {platform}: re-export with --platforms={','.join(runs_on)} (or run with "
+          "JAX_PLATFORMS=cpu)")
+    n, d = manifest["num_items"], manifest["embedding_dim"]
+    if (item_embeddings.dtype != np.float32 or item_embeddings.shape != (n, d)
+        or item_keys.shape != (n,) or (item_names is not None and item_names.shape != (n,))):
+      raise ExportDirError(
+          f"{export_dir}: item arrays do not match the manifest ({n} items of dim {d}): "
+          f"embeddings {item_embeddings.dtype}{list(item_embeddings.shape)}, keys "
+          f"{list(item_keys.shape)}")
+    unknown_vocab = sorted(set(vocabularies) - {f.name for f in features})
+    if unknown_vocab:
+      raise ExportDirError(f"{export_dir}: vocabularies for features the query tower does not "
+                           f"read: {unknown_vocab}")
+    return cls(export_dir, manifest, features, vocabularies, item_embeddings, item_keys,
+               item_names, tower, query_params)
+
+  # -- Properties --------------------------------------------------------------------------------
+
+  @property
+  def num_items(self) -> int:
+    return int(self.item_embeddings.shape[0])
+
+  @property
+  def dim(self) -> int:
+    return int(self.item_embeddings.shape[1])
+
+  @property
+  def feature_names(self) -> tuple[str, ...]:
+    return tuple(f.name for f in self.features)
+
+  @property
+  def step(self) -> int:
+    return int(self.manifest["step"])
+
+  # -- Raw query features -> ids -----------------------------------------------------------------
+
+  def encode(self, queries: Mapping[str, Any] | Sequence[Mapping[str, Any]]
+             ) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Raw query features -> the query tower's input batch.
+
+    Args:
+      queries: one ``{feature name: raw value(s)}`` dict or a sequence of them. ``id``: one raw
+        value; ``multi``: a list of raw values (a scalar counts as a one-value list); ``dense``: a
+        list of ``dense_dim`` numbers. A value of None is missing.
+
+    Returns:
+      ``({name: array [B, ...]}, notes)``: int32 ids (-1 = missing) and float32 dense values, and
+      what was assumed (OOV values, features not given, truncated bags), one line each.
+    Raises:
+      QueryError naming unknown features or values of the wrong shape.
+    """
+    return query_lib.encode(queries, self.features, self._lookup)
+
+  # -- The query tower ---------------------------------------------------------------------------
+
+  def embed_batch(self, batch: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The exported query tower on an encoded batch: ``float32 [B, D]`` (L2-normalised)."""
+    b = int(next(iter(batch.values())).shape[0])
+    size = search_lib.bucket(b)
+    padded = {k: np.concatenate([v, np.repeat(v[:1], size - b, axis=0)]) if size > b else v
+              for k, v in batch.items()}
+    return np.asarray(self._tower.call(self._params, padded))[:b]
+
+  def embed_queries(self, queries) -> tuple[np.ndarray, list[str]]:
+    """Raw queries (as ``encode`` takes them) -> ``(float32 [B, D], notes)``."""
+    batch, notes = self.encode(queries)
+    return self.embed_batch(batch), notes
+
+  # -- Search ------------------------------------------------------------------------------------
+
+  def _clamp_k(self, k: int, available: int, notes: list[str]) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+      raise QueryError(f"k={k!r}; must be an integer >= 1")
+    if k > available:
+      msg = f"k={k} is larger than the {available} items that can be returned; using k={available}"
+      warnings.warn(msg, ServingWarning, stacklevel=3)
+      notes.append(msg)
+      return available
+    return int(k)
+
+  def _exact(self, emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    return search_lib.exact_search(emb, self._items, k)
+
+  def ann_index(self, backend: str = "auto") -> ann.AnnIndex:
+    """The approximate index of ``backend`` ('auto': the preferred installed one) that
+    ``method="ann"`` uses: the last one ``build_ann_index`` built, else one built now with the
+    defaults. Raises ServingError naming what to install when the ``ann`` extra is missing."""
+    backend = self._resolve(backend)
+    if backend not in self._ann:
+      self.build_ann_index(backend)
+    return self._ann[backend]
+
+  def build_ann_index(self, backend: str = "auto", *, target_recall: float | None = 0.95,
+                      sample: int = 256, **params) -> ann.AnnIndex:
+    """Builds (or rebuilds) the approximate index of ``backend`` and returns it.
+
+    Unless ``params`` set the search-time knob (``index.knob``: ``leaves_to_search`` /
+    ``nprobe``) or ``target_recall`` is None, the knob is calibrated
+    (``sslrec.serving.ann.calibrate``, doubling from 1% of the partitions): ``sample`` catalogue
+    embeddings, as queries, must find ``target_recall`` of their exact top-10 neighbours
+    (themselves excluded); the result is in ``index.calibration``. Query-tower outputs may sit
+    elsewhere than item embeddings, so check the recall of real queries
+    (``launch/bench_serving.py`` shows how) before relying on it.
+
+    Args:
+      backend: 'auto' or a name in ``ann.BACKENDS`` ('scann', 'faiss').
+      target_recall: Recall@10 to calibrate for, or None.
+      sample: calibration queries.
+      **params: index parameters (``sslrec.serving.ann.ScannIndex`` / ``FaissIndex``).
+    """
+    backend = self._resolve(backend)
+    index = ann.build(self.item_embeddings, backend, **params)
+    index.calibration = None
+    if target_recall is not None and index.knob not in params and index.partitions > 0:
+      rows = np.random.default_rng(0).choice(self.num_items, min(sample, self.num_items),
+                                             replace=False)
+      k = min(10, self.num_items - 1)
+      _, truth = self._exact(self.item_embeddings[rows], k + 1)
+      truth = np.asarray([[r for r in t if r != row][:k] for t, row in zip(truth.tolist(), rows)])
+      setattr(index, index.knob, max(1, index.partitions // 100))
+      value, recall = ann.calibrate(index, self.item_embeddings[rows], truth, target_recall,
+                                    exclude_rows=rows)
+      index.calibration = {index.knob: value, "recall": recall, "queries": len(rows)}
+    self._ann[backend] = index
+    return index
+
+  @staticmethod
+  def _resolve(backend: str) -> str:
+    try:
+      return ann.resolve(backend)
+    except ann.AnnUnavailable as e:
+      raise ServingError(str(e)) from None
+    except ValueError as e:
+      raise QueryError(str(e)) from None
+
+  def search_embeddings(self, emb: np.ndarray, k: int = 10, *, method: str = "exact",
+                        backend: str = "auto", exclude_rows: np.ndarray | None = None,
+                        notes: list[str] | None = None) -> Results:
+    """Top-``k`` items for query embeddings ``emb [B, D]``.
+
+    Args:
+      emb: ``float32 [B, D]``.
+      k: items per query; clamped (with a ServingWarning) to what the catalogue can return.
+      method: 'exact' (JAX, every item scored) or 'ann' (the approximate index).
+      backend: the ann backend ('auto' = the preferred installed one).
+      exclude_rows: ``int [B]`` one catalogue row per query never returned (item-to-item).
+      notes: notes so far (extended in place and attached to the result).
+    """
+    notes = [] if notes is None else notes
+    emb = np.ascontiguousarray(emb, np.float32)
+    if emb.ndim != 2 or emb.shape[1] != self.dim or emb.shape[0] < 1:
+      raise QueryError(f"query embeddings must be [B, {self.dim}], got {list(emb.shape)}")
+    k = self._clamp_k(k, self.num_items - (exclude_rows is not None), notes)
+    want = k + (exclude_rows is not None)
+    if method == "exact":
+      scores, rows = self._exact(emb, want)
+      label = "exact"
+    elif method == "ann":
+      index = self.ann_index(backend)
+      scores, rows = index.search(emb, want)
+      label = f"ann:{index.backend}"
+      short = np.flatnonzero((rows < 0).any(axis=1))
+      if short.size:  # a partitioned index found fewer than `want` items: answer those exactly
+        scores[short], rows[short] = self._exact(emb[short], want)
+    else:
+      raise QueryError(f"method={method!r}; allowed: 'exact', 'ann'")
+    if exclude_rows is not None:
+      keep = rows != np.asarray(exclude_rows)[:, None]
+      keep[keep.sum(axis=1) > k, -1] = False  # the excluded row was not found: drop the last
+      scores = scores[keep].reshape(-1, k)
+      rows = rows[keep].reshape(-1, k)
+    names = self.item_names[rows] if self.item_names is not None else None
+    return Results(scores=scores, rows=rows, keys=self.item_keys[rows], names=names,
+                   method=label, notes=notes)
+
+  def search(self, queries, k: int = 10, *, method: str = "exact", backend: str = "auto"
+             ) -> Results:
+    """The top-``k`` items for raw queries (one dict or a sequence of dicts; see ``encode``)."""
+    emb, notes = self.embed_queries(queries)
+    return self.search_embeddings(emb, k, method=method, backend=backend, notes=notes)
+
+  def item_row(self, key) -> int:
+    """The catalogue row of an item key (a string matches a key whose ``str`` is equal)."""
+    by_key, by_str = self._key_rows
+    try:
+      if key in by_key:
+        return by_key[key]
+    except TypeError:  # unhashable
+      pass
+    row = by_str.get(str(key))
+    if row is None:
+      sample = ", ".join(str(k) for k in self.item_keys[:3].tolist())
+      raise QueryError(f"no item with key {key!r} in the catalogue ({self.num_items} items; "
+                       f"keys look like {sample}, ...)")
+    return row
+
+  def similar_items(self, keys, k: int = 10, *, method: str = "exact", backend: str = "auto"
+                    ) -> Results:
+    """Item-to-item: the ``k`` items closest to each given item (never the item itself).
+
+    Args:
+      keys: one item key or a sequence of them.
+    """
+    if isinstance(keys, (str, bytes)) or not isinstance(keys, (Sequence, np.ndarray)):
+      keys = [keys]
+    rows = np.asarray([self.item_row(key) for key in keys], np.int64)
+    if rows.size == 0:
+      raise QueryError("no item keys given")
+    return self.search_embeddings(self.item_embeddings[rows], k, method=method, backend=backend,
+                                  exclude_rows=rows)
+
+
+def format_results(results: Results, row: int = 0, *, digits: int = 4) -> str:
+  """A markdown table of one query's results: rank, item key, name (if any), score."""
+  has_names = results.names is not None
+  header = "| rank | item | name | score |" if has_names else "| rank | item | score |"
+  lines = [header, "|---:|---|---|---:|" if has_names else "|---:|---|---:|"]
+  for j in range(results.rows.shape[1]):
+    cells = [str(j + 1), str(results.keys[row, j])]
+    if has_names:
+      cells.append(str(results.names[row, j]).replace("|", "/"))
+    cells.append(f"{results.scores[row, j]:.{digits}f}")
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
