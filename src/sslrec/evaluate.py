@@ -1,22 +1,39 @@
-"""Full-corpus retrieval evaluation: Recall@K overall and on head / tail items.
+"""Full-corpus retrieval evaluation per query: Recall, NDCG, MAP, coverage at K; references.
 
-For every held-out pair (query, target item) the query is embedded, scored against the embedding of
-*every* catalogue item (exact dot product, on device, in query chunks; the catalogue's embeddings
-row-sharded over all devices, top-K per shard, merged), and the pair is a hit at K
-when the target is among the K highest scores. Recall@K is the mean hit rate over pairs;
-``/head`` and ``/tail`` restrict the mean to pairs whose target is a head item (the most popular
-``eval.head_fraction`` of the catalogue by D_train frequency) or a tail item (the rest).
-The popularity recommender (the K most frequent D_train items for everyone) is scored the same way
-as ``popularity/recall@K...``, a reference any useful model must beat.
+**Queries.** The eval pairs ``(eval_query [E], eval_item [E])`` (the first ``max_pairs`` when > 0)
+are grouped by distinct query row; each distinct query is embedded and scored against *every*
+catalogue item once (exact dot product, on device, in chunks of ``batch_size`` queries; the
+catalogue's embeddings row-sharded over all devices, in blocks of ``EVAL_ITEM_CHUNK`` rows per
+device, a running top-K per block, the per-device candidates merged), giving its top-K list
+(K = max(ks); ties: the lower item index first, as ``jax.lax.top_k``). All of its held-out items are
+its positives; they are never removed from its ranking.
 
-When some eval target never occurs in D_train (a *cold* item: in the catalogue, never trained on),
-``/cold`` restricts the mean to those pairs as well. With ``exclude_train_items`` (the default;
-``eval.exclude_train_items``) each eval query's training-period items
-(``Dataset.eval_seen_query / eval_seen_item``, or the D_train pairs of its query row) are removed
-from its ranking, for the model and for the popularity recommender alike; a pair's own target is
-never removed. The model's pairs are then scored by the target's rank among the remaining items
-(the number of items scored above it, ties broken by the lower index as top-K does), computed on
-device per query chunk. The embedded dataset's eval queries are new, so nothing is removed there.
+**Seen items.** With ``exclude_train_items`` each eval query's seen items (``Dataset.eval_seen_*``,
+or the D_train pairs of its query row), its positives excepted, are removed from its ranking, for
+the model and the references alike. No ``[queries, catalogue]`` score matrix is ever built: inside
+a device's score block ``[chunk, block rows]`` the chunk's removed ``(query in chunk, item)`` pairs
+are set to -inf before the block's top-K (K, no extra), the pairs padded to a power of two (at
+least ``MIN_EXCLUDED``) so that the scoring function compiles once per size, all of them in the
+first call. The padded pairs are computed once, in ``Evaluator.__init__``.
+
+**Metrics** (``ks``; every value a float; ``rank`` = 0-based position in the query's top-K list):
+  * ``recall@K``: the mean over *pairs* of [target in its query's top K] (a query with several
+    positives contributes one term per pair); ``/head`` and ``/tail`` restrict the pairs by their
+    target (``head``: ``bool [num_items]``, the most popular ``eval.head_fraction``), ``/cold`` to
+    targets never in D_train (``item_freq == 0``; only when there are some);
+  * ``ndcg@K``: per query, ``sum_{positives p, rank_p < K} 1 / log2(rank_p + 2)`` over the ideal
+    ``sum_{i < min(#positives, K)} 1 / log2(i + 2)``; the mean over queries. ``/head``, ``/tail``:
+    the same over each query's head (tail) positives only, queries without any skipped;
+  * ``map@K``: per query, the sum over its hits at rank r < K of precision@(r+1), over
+    ``min(#positives, K)``; the mean over queries;
+  * ``coverage@K``: the fraction of the catalogue in at least one query's top K;
+  * ``recall@K/decile_d`` (d = 0..9, the largest K only): recall of the pairs whose target is in
+    popularity decile d (items sorted by D_train frequency, most popular first, ties by index,
+    cut into 10 groups of equal size; d = 0 the most popular); NaN for an empty group;
+  * the same keys for each reference, prefixed ``popularity/``, ``itemknn/`` (``als/``): see
+    ``references.py``; they do not depend on the parameters and are computed once per Evaluator;
+  * ``eval/pairs``, ``eval/queries``, and ``eval/cold_pairs`` when there are cold targets.
+Duplicate pairs count twice in recall and once (one positive) in the per-query metrics.
 """
 
 from __future__ import annotations
@@ -24,12 +41,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from sslrec import parallel
+from sslrec import references as references_lib
 from sslrec.data import table as table_lib
 
-
 EVAL_ITEM_CHUNK = 32768  # catalogue rows scored per block on a device (running top-k)
+MIN_EXCLUDED = 256  # smallest padded count of a query chunk's removed (query, item) pairs
+NUM_DECILES = 10
 
 
 def _chunks(n: int, size: int):
@@ -47,52 +67,34 @@ def _pad_rows(batch: dict, size: int) -> dict:
   return {k: pad(v) for k, v in batch.items()}
 
 
-def embed_table(fn, table: dict, n: int, batch_size: int) -> jax.Array:
-  """Applies a jitted ``fn(batch) -> [b, D]`` over ``n`` rows in fixed-size chunks: ``[n, D]``."""
+def _host(x) -> np.ndarray:
+  """This process's copy of a replicated array, as numpy."""
+  if isinstance(x, jax.Array):
+    return np.asarray(x.addressable_data(0))
+  return np.asarray(x)
+
+
+def _replicate(x: np.ndarray, mesh) -> jax.Array:
+  """A host array (the same on every process) replicated on every device of ``mesh``."""
+  return jax.make_array_from_callback(x.shape, parallel.replicated(mesh), lambda idx: x[idx])
+
+
+def embed_table(fn, table: dict, n: int, batch_size: int) -> np.ndarray:
+  """Applies a jitted ``fn(batch) -> [b, D]`` (replicated out) over ``n`` rows in fixed-size
+  chunks: ``[n, D]`` on the host."""
   outs = []
   for start, end in _chunks(n, batch_size):
     rows = np.arange(start, end)
     batch = _pad_rows(table_lib.take(table, rows), min(batch_size, n))
-    outs.append(fn(batch)[: end - start])
-  return jnp.concatenate(outs, axis=0)
-
-
-def hits_at(top: np.ndarray, targets: np.ndarray, ks) -> np.ndarray:
-  """``bool [E, len(ks)]``: target within the first k of each row of ``top [E, >= max(ks)]``."""
-  found = top == targets[:, None]
-  return np.stack([found[:, :k].any(axis=1) for k in ks], axis=1)
-
-
-def recall_table(hits: np.ndarray, targets: np.ndarray, head: np.ndarray, ks, prefix: str = "",
-                 cold: np.ndarray | None = None) -> dict[str, float]:
-  """Recall@K overall / head / tail from per-pair hits ``bool [E, len(ks)]``; also ``/cold`` when
-  ``cold`` (``bool [num_items]``) marks some target."""
-  is_head = head[targets]
-  is_cold = cold[targets] if cold is not None else np.zeros(targets.shape, bool)
-  out = {}
-  for j, k in enumerate(ks):
-    out[f"{prefix}recall@{k}"] = float(hits[:, j].mean())
-    out[f"{prefix}recall@{k}/head"] = float(hits[is_head, j].mean()) if is_head.any() else float("nan")
-    out[f"{prefix}recall@{k}/tail"] = float(hits[~is_head, j].mean()) if (~is_head).any() else float("nan")
-    if is_cold.any():
-      out[f"{prefix}recall@{k}/cold"] = float(hits[is_cold, j].mean())
-  return out
-
-
-def popularity_hits(item_freq: np.ndarray, targets: np.ndarray, ks) -> np.ndarray:
-  """Hits of the most-popular recommender: ``bool [E, len(ks)]``."""
-  order = np.argsort(-item_freq, kind="stable")
-  rank = np.empty_like(order)
-  rank[order] = np.arange(len(order))
-  return np.stack([rank[targets] < k for k in ks], axis=1)
+    outs.append(_host(fn(batch))[: end - start])
+  return np.concatenate(outs, axis=0)
 
 
 def item_embeddings(params, model, dataset: table_lib.Dataset, mesh, batch_size: int) -> np.ndarray:
   """``float32 [num_items, D]`` item-tower embeddings of the whole catalogue (on every process)."""
   rep = parallel.replicated(mesh)
   fn = jax.jit(lambda p, b: model.apply(p, b, method=model.item_tower), out_shardings=rep)
-  return np.asarray(embed_table(lambda b: fn(params, b), dataset.items, dataset.num_items,
-                                batch_size))
+  return embed_table(lambda b: fn(params, b), dataset.items, dataset.num_items, batch_size)
 
 
 def retrieve(params, model, queries: dict, num_queries: int, item_emb: np.ndarray, mesh, *,
@@ -113,12 +115,12 @@ def retrieve(params, model, queries: dict, num_queries: int, item_emb: np.ndarra
     size = min(batch_size, num_queries)
     q = query_fn(params, _pad_rows(table_lib.take(queries, np.arange(start, end)), size))
     _, ids = top_k(q, items)
-    out.append(np.asarray(ids)[: end - start])
+    out.append(_host(ids)[: end - start])
   return np.concatenate(out, axis=0).astype(np.int32)
 
 
 class SeenItems:
-  """The items to remove from each eval query's ranking, grouped by query row (CSR)."""
+  """The items each eval query row has seen, grouped by query row (sorted by row, then item)."""
 
   def __init__(self, query: np.ndarray, item: np.ndarray):
     order = np.lexsort((item, query))
@@ -133,102 +135,348 @@ class SeenItems:
     derived = np.isin(dataset.train_query, np.unique(dataset.eval_query))
     return cls(dataset.train_query[derived], dataset.train_item[derived])
 
-  def pairs(self, query_rows: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(pair [M], item [M])``: the items removed for each of the pairs ``(query_rows [B],
-    targets [B])`` (a pair's own target excepted)."""
-    start = np.searchsorted(self.query, query_rows, side="left")
-    count = np.searchsorted(self.query, query_rows, side="right") - start
-    pair = np.repeat(np.arange(query_rows.size), count)
-    offset = np.arange(pair.size) - np.repeat(np.cumsum(count) - count, count)
-    item = self.item[np.repeat(start, count) + offset]
-    keep = item != targets[pair]
-    return pair[keep], item[keep]
+  def of_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(index [M], item [M])``: the seen items of each of ``rows [B]`` (``index`` into rows)."""
+    start = np.searchsorted(self.query, rows, side="left")
+    count = np.searchsorted(self.query, rows, side="right") - start
+    index = np.repeat(np.arange(rows.size), count)
+    offset = np.arange(index.size) - np.repeat(np.cumsum(count) - count, count)
+    return index, self.item[np.repeat(start, count) + offset]
 
 
-def _target_ranks(query_emb: jax.Array, item_emb: jax.Array, targets: jax.Array,
-                  ex_pair: jax.Array, ex_item: jax.Array) -> jax.Array:
-  """``int32 [B]``: items ranked above each target (score higher, or equal at a lower index),
-  not counting the removed ``(ex_pair, ex_item)`` entries (out-of-range pairs are padding)."""
-  scores = query_emb @ item_emb.T  # [B, N]
-  t = jnp.take_along_axis(scores, targets[:, None], axis=1)  # [B, 1]
-  ids = jnp.arange(item_emb.shape[0])[None, :]
-  above = (scores > t) | ((scores == t) & (ids < targets[:, None]))
-  above = above.at[ex_pair, ex_item].set(False, mode="drop")
-  return above.sum(axis=1).astype(jnp.int32)
+def make_excluding_top_k(mesh, k: int, num_valid: int, chunk: int | None = None):
+  """``fn(q [B, D], items [N_pad, D], ex_query [M], ex_item [M]) -> (scores, ids) [B, k]``.
+
+  ``q``, ``ex_*`` replicated; ``items`` row-sharded over every device (``parallel.shard_rows``).
+  Each device scores its rows (in blocks of ``chunk`` rows when given, a running top-k), sets the
+  scores of the removed pairs ``(ex_query[m], ex_item[m])`` that fall in the block to -inf
+  (``ex_query >= B`` is padding), keeps its local top-k, and the per-device candidates are
+  all-gathered and merged. Padding rows (id >= num_valid) and removed items score -inf: a caller
+  reads an id whose score is -inf as "no item". Ties: the lower item id first. The dot products
+  run at full float32 precision (no TF32), so rankings match a float32 reference.
+  """
+  axes = tuple(mesh.axis_names)
+
+  def block_top_k(q, x, start, ex_q, ex_i):
+    c = x.shape[0]
+    s = jnp.matmul(q, x.T, precision=jax.lax.Precision.HIGHEST)  # [B, c]
+    ids = start + jnp.arange(c, dtype=jnp.int32)
+    s = jnp.where(ids[None, :] < num_valid, s, -jnp.inf)
+    local = ex_i - start
+    ok = (local >= 0) & (local < c)
+    s = s.at[jnp.where(ok, ex_q, q.shape[0]), jnp.where(ok, local, 0)].set(-jnp.inf, mode="drop")
+    v, i = jax.lax.top_k(s, min(k, c))
+    return v, jnp.take(ids, i)
+
+  def local(q, x, ex_q, ex_i):
+    rows = x.shape[0]
+    base = (jax.lax.axis_index(axes) * rows).astype(jnp.int32)
+    if chunk is None or rows <= chunk:
+      v, i = block_top_k(q, x, base, ex_q, ex_i)
+    else:
+      xs = x.reshape(rows // chunk, chunk, x.shape[1])
+
+      def body(carry, xc_c):
+        bv, bi = carry
+        xc, c = xc_c
+        v, i = block_top_k(q, xc, base + c * chunk, ex_q, ex_i)
+        v, i = jnp.concatenate([bv, v], 1), jnp.concatenate([bi, i], 1)
+        top, j = jax.lax.top_k(v, k)
+        return (top, jnp.take_along_axis(i, j, axis=1)), None
+      init = (jnp.full((q.shape[0], k), -jnp.inf, q.dtype), jnp.zeros((q.shape[0], k), jnp.int32))
+      (v, i), _ = jax.lax.scan(body, init, (xs, jnp.arange(rows // chunk, dtype=jnp.int32)))
+    v = jax.lax.all_gather(v, axes, axis=1, tiled=True)
+    i = jax.lax.all_gather(i, axes, axis=1, tiled=True)
+    top_v, j = jax.lax.top_k(v, k)
+    return top_v, jnp.take_along_axis(i, j, axis=1)
+
+  fn = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axes, None), P(), P()),
+                     out_specs=(P(), P()), check_vma=False)
+  return jax.jit(fn)
 
 
-_target_ranks_jit = jax.jit(_target_ranks)
+def popularity_deciles(item_freq: np.ndarray) -> np.ndarray:
+  """``int [N]``: each item's popularity decile (0 = most frequent in D_train; ties by index)."""
+  order, rank = references_lib.popularity_order(item_freq)
+  del order
+  return rank * NUM_DECILES // max(rank.size, 1)
 
 
-def _hits_excluding(params, model, queries: dict, query_rows: np.ndarray, targets: np.ndarray,
-                    item_emb: np.ndarray, seen: SeenItems, item_freq: np.ndarray, mesh, *, ks,
-                    batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-  """Hits ``bool [E, len(ks)]`` of the model and of popularity with the seen items removed."""
-  rep = parallel.replicated(mesh)
-  query_fn = jax.jit(lambda p, b: model.apply(p, b, method=model.query_tower), out_shardings=rep)
-  pop_rank = np.empty(item_freq.size, np.int64)
-  pop_rank[np.argsort(-item_freq, kind="stable")] = np.arange(item_freq.size)
-  items = jnp.asarray(item_emb, jnp.float32)
-  n = targets.size
-  ranks, pop_ranks = [], []
-  for start, end in _chunks(n, batch_size):
-    size = min(batch_size, n)
-    t = targets[start:end]
-    pair, item = seen.pairs(query_rows[start:end], t)
-    # Popularity: the target's rank among the items not removed.
-    lower = np.bincount(pair[pop_rank[item] < pop_rank[t[pair]]], minlength=t.size)
-    pop_ranks.append(pop_rank[t] - lower)
-    # Model: pad to static shapes (entries padded to a power of two, pointing at row `size`).
-    m = max(1024, 1 << int(max(pair.size - 1, 1)).bit_length())
-    ex_pair = np.full(m, size, np.int32)
-    ex_item = np.zeros(m, np.int32)
-    ex_pair[:pair.size], ex_item[:pair.size] = pair, item
-    q = query_fn(params, _pad_rows(table_lib.take(queries, np.arange(start, end)), size))
-    tt = np.concatenate([t, np.zeros(size - t.size, np.int32)])
-    q = np.asarray(q.addressable_data(0))  # replicated: this process's copy
-    r = _target_ranks_jit(q, items, tt, ex_pair, ex_item)
-    ranks.append(np.asarray(r)[: end - start])
-  rank, pop = np.concatenate(ranks), np.concatenate(pop_ranks)
-  return (np.stack([rank < k for k in ks], axis=1), np.stack([pop < k for k in ks], axis=1))
+def target_ranks(top: np.ndarray, query: np.ndarray, target: np.ndarray) -> np.ndarray:
+  """``int32 [P]``: position of ``target[p]`` in ``top[query[p]]`` (``top [B, K]``; K if absent)."""
+  match = top[query] == target[:, None]
+  return np.where(match.any(axis=1), match.argmax(axis=1), top.shape[1]).astype(np.int32)
+
+
+def _discounts(k: int) -> np.ndarray:
+  """``[k + 1]``: ``d[m] = sum_{i < m} 1 / log2(i + 2)``, the ideal DCG of m hits."""
+  return np.concatenate([[0.0], np.cumsum(1.0 / np.log2(np.arange(k) + 2.0))])
+
+
+def _ndcg(query: np.ndarray, rank: np.ndarray, k: int, num_queries: int) -> float:
+  """Mean NDCG@k over the queries with positives; ``(query, rank)`` one entry per positive."""
+  npos = np.bincount(query, minlength=num_queries)
+  if not (npos > 0).any():
+    return float("nan")
+  gain = np.where(rank < k, 1.0 / np.log2(np.minimum(rank, k) + 2.0), 0.0)
+  dcg = np.bincount(query, weights=gain, minlength=num_queries)
+  present = npos > 0
+  return float(np.mean(dcg[present] / _discounts(k)[np.minimum(npos[present], k)]))
+
+
+def _map(query: np.ndarray, rank: np.ndarray, k: int, num_queries: int) -> float:
+  """Mean MAP@k over the queries with positives; ``(query, rank)`` one entry per positive."""
+  npos = np.bincount(query, minlength=num_queries)
+  order = np.lexsort((rank, query))
+  q, r = query[order], rank[order]
+  hit = r < k
+  csum = np.cumsum(hit)
+  start = np.cumsum(npos) - npos  # first entry of each query in the sorted order
+  before = np.concatenate([[0], csum])[start][q]
+  prec = np.where(hit, (csum - before) / (r + 1.0), 0.0)
+  ap = np.bincount(q, weights=prec, minlength=num_queries)
+  present = npos > 0
+  return float(np.mean(ap[present] / np.minimum(npos[present], k)))
+
+
+def rank_metrics(rank: np.ndarray, query: np.ndarray, target: np.ndarray, first: np.ndarray, *,
+                 num_queries: int, ks, head: np.ndarray, cold: np.ndarray, decile: np.ndarray,
+                 prefix: str = "") -> dict[str, float]:
+  """The metrics of the module docstring from per-pair ranks.
+
+  Args:
+    rank: ``int [E]`` each pair's target position in its query's top-max(ks) list (max(ks) if
+      absent); query: ``int [E]`` the pair's query (0..num_queries-1); target: ``int [E]`` item.
+    first: ``int [N]`` each item's best position in any query's list (max(ks) if in none).
+    head / cold: ``bool [N]``; decile: ``int [N]`` popularity deciles.
+  """
+  ks = tuple(int(k) for k in ks)
+  rank, query, target = (np.asarray(a) for a in (rank, query, target))
+  is_head, is_cold = head[target], cold[target]
+  n = first.size
+  _, uniq = np.unique(query.astype(np.int64) * n + target, return_index=True)
+  dq, dr, dh = query[uniq], rank[uniq], is_head[uniq]  # distinct (query, positive) pairs
+  mean = lambda x: float(x.mean()) if x.size else float("nan")
+  out = {}
+  for k in ks:
+    hit = rank < k
+    out[f"{prefix}recall@{k}"] = mean(hit)
+    out[f"{prefix}recall@{k}/head"] = mean(hit[is_head])
+    out[f"{prefix}recall@{k}/tail"] = mean(hit[~is_head])
+    if is_cold.any():
+      out[f"{prefix}recall@{k}/cold"] = mean(hit[is_cold])
+    out[f"{prefix}ndcg@{k}"] = _ndcg(dq, dr, k, num_queries)
+    out[f"{prefix}ndcg@{k}/head"] = _ndcg(dq[dh], dr[dh], k, num_queries)
+    out[f"{prefix}ndcg@{k}/tail"] = _ndcg(dq[~dh], dr[~dh], k, num_queries)
+    out[f"{prefix}map@{k}"] = _map(dq, dr, k, num_queries)
+    out[f"{prefix}coverage@{k}"] = float(np.mean(first < k))
+  k = max(ks)
+  d = decile[target]
+  for g in range(NUM_DECILES):
+    out[f"{prefix}recall@{k}/decile_{g}"] = mean(rank[d == g] < k)
+  return out
+
+
+class Evaluator:
+  """Evaluates one dataset's eval pairs, many times (built once per run and split).
+
+  ``Evaluator(model, dataset, item_freq, head, mesh=..., ks=...)(params) -> dict[str, float]``.
+  ``__init__`` groups the pairs by query, precomputes each query chunk's removed items (padded)
+  and creates the jitted item tower, query tower and excluding top-K; a second call compiles
+  nothing. References are computed on the first call and cached.
+
+  Args:
+    model: the two-tower flax module (``item_tower`` / ``query_tower`` methods).
+    dataset: its ``eval_*`` pairs and seen items are evaluated (see the module docstring).
+    item_freq: ``[N]`` D_train item frequencies; head: ``bool [N]`` head items.
+    mesh: the device mesh; ks: the cut-offs K.
+    batch_size: queries (and catalogue rows for the item tower) per chunk.
+    max_pairs: > 0: only the first ``max_pairs`` eval pairs.
+    exclude_train_items: remove each query's seen items (its positives excepted). The seen
+      items stay the references' query histories either way (a dataset loaded with
+      ``eval.exclude_train_items=False`` has none, and ItemKNN / ALS are popularity there).
+    references: names from ``references.REFERENCES``; neighbors: ItemKNN's per-item neighbours.
+  """
+
+  def __init__(self, model, dataset: table_lib.Dataset, item_freq: np.ndarray, head: np.ndarray,
+               *, mesh, ks, batch_size: int = 1024, max_pairs: int = 0,
+               exclude_train_items: bool = True,
+               references: tuple[str, ...] = ("popularity", "itemknn"), neighbors: int = 100):
+    self.ks = tuple(int(k) for k in ks)
+    if not self.ks or min(self.ks) < 1:
+      raise ValueError(f"ks={ks}: need at least one K >= 1")
+    self.references = tuple(references)
+    for name in self.references:
+      if name not in references_lib.REFERENCES:
+        raise ValueError(f"reference {name!r}; allowed: {references_lib.REFERENCES}")
+    self.k = max(self.ks)
+    self.model, self.dataset, self.mesh = model, dataset, mesh
+    self.batch_size, self.neighbors = int(batch_size), int(neighbors)
+    n_items = self.num_items = dataset.num_items
+    self.item_freq = np.asarray(item_freq)
+    self.head = np.asarray(head, bool)
+    self.cold = self.item_freq == 0
+    self.decile = popularity_deciles(self.item_freq)
+    self.pop_order, self.pop_rank = references_lib.popularity_order(self.item_freq)
+
+    n = dataset.num_eval if max_pairs <= 0 else min(max_pairs, dataset.num_eval)
+    rows, items = np.asarray(dataset.eval_query[:n]), np.asarray(dataset.eval_item[:n])
+    self.query_rows, inverse = np.unique(rows, return_inverse=True)  # [Q] distinct query rows
+    order = np.argsort(inverse, kind="stable")  # pairs grouped by query
+    self.pair_query = inverse[order].astype(np.int64)  # [E] index into query_rows
+    self.target = items[order].astype(np.int64)  # [E]
+    self.num_pairs, self.num_queries = int(n), int(self.query_rows.size)
+    self.queries = table_lib.take(dataset.queries, self.query_rows)
+
+    # History (seen items) of each distinct query, and the removed ones (positives excepted).
+    hq, hi = SeenItems.of(dataset).of_rows(self.query_rows)
+    key = np.unique(hq.astype(np.int64) * n_items + hi)
+    self.history = (key // n_items, key % n_items)  # sorted by query
+    if exclude_train_items:
+      key = key[~np.isin(key, self.pair_query * n_items + self.target)]
+    else:
+      key = key[:0]
+    self.excluded = (key // n_items, key % n_items)  # sorted by query
+
+    self.chunk = min(self.batch_size, self.num_queries)
+    self.bounds = list(_chunks(self.num_queries, self.chunk))
+    self._padded_excluded = [self._pad_excluded(s, e) for s, e in self.bounds]
+
+    rep = parallel.replicated(mesh)
+    self._item_fn = jax.jit(lambda p, b: model.apply(p, b, method=model.item_tower),
+                            out_shardings=rep)
+    self._query_fn = jax.jit(lambda p, b: model.apply(p, b, method=model.query_tower),
+                             out_shardings=rep)
+    self._item_chunk = EVAL_ITEM_CHUNK if n_items > EVAL_ITEM_CHUNK * mesh.size else None
+    self._top_k = make_excluding_top_k(mesh, min(self.k, n_items), n_items, self._item_chunk)
+    self._reference_metrics = None
+
+  def _rows_of(self, pairs: tuple[np.ndarray, np.ndarray], start: int, end: int):
+    """The ``(query - start, item)`` entries of ``pairs`` (sorted by query) for queries
+    ``start..end-1``."""
+    lo, hi = np.searchsorted(pairs[0], [start, end])
+    return pairs[0][lo:hi] - start, pairs[1][lo:hi]
+
+  def _pad_excluded(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+    """A chunk's removed pairs, padded to a power of two (``MIN_EXCLUDED`` at least); padding
+    entries point at query ``self.chunk`` (out of range: dropped on device)."""
+    q, i = self._rows_of(self.excluded, start, end)
+    size = max(MIN_EXCLUDED, 1 << max(int(q.size) - 1, 0).bit_length())
+    ex_q = np.full(size, self.chunk, np.int32)
+    ex_i = np.zeros(size, np.int32)
+    ex_q[:q.size], ex_i[:q.size] = q, i
+    return ex_q, ex_i
+
+  # -- the model ------------------------------------------------------------------------------
+
+  def _model_tops(self, params):
+    """Yields ``(start, end, top int32 [end - start, K])`` per query chunk (-1: no item)."""
+    item_emb = embed_table(lambda b: self._item_fn(params, b), self.dataset.items,
+                           self.num_items, self.batch_size)
+    items, _ = parallel.shard_rows(item_emb.astype(np.float32), self.mesh, self._item_chunk or 1)
+    for (start, end), (ex_q, ex_i) in zip(self.bounds, self._padded_excluded, strict=True):
+      batch = _pad_rows(table_lib.take(self.queries, np.arange(start, end)), self.chunk)
+      q = self._query_fn(params, batch)
+      v, ids = self._top_k(q, items, _replicate(ex_q, self.mesh), _replicate(ex_i, self.mesh))
+      v, ids = _host(v)[: end - start], _host(ids)[: end - start].astype(np.int32)
+      ids[np.isneginf(v)] = -1
+      if ids.shape[1] < self.k:  # a catalogue smaller than K
+        ids = np.pad(ids, ((0, 0), (0, self.k - ids.shape[1])), constant_values=-1)
+      yield start, end, ids
+
+  def model_top_k(self, params) -> np.ndarray:
+    """``int32 [Q, K]``: the model's top-K list of every distinct query (``query_rows``), seen
+    items removed; -1 past the end of a list."""
+    return np.concatenate([top for _, _, top in self._model_tops(params)], axis=0)
+
+  # -- references -----------------------------------------------------------------------------
+
+  def interactions(self):
+    """``(keys [U], R CSR [U, N])``: the references' user x item matrix (D_train pairs by query
+    row, plus each eval query's seen items; see ``references.py``)."""
+    hq, hi = self.history
+    query = np.concatenate([self.dataset.train_query, self.query_rows[hq]])
+    item = np.concatenate([self.dataset.train_item, hi])
+    return references_lib.interaction_matrix(query, item, self.num_items)
+
+  def _reference_tops(self, ref):
+    """Yields ``(start, end, top int32 [end - start, K])`` of a reference per query chunk."""
+    for start, end in self.bounds:
+      hq, hi = self._rows_of(self.history, start, end)
+      history = references_lib.history_matrix(hq, hi, end - start, self.num_items)
+      rows, cols, scores = ref.candidates(self.query_rows[start:end], history, self.k)
+      eq, ei = self._rows_of(self.excluded, start, end)
+      yield start, end, references_lib.top_k(rows, cols, scores, end - start, eq, ei,
+                                             self.pop_order, self.pop_rank, self.k)
+
+  def reference_top_k(self, name: str) -> np.ndarray:
+    """``int32 [Q, K]``: reference ``name``'s top-K lists (fits it again; for inspection)."""
+    ref = self._build_reference(name)
+    return np.concatenate([top for _, _, top in self._reference_tops(ref)], axis=0)
+
+  def _build_reference(self, name: str):
+    if name == "popularity":
+      return references_lib.Popularity()
+    keys, r = self.interactions()
+    return references_lib.build(name, keys, r, neighbors=self.neighbors)
+
+  def reference_metrics(self) -> dict[str, float]:
+    """The references' metrics (prefixed by their names), computed on the first call."""
+    if self._reference_metrics is None:
+      out = {}
+      for name in self.references:
+        out.update(self._metrics(self._reference_tops(self._build_reference(name)), f"{name}/"))
+      self._reference_metrics = out
+    return dict(self._reference_metrics)
+
+  # -- metrics ------------------------------------------------------------------------------
+
+  def _metrics(self, tops, prefix: str) -> dict[str, float]:
+    """Metrics from the ``(start, end, top)`` chunks of one recommender."""
+    rank = np.empty(self.num_pairs, np.int32)
+    first = np.full(self.num_items, self.k, np.int64)
+    for start, end, top in tops:
+      lo, hi = np.searchsorted(self.pair_query, [start, end])
+      rank[lo:hi] = target_ranks(top, self.pair_query[lo:hi] - start, self.target[lo:hi])
+      valid = top >= 0
+      pos = np.broadcast_to(np.arange(top.shape[1]), top.shape)[valid]
+      np.minimum.at(first, top[valid], pos)
+    return rank_metrics(rank, self.pair_query, self.target, first, num_queries=self.num_queries,
+                        ks=self.ks, head=self.head, cold=self.cold, decile=self.decile,
+                        prefix=prefix)
+
+  def __call__(self, params) -> dict[str, float]:
+    """The model's metrics, the references' (cached) and the eval counts."""
+    out = self._metrics(self._model_tops(params), "")
+    out.update(self.reference_metrics())
+    out["eval/pairs"] = float(self.num_pairs)
+    out["eval/queries"] = float(self.num_queries)
+    cold_pairs = int(self.cold[self.target].sum())
+    if cold_pairs:
+      out["eval/cold_pairs"] = float(cold_pairs)
+    return out
 
 
 def evaluate(params, model, dataset: table_lib.Dataset, item_freq: np.ndarray, head: np.ndarray,
              *, mesh, ks, batch_size: int = 1024, max_pairs: int = 0,
              exclude_train_items: bool = True) -> dict[str, float]:
-  """Recall@K (overall / head / tail, and cold when eval has cold targets) of the model and of
-  the popularity recommender; ``exclude_train_items``: see the module docstring."""
-  ks = tuple(int(k) for k in ks)
-  item_emb = item_embeddings(params, model, dataset, mesh, batch_size)  # [N, D]
-  n = dataset.num_eval if max_pairs <= 0 else min(max_pairs, dataset.num_eval)
-  targets = dataset.eval_item[:n].astype(np.int32)
-  query_rows = dataset.eval_query[:n]
-  queries = table_lib.take(dataset.queries, query_rows)
-  seen = SeenItems.of(dataset) if exclude_train_items else None
-  if seen is not None and not np.isin(query_rows, seen.query).any():
-    seen = None  # nothing to remove (the embedded dataset): the sharded top-K path
-  if seen is None:
-    top = retrieve(params, model, queries, n, item_emb, mesh, k=max(ks), batch_size=batch_size)
-    hits, pop_hits = hits_at(top, targets, ks), popularity_hits(item_freq, targets, ks)
-  else:
-    hits, pop_hits = _hits_excluding(params, model, queries, query_rows, targets, item_emb, seen,
-                                     item_freq, mesh, ks=ks, batch_size=batch_size)
-  cold = np.asarray(item_freq) == 0
-  out = recall_table(hits, targets, head, ks, cold=cold)
-  out.update(recall_table(pop_hits, targets, head, ks, prefix="popularity/", cold=cold))
-  out["eval/pairs"] = float(n)
-  if cold[targets].any():
-    out["eval/cold_pairs"] = float(cold[targets].sum())
-  return out
+  """One-off evaluation: ``Evaluator(...)(params)`` with the default references."""
+  return Evaluator(model, dataset, item_freq, head, mesh=mesh, ks=ks, batch_size=batch_size,
+                   max_pairs=max_pairs, exclude_train_items=exclude_train_items)(params)
 
 
 def format_table(metrics: dict[str, float], ks) -> str:
-  """A small text table: rows model / popularity, columns Recall@K overall, head, tail (, cold)."""
-  parts = ("", "/head", "/tail") + (("/cold",) if any(k.endswith("/cold") for k in metrics) else ())
-  cols = [f"R@{k}{s}" for k in ks for s in parts]
-  lines = ["| " + " | ".join(["recommender"] + cols) + " |",
-           "|" + "---|" * (len(cols) + 1)]
-  for name, prefix in (("model", ""), ("popularity", "popularity/")):
-    vals = [metrics.get(f"{prefix}recall@{k}{s}", float("nan")) for k in ks
-            for s in parts]
+  """A small text table: rows model / popularity / itemknn (/ als, those present), columns
+  Recall@K overall, head, tail (, cold) and NDCG@K."""
+  cold = ("/cold",) if any(k.endswith("/cold") for k in metrics) else ()
+  parts = [(f"R@{k}{s}", f"recall@{k}{s}") for k in ks for s in ("", "/head", "/tail") + cold]
+  parts += [(f"N@{k}", f"ndcg@{k}") for k in ks]
+  lines = ["| " + " | ".join(["recommender"] + [c for c, _ in parts]) + " |",
+           "|" + "---|" * (len(parts) + 1)]
+  rows = [("model", "")] + [(r, f"{r}/") for r in references_lib.REFERENCES
+                            if any(k.startswith(f"{r}/") for k in metrics)]
+  for name, prefix in rows:
+    vals = [metrics.get(prefix + key, float("nan")) for _, key in parts]
     lines.append("| " + " | ".join([name] + [f"{v:.4f}" for v in vals]) + " |")
   return "\n".join(lines)
+
