@@ -56,7 +56,8 @@ def test_csv_tables_with_schema():
   price = d.items["price"][:, 0]
   assert price[4] == 0.0 and abs(price).max() < 3
   # The same interactions as the ML-1M fixture (ISO times, the rating as weight): same split.
-  ml = movielens.load(os.path.join(REPO, "tests", "fixtures", "ml-1m"), embed_dim=8)
+  ml = movielens.load(os.path.join(REPO, "tests", "fixtures", "ml-1m"), embed_dim=8,
+                      valid_fraction=_config().data.valid_fraction)
   assert sorted(d.item_keys[d.train_item].astype(int)) == sorted(ml.item_keys[ml.train_item])
   assert sorted(d.item_keys[d.eval_item].astype(int)) == sorted(ml.item_keys[ml.eval_item])
   assert d.eval_seen_query.size == ml.eval_seen_query.size
@@ -156,8 +157,12 @@ def test_item_to_item_tables(tmp_path):
   d = sources.load(c)
   assert d.query_spec.share_tables_with == "item" and d.num_queries == d.num_items
   # Eval excludes each query item's training links.
+  # Test queries: their links of the training and validation periods (known before the test).
   seen = set(zip(d.eval_seen_query, d.eval_seen_item))
-  assert seen == {(q, i) for q, i in zip(d.train_query, d.train_item) if q in set(d.eval_query)}
+  before = set(zip(d.train_query, d.train_item)) | set(zip(d.valid_query, d.valid_item))
+  assert seen == {(q, i) for q, i in before if q in set(d.eval_query)}
+  seen = set(zip(d.valid_seen_query, d.valid_seen_item))
+  assert seen == {(q, i) for q, i in zip(d.train_query, d.train_item) if q in set(d.valid_query)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,7 +243,7 @@ def test_empty_eval_split_is_a_clear_error():
   c.data.min_rating = 4.0
   c.data.split = "user"
   c.data.eval_fraction = 0.01  # floor(0.01 * n) = 0 for every user: no eval period
-  with pytest.raises(table.DataError, match=r"the eval period has no positive interactions "
+  with pytest.raises(table.DataError, match=r"the test period has no positive interactions "
                                             r"\(.*data\.split='user', data\.eval_fraction=0\.01"):
     sources.load(c)
 

@@ -99,7 +99,8 @@ def test_rerun_skips_finished_and_resumes_interrupted(tiny_sweep):
   assert [ln for ln in p.stdout.splitlines() if ln.startswith("start")] == [
       f"start  {NAMES[3]} | 3/4 done, 1 running, 0 left, 0 failed, 0m00s"]
   assert "resumed from checkpoint at step 4" in (victim / "log.txt").read_text()
-  assert json.loads((victim / "eval.jsonl").read_text())["step"] == 5
+  lines = [json.loads(line) for line in (victim / "eval.jsonl").read_text().splitlines()]
+  assert [(r["step"], r["split"]) for r in lines] == [(5, "valid"), (5, "test")]
 
 
 def test_failed_run_is_reported_and_others_finish(tmp_path):

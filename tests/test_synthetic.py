@@ -43,7 +43,11 @@ def test_validates_with_expected_schema(dataset):
   assert dataset.num_items == SMALL["num_items"]
   assert dataset.num_queries == SMALL["num_queries"]
   assert dataset.num_train == SMALL["num_train_pairs"]
-  assert dataset.num_eval == SMALL["num_eval_pairs"]
+  # The held-out pairs are split by query into validation and test: no user in both.
+  assert dataset.num_eval + dataset.num_valid == SMALL["num_eval_pairs"]
+  assert dataset.num_eval > 0 and dataset.num_valid > 0
+  assert not set(dataset.valid_query.tolist()) & set(dataset.eval_query.tolist())
+  assert not set(dataset.valid_query.tolist()) & set(dataset.train_query.tolist())
   for spec, tab in ((dataset.item_spec, dataset.items), (dataset.query_spec, dataset.queries)):
     assert set(tab) == set(spec.names)
     for f in spec.features:
@@ -77,8 +81,11 @@ def test_embed_dim_is_propagated():
 
 
 def test_minimum_sizes():
-  d = synthetic.generate(7, num_items=100, num_queries=10, num_train_pairs=1, num_eval_pairs=1)
-  assert d.num_items == 100 and d.num_queries == 10 and d.num_train == d.num_eval == 1
+  # The smallest: 2 held-out users (one validation, one test) and one pair each.
+  d = synthetic.generate(0, num_items=100, num_queries=10, num_train_pairs=1, num_eval_pairs=2)
+  assert d.num_items == 100 and d.num_queries == 10 and d.num_train == d.num_eval == d.num_valid == 1
+  with pytest.raises(table.DataError, match="leave the validation or the test split empty"):
+    synthetic.generate(7, num_items=100, num_queries=10, num_train_pairs=1, num_eval_pairs=1)
   d = synthetic.generate(7, num_items=100, num_queries=10, num_train_pairs=500,
                          num_eval_pairs=50, feature_noise=1.0, popularity_exponent=0.0)
   assert d.validate() is d
@@ -186,7 +193,9 @@ def test_eval_queries_held_out(dataset):
   assert not train_q & eval_q
   boundary = dataset.num_queries - round(synthetic.EVAL_QUERY_FRACTION * dataset.num_queries)
   assert max(train_q) < boundary <= min(eval_q)
-  assert len(eval_q) > 0.9 * (dataset.num_queries - boundary)  # most held-out queries used
+  valid_q = set(dataset.valid_query.tolist())
+  assert not valid_q & eval_q and not valid_q & train_q and boundary <= min(valid_q)
+  assert len(eval_q | valid_q) > 0.9 * (dataset.num_queries - boundary)  # most held-out queries used
 
 
 @pytest.mark.parametrize("kwargs", [

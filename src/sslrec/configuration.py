@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from sslrec import errors, sparse, step
+from sslrec import errors, references, sparse, step
 from sslrec.data import pipeline, sources
 from sslrec.model import augment
 
@@ -22,7 +22,8 @@ from sslrec.model import augment
 RESUMABLE_FIELDS = frozenset({
     "train.num_steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
     "train.max_checkpoints", "eval.max_queries", "eval.batch_size", "data.num_threads",
-    "data.prefetch", "eval.exclude_train_items", "train.skip_nonfinite",
+    "data.prefetch", "eval.exclude_train_items", "train.skip_nonfinite", "train.num_epochs",
+    "train.early_stopping_patience",
 })
 
 # Choice fields whose allowed values are the registries of the modules that own them: a new
@@ -32,6 +33,7 @@ ITEM_SAMPLINGS = tuple(pipeline.ITEM_POOLS)
 OPTIMIZERS = tuple(step.OPTIMIZERS)
 EMBEDDING_OPTIMIZERS = tuple(sparse.OPTIMIZERS)
 DATA_SOURCES = tuple(sources.SOURCES)
+REFERENCES = tuple(references.REFERENCES)
 SSL_SHARING = ("all", "all_but_last", "none")
 DTYPES = ("float32", "bfloat16")
 SPLITS = ("global", "user")
@@ -73,6 +75,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   g = lambda p: _get(config, p)  # noqa: E731
   _check(_is_int(g("seed")), "seed", g("seed"), "an integer")
   _check(0 <= g("seed") < INT_LIMIT, "seed", g("seed"), "an integer in [0, 2**31)")
+  _check(_is_int(g("data.seed")) and 0 <= g("data.seed") < INT_LIMIT, "data.seed", g("data.seed"),
+         "an integer in [0, 2**31)")
   _check(g("data.name") in DATA_SOURCES, "data.name", g("data.name"), f"one of {DATA_SOURCES}")
   for f in ("data.num_items", "data.num_queries", "data.num_train_pairs", "data.num_eval_pairs"):
     _check(_is_int(g(f)) and g(f) >= 1, f, g(f), "an integer >= 1")
@@ -138,6 +142,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(g("optimizer.embedding_optimizer") in EMBEDDING_OPTIMIZERS,
          "optimizer.embedding_optimizer", g("optimizer.embedding_optimizer"),
          f"one of {EMBEDDING_OPTIMIZERS}")
+  _check(_is_num(g("optimizer.embedding_initial_accumulator"))
+         and g("optimizer.embedding_initial_accumulator") >= 0,
+         "optimizer.embedding_initial_accumulator", g("optimizer.embedding_initial_accumulator"),
+         "a number >= 0 (0 = batch-aware: 400 / train.batch_size**2)")
   _check(_is_num(g("optimizer.embedding_learning_rate")) and g("optimizer.embedding_learning_rate") > 0,
          "optimizer.embedding_learning_rate", g("optimizer.embedding_learning_rate"), "a number > 0")
   _check(_is_int(g("optimizer.sparse_min_rows")) and g("optimizer.sparse_min_rows") >= 0,
@@ -153,6 +161,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(_is_int(g(f)) and g(f) >= 1, f, g(f), "an integer >= 1")
   _check(isinstance(g("train.skip_nonfinite"), bool), "train.skip_nonfinite",
          g("train.skip_nonfinite"), "True or False")
+  _check(_is_num(g("train.num_epochs")) and g("train.num_epochs") >= 0, "train.num_epochs",
+         g("train.num_epochs"), "a number >= 0 (0 = train.num_steps steps)")
+  _check(_is_int(g("train.early_stopping_patience")) and g("train.early_stopping_patience") >= 0,
+         "train.early_stopping_patience", g("train.early_stopping_patience"),
+         "an integer >= 0 (0 = off)")
 
   ks = g("eval.ks")
   _check(isinstance(ks, (tuple, list)) and len(ks) > 0 and all(_is_int(k) and k >= 1 for k in ks),
@@ -165,6 +178,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
          g("eval.max_queries"), "an integer >= 0 (0 = all)")
   _check(isinstance(g("eval.exclude_train_items"), bool), "eval.exclude_train_items",
          g("eval.exclude_train_items"), "True or False")
+  refs = g("eval.references")
+  _check(isinstance(refs, (tuple, list)) and all(r in REFERENCES for r in refs)
+         and len(set(refs)) == len(refs), "eval.references", refs,
+         f"a tuple of distinct names from {REFERENCES}")
+  metrics = selectable_metrics(ks)
+  _check(g("train.select_metric") in metrics, "train.select_metric", g("train.select_metric"),
+         f"a validation metric the evaluation computes: one of {metrics}")
 
   shape, axes = g("mesh.shape"), g("mesh.axes")
   _check(isinstance(shape, (tuple, list)) and all(_is_int(s) and (s >= 1 or s == -1) for s in shape)
@@ -173,6 +193,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(isinstance(axes, (tuple, list)) and len(axes) == len(shape) and "data" in axes,
          "mesh.axes", axes, f"{len(shape)} axis names including 'data'")
   _check_numbers(config)
+
+
+def selectable_metrics(ks) -> tuple[str, ...]:
+  """The validation metrics a run can select its checkpoint by (higher is better)."""
+  return tuple(f"{m}@{k}{part}" for m in ("recall", "ndcg", "map") for k in ks
+               for part in (("", "/head", "/tail") if m != "map" else ("",)))
+
+
+def num_steps(config, num_train: int) -> int:
+  """The run's length in steps: ``train.num_epochs`` epochs of D_train when set, else
+  ``train.num_steps``."""
+  if config.train.num_epochs > 0:
+    return max(1, math.ceil(config.train.num_epochs * num_train / config.train.batch_size))
+  return int(config.train.num_steps)
 
 
 def _check_numbers(node, prefix: str = "") -> None:
@@ -200,6 +234,11 @@ def _validate_real_data(g) -> None:
   _check(g("data.split") in SPLITS, "data.split", g("data.split"), f"one of {SPLITS}")
   _check(_is_num(g("data.eval_fraction")) and 0 < g("data.eval_fraction") < 1,
          "data.eval_fraction", g("data.eval_fraction"), "a number in (0, 1)")
+  _check(_is_num(g("data.valid_fraction")) and 0 < g("data.valid_fraction")
+         and g("data.eval_fraction") + g("data.valid_fraction") < 1, "data.valid_fraction",
+         g("data.valid_fraction"),
+         f"a number in (0, {1 - g('data.eval_fraction'):g}) (with data.eval_fraction, below 1: "
+         "training keeps the rest)")
   _check(_is_int(g("data.history_length")) and g("data.history_length") >= 0,
          "data.history_length", g("data.history_length"), "an integer >= 0 (0 = no history)")
   _check(g("data.query_mode") in QUERY_MODES, "data.query_mode", g("data.query_mode"),

@@ -85,7 +85,9 @@ def create_embedding_optimizer(config: ml_collections.ConfigDict):
   if oc.embedding_update != "sparse":
     return None
   return sparse.make_optimizer(oc.embedding_optimizer, oc.embedding_learning_rate,
-                               min_rows=oc.sparse_min_rows)
+                               min_rows=oc.sparse_min_rows,
+                               initial_accumulator_value=oc.embedding_initial_accumulator or
+                               sparse.batch_aware_accumulator(config.train.batch_size))
 
 
 def example_inputs(dataset, n: int = 2):

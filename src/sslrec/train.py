@@ -20,6 +20,7 @@ from sslrec import configuration, parallel
 from sslrec import evaluate as evaluate_lib
 from sslrec import step as step_lib
 from sslrec.data import pipeline, sources, stats
+from sslrec.data import table as table_lib
 from sslrec.run import checkpointing, reliability
 from sslrec.run import workdir as workdir_lib
 
@@ -53,6 +54,11 @@ class Run:
     configuration.validate_against_data(
         config, num_items=self.dataset.num_items, num_train=self.dataset.num_train,
         item_feature_names=self.dataset.item_spec.names)
+    if self.dataset.valid_item is None:
+      raise table_lib.DataError(
+          f"{self.dataset.name}: no validation split (periodic evaluations, checkpoint selection "
+          "and early stopping run on it; the test split is scored once, at the end)")
+    self.num_steps = configuration.num_steps(config, self.dataset.num_train)
     self.stats = stats.corpus_stats(self.dataset, head_fraction=config.eval.head_fraction)
     self.mesh = parallel.make_mesh(config.mesh.shape, config.mesh.axes, devices)
     parallel.check_table_rows(self.mesh, config.model.table_row_multiple)
@@ -81,6 +87,7 @@ class Run:
                                       self.state_sharding, self.emb_opt)
     self.pair_iter = iter(self.pair_data)
     self.item_iter = iter(self.item_data) if self.item_data is not None else None
+    self._evaluators: dict[str, evaluate_lib.Evaluator] = {}
 
   def next_batches(self):
     pairs = parallel.to_global(next(self.pair_iter), self.mesh)
@@ -96,12 +103,17 @@ class Run:
     self.state, metrics = self.step_fn(self.state, pairs, items, self.step_rng)
     return metrics
 
-  def evaluate(self) -> dict[str, float]:
-    c = self.config
-    return evaluate_lib.evaluate(self.state.params, self.model, self.dataset,
-                                 self.stats.item_freq, self.stats.head, mesh=self.mesh,
-                                 ks=c.eval.ks,
-                                 batch_size=c.eval.batch_size, max_pairs=c.eval.max_queries)
+  def evaluate(self, split: str = "valid", params=None) -> dict[str, float]:
+    """Metrics of ``params`` (default: the current state's) on the 'valid' or 'test' split. One
+    ``evaluate.Evaluator`` per split, built on first use: its jitted functions compile once per
+    run and the references' figures are computed once."""
+    if split not in self._evaluators:
+      c = self.config
+      self._evaluators[split] = evaluate_lib.Evaluator(
+          self.model, self.dataset.for_split(split), self.stats.item_freq, self.stats.head,
+          mesh=self.mesh, ks=c.eval.ks, batch_size=c.eval.batch_size,
+          max_pairs=c.eval.max_queries, references=tuple(c.eval.references))
+    return self._evaluators[split](self.state.params if params is None else params)
 
   # Checkpoints: train state + both iterators' positions + config + corpus statistics + the loop's
   # metric sums since the last logged line (so a resumed run logs what an uninterrupted one would).
@@ -202,6 +214,70 @@ class _Window:
     return {"sums": dict(self.sums), "count": self.count, "skipped": self.skipped}
 
 
+def _save_best(mgr, step: int, params):
+  if step in mgr.all_steps():
+    mgr.delete(step)
+  mgr.save(step, args=checkpointing.best_args(params, save=True), force=True)
+
+
+def _warn_if_flat(scalars: dict, config) -> bool:
+  """Warns (once) when the main loss is still near ``log(train.batch_size)`` a quarter into the
+  run: with logQ correction that is the loss of a model that ranks by popularity only (every
+  in-batch item as likely), i.e. the towers have not learned to personalise. Returns whether it
+  warned."""
+  main = scalars.get("loss/main")
+  flat = np.log(config.train.batch_size)
+  if main is None or not config.loss.logq_correction or main < 0.95 * flat:
+    return False
+  _log(f"warning: loss/main {main:.3f} is still near log(train.batch_size) = {flat:.3f}, the "
+       "loss of a model that learned nothing beyond popularity; the towers are not "
+       "personalising: raise optimizer.embedding_learning_rate (or lower "
+       "optimizer.embedding_initial_accumulator), train longer, or check the query features")
+  return True
+
+
+def _format_eval(split: str, step: int, metrics: dict, config) -> str:
+  keys = [f"recall@{k}" for k in config.eval.ks] + [config.train.select_metric]
+  return f"eval ({split}) step {step}: " + ", ".join(
+      f"{k} {metrics[k]:.4f}" for k in dict.fromkeys(keys) if k in metrics)
+
+
+class _Selection:
+  """Checkpoint selection on the validation split and early stopping.
+
+  After each validation the best value of ``train.select_metric`` so far (higher is better; NaN
+  never wins) and its step are kept; an improvement saves the parameters to the workdir's
+  ``best`` checkpoint (``checkpointing.best_manager``), so the test evaluation at the end scores
+  the selected model. ``train.early_stopping_patience`` validations in a row without improvement
+  stop the run. The record travels in every checkpoint's loop state, so a resumed run goes on
+  selecting where it stopped.
+  """
+
+  def __init__(self, loop: dict, metric: str, patience: int):
+    rec = loop.get("selection", {})
+    self.metric, self.patience = metric, patience
+    self.best_step = rec.get("best_step")
+    self.best_value = rec.get("best_value")
+    self.bad_evals = int(rec.get("bad_evals", 0))
+    self.stopped_early = bool(rec.get("stopped_early", False))
+
+  def update(self, step: int, metrics: dict) -> bool:
+    """Records a validation; returns whether it is the best so far."""
+    value = float(metrics[self.metric])
+    improved = np.isfinite(value) and (self.best_value is None or value > self.best_value)
+    if improved:
+      self.best_step, self.best_value, self.bad_evals = step, value, 0
+    else:
+      self.bad_evals += 1
+      if self.patience and self.bad_evals >= self.patience:
+        self.stopped_early = True
+    return improved
+
+  def state(self) -> dict:
+    return {"best_step": self.best_step, "best_value": self.best_value,
+            "bad_evals": self.bad_evals, "stopped_early": self.stopped_early}
+
+
 def _handle_nonfinite(run: Run, bad, window: _Window, *, workdir: str, last_saved, skip: bool,
                       is_main: bool):
   """Stops the run on the first non-finite step (NonFiniteError), or, with
@@ -264,6 +340,7 @@ def _train(config, workdir: str, stop) -> dict[str, float]:
     _log(space)
   stop.bind(run.mesh)
   manager = checkpoint_manager(workdir, config)
+  best_manager = checkpointing.best_manager(workdir)
   sealer = checkpointing.Sealer(manager, enabled=is_main)
   writer = None
   try:
@@ -278,15 +355,20 @@ def _train(config, workdir: str, stop) -> dict[str, float]:
         _log(f"dropped {dropped} metrics / eval lines the interrupted run wrote after step "
              f"{start}")
     writer = workdir_lib.MetricsWriter(workdir, enabled=is_main, purge_step=start + 1)
-    num_steps = config.train.num_steps
+    num_steps = run.num_steps
     tc = config.train
-    last_eval = None
     last_saved = start if resumed is not None else None
     window = _Window(loop)
+    selection = _Selection(loop, tc.select_metric, tc.early_stopping_patience)
     kill_at = reliability.kill_step()
     t_window, n_window = time.time(), 0
     t_start = time.time()
-    for step in range(start + 1, num_steps + 1):
+    # Best-parameter saves after the checkpoint resumed from belong to a run that was cut short
+    # (this run re-creates them); a fresh run starts with none.
+    checkpointing.prune_best(best_manager, keep=selection.best_step, after=start)
+    first = start + 1 if not selection.stopped_early else num_steps + 1
+    warned_flat = False
+    for step in range(first, num_steps + 1):
       window.add(step, run.step())
       n_window += 1
       sealer.flush_if_done()
@@ -307,6 +389,8 @@ def _train(config, workdir: str, stop) -> dict[str, float]:
         scalars["examples_per_sec"] = n_window * tc.batch_size / max(dt, 1e-9)
         scalars["steps_per_sec"] = n_window / max(dt, 1e-9)
         writer.write("metrics.jsonl", step, scalars)
+        if not warned_flat and step >= num_steps // 4:
+          warned_flat = _warn_if_flat(scalars, config)
         eta = (num_steps - step) / max(scalars["steps_per_sec"], 1e-9)
         parts = ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in sorted(scalars.items())
                           if k.startswith("loss/"))
@@ -316,15 +400,24 @@ def _train(config, workdir: str, stop) -> dict[str, float]:
              f"{skipped}")
         t_window, n_window = time.time(), 0
       if eval_now:
-        last_eval = run.evaluate()
-        writer.write("eval.jsonl", step, last_eval)
-        _log(f"eval step {step}: " + ", ".join(
-            f"{k} {last_eval[k]:.4f}" for k in (f"recall@{kk}" for kk in config.eval.ks)))
+        valid = run.evaluate("valid")
+        writer.write("eval.jsonl", step, valid, tags={"split": "valid"})
+        if selection.update(step, valid):
+          _save_best(best_manager, step, run.state.params)
+        _log(_format_eval("valid", step, valid, config)
+             + (f" | best {selection.best_value:.4f} at step {selection.best_step}"
+                if selection.best_step is not None else ""))
+        if selection.stopped_early:
+          _log(f"early stopping at step {step}: {tc.select_metric} has not improved for "
+               f"{selection.bad_evals} validations (train.early_stopping_patience)")
+          save_now = True
         t_window = time.time()
       if save_now:
-        manager.save(step, args=run.checkpoint_args(save=True, loop=window.state()))
+        loop_state = dict(window.state(), selection=selection.state())
+        manager.save(step, args=run.checkpoint_args(save=True, loop=loop_state))
         sealer.saved(step)
         last_saved = step
+        checkpointing.prune_best(best_manager, keep=selection.best_step, upto=step)
         t_window = time.time()
       if step == kill_at:
         reliability.kill_now()
@@ -332,15 +425,33 @@ def _train(config, workdir: str, stop) -> dict[str, float]:
         sealer.flush()
         raise reliability.Stopped(step, stop.signal_name,
                                   os.path.join(checkpointing.directory(workdir), str(step)))
-    if last_eval is None:  # resumed at or past the end: evaluate the restored model
-      last_eval = run.evaluate()
+      if selection.stopped_early:
+        break
+    last_step = int(jax.device_get(run.state.step))
+    if selection.best_step is None:  # resumed at or past the end of a run that never validated
+      valid = run.evaluate("valid")
+      selection.update(last_step, valid)
+      _save_best(best_manager, last_step, run.state.params)
+    best_manager.wait_until_finished()
+    params = run.state.params
+    selected = selection.best_step
+    if selected != last_step:
+      params = best_manager.restore(selected, args=checkpointing.best_args(params, save=False))
+      params = params["params"]
+    last_eval = run.evaluate("test", params)
+    writer.write("eval.jsonl", last_step, last_eval,
+                 tags={"split": "test", "selected_step": int(selected)})
+    _log(_format_eval("test", last_step, last_eval, config)
+         + f" | checkpoint of step {selected}, selected by validation {tc.select_metric}")
   finally:
     try:
       sealer.flush()  # an in-flight save completes (and is sealed) whatever stopped the loop
     finally:
       manager.close()
+      best_manager.close()
       if writer is not None:
         writer.close()
-  _log(f"done: {num_steps - start} steps in {_fmt_duration(time.time() - t_start)}\n"
+  _log(f"done: {max(last_step - start, 0)} steps in {_fmt_duration(time.time() - t_start)}; "
+       f"test split, checkpoint of step {selected}:\n"
        + evaluate_lib.format_table(last_eval, config.eval.ks))
   return last_eval

@@ -402,10 +402,12 @@ def load(config) -> table_lib.Dataset:
   lg = interactions.Log(key=key_row[keep], item=item_row[keep], time=time[keep],
                         positive=positive[keep])
   names = item_cols[fc.item_name].values.astype(object) if fc.item_name else None
-  describe = (f"{inter_path}, data.split={d.split!r}, data.eval_fraction={d.eval_fraction}"
+  describe = (f"{inter_path}, data.split={d.split!r}, data.eval_fraction={d.eval_fraction}, "
+              f"data.valid_fraction={d.valid_fraction}"
               + (f", data.min_rating={d.min_rating}" if fc.weight else ""))
   return interactions.build(
       "files", lg, items, queries, mode="item" if item_mode else "user", split=d.split,
-      eval_fraction=d.eval_fraction, seed=config.seed, embed_dim=d.embed_dim,
+      eval_fraction=d.eval_fraction, valid_fraction=d.valid_fraction, seed=d.seed,
+      embed_dim=d.embed_dim,
       item_keys=item_keys, item_names=names, share_tables=config.model.share_item_tables,
       describe=describe)

@@ -3,12 +3,15 @@
 Both file readers (``movielens.py``, ``files.py``) parse their files into a ``Log`` (one row per
 interaction: key, item, time, positive) and two ``Table``s of raw features, then call ``build``.
 
-**Split** (``split``): 'global' puts every event at or after one time cutoff (the time of the
-event at quantile ``1 - eval_fraction``) into the eval period; 'user' does so per key, at the time
-of the key's ``floor(eval_fraction * n)``-th latest event (ties at that time go to eval, so each
-key's training events are strictly earlier than its eval events). D_train = the positives of the
-training period, eval pairs = the positives of the eval period. Non-positive events (e.g. low
-ratings) still count as *seen*: they feed the history and the evaluation's exclusions.
+**Split** (``split``) into three periods, train < validation < test in time: 'global' puts every
+event at or after one time cutoff (the time of the event at quantile ``1 - eval_fraction``) into
+the test period, and the events from the cutoff at quantile ``1 - eval_fraction -
+valid_fraction`` up to it into the validation period (the slice just before test); 'user' does so
+per key, at the times of the key's ``floor(eval_fraction * n)``-th and ``floor((eval_fraction +
+valid_fraction) * n)``-th latest events (ties at a boundary go to the later period, so each key's
+events of one period are strictly earlier than those of the next). D_train = the positives of the
+training period; validation / test pairs = the positives of their periods. Non-positive events
+(e.g. low ratings) still count as *seen*: they feed the history and the evaluation's exclusions.
 
 **Vocabularies** come from the training period only: item features from the items of its events,
 query features from its keys (see ``encode.py``: OOV id 0, or hash buckets).
@@ -17,16 +20,19 @@ query features from its keys (see ``encode.py``: OOV id 0, or hash buckets).
 
 * 'user'  the key is a row of the query table. With a 'history' feature, every training pair gets
   its own context (the key's features + its latest ``max_len`` items strictly before the pair's
-  time, most recent first) and every key with eval pairs one context at the start of its eval
-  period (history = its latest training-period items), so no eval item is ever in a history.
+  time, most recent first) and every key with validation (test) pairs one context at the start of
+  its validation (test) period (history = its latest items before that period), so no held-out
+  item is ever in the history of its own period's query.
   Without one, the query table's rows are the contexts.
 * 'item'  the key is itself an item (e.g. a page linking to another): queries are the catalogue's
   rows, read with the item features.
 * 'previous_item'  the key is a user; the query of a training pair is the user's previous item
-  (strictly earlier), the query of its eval pairs the user's last training-period item.
+  (strictly earlier), the query of its held-out pairs the user's last item before their period.
 
-**Seen items**: each eval context gets the items of its key's training-period events
-(``Dataset.eval_seen_query`` / ``eval_seen_item``), which evaluation removes from its ranking.
+**Seen items**: each held-out context gets the items of its key's events before its period
+(``Dataset.valid_seen_*`` / ``eval_seen_*``), which evaluation removes from its ranking. The model
+trains on the training period only; a test query's history and exclusions also hold its
+validation-period events (known at test time, never trained on).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from sslrec.data import table as table_lib
 
 PAD = features_lib.PAD
 SPLITS = ("global", "user")
+TRAIN, VALID, TEST = 0, 1, 2  # the periods, in time order
 MODES = ("user", "item", "previous_item")
 
 log = logging.getLogger(__name__)
@@ -84,12 +91,17 @@ class Split:
   item: np.ndarray
   time: np.ndarray
   positive: np.ndarray
-  is_eval: np.ndarray  # bool [E]
+  period: np.ndarray  # int8 [E]: TRAIN, VALID or TEST
   key_start: np.ndarray  # [E] first sorted position of the event's key
   tie_start: np.ndarray  # [E] first sorted position of the event's (key, time) group
   keys: np.ndarray  # [K] distinct keys, sorted
   first: np.ndarray  # [K] first sorted position of each key
-  num_train: np.ndarray  # [K] training-period events of each key (a prefix of its events)
+  num_before: dict  # {VALID, TEST: [K]} events of each key before that period (a prefix)
+
+  @property
+  def is_eval(self) -> np.ndarray:
+    """bool [E]: the held-out (validation or test) periods."""
+    return self.period != TRAIN
 
 
 def index_of(table_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
@@ -134,8 +146,8 @@ def known(rows: np.ndarray, keys: np.ndarray, policy: str, *, what: str, table: 
   return ok
 
 
-def split_log(lg: Log, how: str, eval_fraction: float) -> Split:
-  """Sorts by (key, time, file order) and marks the eval period (see the module docstring)."""
+def split_log(lg: Log, how: str, eval_fraction: float, valid_fraction: float = 0.0) -> Split:
+  """Sorts by (key, time, file order) and marks the periods (see the module docstring)."""
   if how not in SPLITS:
     raise ValueError(f"split={how!r}; allowed: {SPLITS}")
   n = lg.key.size
@@ -152,17 +164,24 @@ def split_log(lg: Log, how: str, eval_fraction: float) -> Split:
   first = np.flatnonzero(new_key)
   count = np.diff(np.append(first, n))
   seg = np.cumsum(new_key) - 1
-  if how == "global":
-    cut_at = min(n - 1, max(0, math.ceil((1.0 - eval_fraction) * n - 1e-9)))
-    cutoff = np.sort(time)[cut_at]
-    is_eval = time >= cutoff
-  else:
-    num_eval = np.floor(eval_fraction * count + 1e-9).astype(np.int64)
-    boundary = np.minimum(first + count - num_eval, n - 1)
-    is_eval = (num_eval[seg] > 0) & (time >= time[boundary][seg])
-  num_train = np.bincount(seg, ~is_eval, minlength=first.size).astype(np.int64)
-  return Split(order, key, item, time, positive, is_eval, key_start, tie_start, key[first], first,
-               num_train)
+
+  def held_out(fraction: float) -> np.ndarray:  # bool [E]: the latest `fraction` of the events
+    if fraction <= 0:
+      return np.zeros(n, bool)
+    if how == "global":
+      cut_at = min(n - 1, max(0, math.ceil((1.0 - fraction) * n - 1e-9)))
+      return time >= np.sort(time)[cut_at]
+    num = np.floor(fraction * count + 1e-9).astype(np.int64)
+    boundary = np.minimum(first + count - num, n - 1)
+    return (num[seg] > 0) & (time >= time[boundary][seg])
+
+  is_test = held_out(eval_fraction)
+  is_held = held_out(eval_fraction + valid_fraction) | is_test if valid_fraction > 0 else is_test
+  period = np.where(is_test, TEST, np.where(is_held, VALID, TRAIN)).astype(np.int8)
+  num_before = {p: np.bincount(seg, period < p, minlength=first.size).astype(np.int64)
+                for p in (VALID, TEST)}
+  return Split(order, key, item, time, positive, period, key_start, tie_start, key[first], first,
+               num_before)
 
 
 def _history(end: np.ndarray, low: np.ndarray, event_ids: np.ndarray, length: int) -> np.ndarray:
@@ -191,7 +210,7 @@ def _concat(a: dict, b: dict) -> dict:
 def build(name: str, lg: Log, items: Table, queries: Table | None, *, mode: str, split: str,
           eval_fraction: float, seed: int, embed_dim: int, item_keys: np.ndarray,
           item_names: np.ndarray | None = None, share_tables: bool = False,
-          describe: str = "") -> table_lib.Dataset:
+          describe: str = "", valid_fraction: float = 0.0) -> table_lib.Dataset:
   """The Dataset of a log (see the module docstring).
 
   Args:
@@ -200,8 +219,9 @@ def build(name: str, lg: Log, items: Table, queries: Table | None, *, mode: str,
     items: the catalogue's raw features; row i is item i.
     queries: the query table's raw features ('user' mode; may hold one 'history' decl).
     mode: 'user' | 'item' | 'previous_item'.
-    split / eval_fraction: the time split.
-    seed: orders the eval pairs (so ``eval.max_queries`` takes a random sample).
+    split / eval_fraction / valid_fraction: the time split (test, and the validation slice
+      just before it; ``valid_fraction=0``: no validation split).
+    seed: orders the held-out pairs (so ``eval.max_queries`` takes a random sample).
     embed_dim: every feature's embedding width.
     item_keys: ``[N]`` raw item keys (the 'history' feature's vocabulary values).
     item_names: optional ``[N]`` display names.
@@ -216,14 +236,18 @@ def build(name: str, lg: Log, items: Table, queries: Table | None, *, mode: str,
   where = f" ({describe})" if describe else ""
   if not lg.positive.any():
     raise table_lib.DataError(f"{name}: no positive interactions{where}")
-  s = split_log(lg, split, eval_fraction)
-  train_pos = np.flatnonzero(~s.is_eval & s.positive)
-  eval_pos = np.flatnonzero(s.is_eval & s.positive)
+  s = split_log(lg, split, eval_fraction, valid_fraction)
+  periods = (VALID, TEST) if valid_fraction > 0 else (TEST,)
+  period_name = {VALID: "validation", TEST: "test"}
+  train_pos = np.flatnonzero((s.period == TRAIN) & s.positive)
+  held = {p: np.flatnonzero((s.period == p) & s.positive) for p in periods}
   if train_pos.size == 0:
     raise table_lib.DataError(f"{name}: the training period has no positive interactions{where}")
-  if eval_pos.size == 0:
-    raise table_lib.DataError(f"{name}: the eval period has no positive interactions{where}")
-  train_period = ~s.is_eval
+  for p in periods:
+    if held[p].size == 0:
+      raise table_lib.DataError(
+          f"{name}: the {period_name[p]} period has no positive interactions{where}")
+  train_period = s.period == TRAIN
 
   # Items: vocabularies from the training period's items (and query items in 'item' mode).
   fit_items = np.zeros(items.num_rows, bool)
@@ -234,7 +258,8 @@ def build(name: str, lg: Log, items: Table, queries: Table | None, *, mode: str,
   item_spec = features_lib.TowerSpec("item", tuple(item_specs))
 
   seg = np.searchsorted(s.keys, s.key)  # [E] index of the event's key in s.keys
-  eval_keys = np.unique(seg[eval_pos])  # [U] indices into s.keys with eval pairs
+  held_keys = {p: np.unique(seg[held[p]]) for p in periods}  # indices into s.keys
+  ctx_of_key = {p: np.full(s.keys.size, -1, np.int64) for p in periods}
   dropped = 0
   if mode == "user":
     fit_q = np.zeros(queries.num_rows, bool)
@@ -253,10 +278,12 @@ def build(name: str, lg: Log, items: Table, queries: Table | None, *, mode: str,
         vocab = encode.Vocabulary(item_keys[fit_items])
         event_ids = vocab.lookup(item_keys[s.item])
         hist_size, hist_vocab = vocab.size, vocab.to_list()
-      # One context per training pair, then one per eval key at the start of its eval period.
-      ctx_key = np.concatenate([s.key[train_pos], s.keys[eval_keys]])
-      end = np.concatenate([s.tie_start[train_pos], s.first[eval_keys] + s.num_train[eval_keys]])
-      low = np.concatenate([s.key_start[train_pos], s.first[eval_keys]])
+      # One context per training pair, then one per held-out key at the start of each period.
+      ks = [held_keys[p] for p in periods]
+      ctx_key = np.concatenate([s.key[train_pos]] + [s.keys[k] for k in ks])
+      end = np.concatenate([s.tie_start[train_pos]]
+                           + [s.first[k] + s.num_before[p][k] for p, k in zip(periods, ks)])
+      low = np.concatenate([s.key_start[train_pos]] + [s.first[k] for k in ks])
       q_arrays = table_lib.take(q_arrays, ctx_key)
       q_arrays[h.name] = _history(end, low, event_ids, h.max_len)
       q_specs.append(features_lib.FeatureSpec(h.name, "multi", vocab_size=int(hist_size),
@@ -265,57 +292,68 @@ def build(name: str, lg: Log, items: Table, queries: Table | None, *, mode: str,
       if hist_vocab is not None:
         vocabs[h.name] = hist_vocab
       train_ctx = np.arange(train_pos.size)
-      eval_ctx_of_key = np.full(s.keys.size, -1, np.int64)
-      eval_ctx_of_key[eval_keys] = train_pos.size + np.arange(eval_keys.size)
+      offset = train_pos.size
+      for p, k in zip(periods, ks):
+        ctx_of_key[p][k] = offset + np.arange(k.size)
+        offset += k.size
     else:
       train_ctx = s.key[train_pos]
-      eval_ctx_of_key = np.full(s.keys.size, -1, np.int64)
-      eval_ctx_of_key[eval_keys] = s.keys[eval_keys]
+      for p in periods:
+        ctx_of_key[p][held_keys[p]] = s.keys[held_keys[p]]
     query_spec = features_lib.TowerSpec("query", tuple(q_specs))
   else:
     q_arrays = dict(item_arrays)
     query_spec = features_lib.TowerSpec("query", item_spec.features,
                                         share_tables_with="item" if share_tables else "")
-    eval_ctx_of_key = np.full(s.keys.size, -1, np.int64)
     if mode == "item":
       train_ctx = s.key[train_pos]
-      eval_ctx_of_key[eval_keys] = s.keys[eval_keys]
+      for p in periods:
+        ctx_of_key[p][held_keys[p]] = s.keys[held_keys[p]]
     else:  # 'previous_item'
       prev = s.tie_start[train_pos] - 1
       has_prev = prev >= s.key_start[train_pos]
       dropped = int((~has_prev).sum())
       train_pos, train_ctx = train_pos[has_prev], s.item[prev[has_prev]]
-      eval_keys = eval_keys[s.num_train[eval_keys] > 0]
-      last = s.item[s.first[eval_keys] + s.num_train[eval_keys] - 1]
-      q_arrays = _concat(q_arrays, table_lib.take(item_arrays, last))
-      eval_ctx_of_key[eval_keys] = items.num_rows + np.arange(eval_keys.size)
       if train_pos.size == 0:
         raise table_lib.DataError(
             f"{name}: no training pair has an earlier item to be its query{where}")
+      offset = items.num_rows
+      for p in periods:
+        k = held_keys[p][s.num_before[p][held_keys[p]] > 0]
+        last = s.item[s.first[k] + s.num_before[p][k] - 1]
+        q_arrays = _concat(q_arrays, table_lib.take(item_arrays, last))
+        ctx_of_key[p][k] = offset + np.arange(k.size)
+        offset += k.size
 
-  eval_ctx = eval_ctx_of_key[seg[eval_pos]]
-  keep = eval_ctx >= 0
-  if not keep.all():
-    dropped += int((~keep).sum())
-    eval_pos, eval_ctx = eval_pos[keep], eval_ctx[keep]
-    if eval_pos.size == 0:
-      raise table_lib.DataError(
-          f"{name}: no eval pair has a training-period item to be its query{where}")
+  out = {}
+  for p in periods:
+    pos = held[p]
+    ctx = ctx_of_key[p][seg[pos]]
+    keep = ctx >= 0
+    if not keep.all():
+      dropped += int((~keep).sum())
+      pos, ctx = pos[keep], ctx[keep]
+      if pos.size == 0:
+        raise table_lib.DataError(
+            f"{name}: no {period_name[p]} pair has an earlier item to be its query{where}")
+    perm = np.random.default_rng(seed if p == TEST else [seed, p]).permutation(pos.size)
+    pos, ctx = pos[perm], ctx[perm]
+    # Seen items of every held-out context: its key's items before its period.
+    before = s.period < p
+    seen_ctx = ctx_of_key[p][seg[before]]
+    seen = np.unique(np.stack([seen_ctx, s.item[before]], axis=1)[seen_ctx >= 0], axis=0)
+    out[p] = (ctx.astype(np.int32), s.item[pos].astype(np.int32), seen[:, 0].astype(np.int32),
+              seen[:, 1].astype(np.int32))
   if dropped:
     log.warning("%s: %d positive interactions have no earlier item to be their query; not used",
                 name, dropped)
-  perm = np.random.default_rng(seed).permutation(eval_pos.size)
-  eval_pos, eval_ctx = eval_pos[perm], eval_ctx[perm]
-
-  # Seen items of every eval context: its key's training-period items.
-  seen_ctx = eval_ctx_of_key[seg[train_period]]
-  seen = np.unique(np.stack([seen_ctx, s.item[train_period]], axis=1)[seen_ctx >= 0], axis=0)
-
+  test_q, test_i, test_sq, test_si = out[TEST]
+  valid = dict(zip(("valid_query", "valid_item", "valid_seen_query", "valid_seen_item"),
+                   out[VALID])) if VALID in out else {}
   return table_lib.Dataset(
       name=name, item_spec=item_spec, query_spec=query_spec, items=item_arrays, queries=q_arrays,
       train_query=np.asarray(train_ctx, np.int32), train_item=s.item[train_pos].astype(np.int32),
-      eval_query=eval_ctx.astype(np.int32), eval_item=s.item[eval_pos].astype(np.int32),
-      item_keys=np.asarray(item_keys), item_names=item_names, vocabularies=vocabs,
-      eval_seen_query=seen[:, 0].astype(np.int32), eval_seen_item=seen[:, 1].astype(np.int32),
+      eval_query=test_q, eval_item=test_i, item_keys=np.asarray(item_keys),
+      item_names=item_names, vocabularies=vocabs, eval_seen_query=test_sq,
+      eval_seen_item=test_si, **valid,
   ).validate()
-

@@ -267,7 +267,7 @@ def _single(values: np.ndarray, present: np.ndarray | None = None) -> encode.Sin
 
 
 def load(path: str, *, min_rating: float = 4.0, split: str = "global", eval_fraction: float = 0.2,
-         history_length: int = 20, query_mode: str = "user", unknown_items: str = "drop",
+         valid_fraction: float = 0.0, history_length: int = 20, query_mode: str = "user", unknown_items: str = "drop",
          share_tables: bool = False, seed: int = 0, embed_dim: int = 32) -> table_lib.Dataset:
   """The MovieLens folder at ``path`` as a Dataset (fields as in ``configs/base.py``'s data.*)."""
   layout = detect_layout(path)
@@ -314,9 +314,10 @@ def load(path: str, *, min_rating: float = 4.0, split: str = "global", eval_frac
                  "zip": _single(users["zip"])}
     queries = interactions.Table(query_decls, query_raw, users["user"].size)
   describe = (f"{path}, data.min_rating={min_rating}, data.split={split!r}, "
-              f"data.eval_fraction={eval_fraction}")
+              f"data.eval_fraction={eval_fraction}, data.valid_fraction={valid_fraction}")
   return interactions.build(
       f"movielens-{layout}", lg, items, queries,
       mode="user" if query_mode == "user" else "previous_item", split=split,
-      eval_fraction=eval_fraction, seed=seed, embed_dim=embed_dim, item_keys=movie_ids,
+      eval_fraction=eval_fraction, valid_fraction=valid_fraction, seed=seed, embed_dim=embed_dim,
+      item_keys=movie_ids,
       item_names=np.array(titles, dtype=object), share_tables=share_tables, describe=describe)

@@ -14,7 +14,7 @@ from sslrec.data import table as table_lib
 def _synthetic(config: ml_collections.ConfigDict) -> table_lib.Dataset:
   d = config.data
   return synthetic.generate(
-      config.seed, num_items=d.num_items, num_queries=d.num_queries,
+      d.seed, num_items=d.num_items, num_queries=d.num_queries,
       num_train_pairs=d.num_train_pairs, num_eval_pairs=d.num_eval_pairs,
       popularity_exponent=d.popularity_exponent, feature_noise=d.feature_noise,
       embed_dim=d.embed_dim)
@@ -24,8 +24,8 @@ def _movielens(config: ml_collections.ConfigDict) -> table_lib.Dataset:
   d = config.data
   return movielens.load(
       d.path, min_rating=d.min_rating, split=d.split, eval_fraction=d.eval_fraction,
-      history_length=d.history_length, query_mode=d.query_mode, unknown_items=d.unknown_items,
-      share_tables=config.model.share_item_tables, seed=config.seed, embed_dim=d.embed_dim)
+      valid_fraction=d.valid_fraction, history_length=d.history_length, query_mode=d.query_mode, unknown_items=d.unknown_items,
+      share_tables=config.model.share_item_tables, seed=d.seed, embed_dim=d.embed_dim)
 
 
 # The data sources by ``data.name`` (configuration reads the allowed names from here): a new
@@ -44,10 +44,12 @@ def load(config: ml_collections.ConfigDict) -> table_lib.Dataset:
     raise table_lib.DataError(f"config.data.name={d.name!r}; allowed: {tuple(SOURCES)}")
   dataset = SOURCES[d.name](config)
   if d.train_fraction < 1.0:
-    dataset = subsample_train(dataset, d.train_fraction, config.seed)
+    dataset = subsample_train(dataset, d.train_fraction, d.seed)
   if not config.eval.exclude_train_items:
     empty = np.zeros(0, np.int32)
     dataset = dataclasses.replace(dataset, eval_seen_query=empty, eval_seen_item=empty)
+    if dataset.valid_query is not None:
+      dataset = dataclasses.replace(dataset, valid_seen_query=empty, valid_seen_item=empty)
   return dataset
 
 
@@ -66,11 +68,15 @@ def subsample_train(dataset: table_lib.Dataset, fraction: float, seed: int) -> t
   rng = np.random.default_rng(np.random.SeedSequence([seed, 0x7f4a1c]))
   keep = np.sort(rng.choice(n, size=size, replace=False))
   # Pin the exclusions to the full training period before the pairs they derive from go.
-  seen_q, seen_i = dataset.eval_seen_query, dataset.eval_seen_item
-  if seen_q is None:
-    derived = np.isin(dataset.train_query, np.unique(dataset.eval_query))
-    seen_q = dataset.train_query[derived].astype(np.int32)
-    seen_i = dataset.train_item[derived].astype(np.int32)
+  def pinned(query, seen_q, seen_i):
+    if seen_q is None and query is not None:
+      derived = np.isin(dataset.train_query, np.unique(query))
+      return dataset.train_query[derived].astype(np.int32), dataset.train_item[derived].astype(np.int32)
+    return seen_q, seen_i
+
+  eval_q, eval_i = pinned(dataset.eval_query, dataset.eval_seen_query, dataset.eval_seen_item)
+  valid_q, valid_i = pinned(dataset.valid_query, dataset.valid_seen_query, dataset.valid_seen_item)
   return dataclasses.replace(
       dataset, train_query=dataset.train_query[keep], train_item=dataset.train_item[keep],
-      eval_seen_query=seen_q, eval_seen_item=seen_i).validate()
+      eval_seen_query=eval_q, eval_seen_item=eval_i, valid_seen_query=valid_q,
+      valid_seen_item=valid_i).validate()

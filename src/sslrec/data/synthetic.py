@@ -24,7 +24,8 @@ interaction picks a query uniformly from its split's queries and then an item wi
 
 so the query features (noisy views of the preferences) carry real signal, while the item marginal
 of D_train stays dominated by head items. Train pairs use the first ``1 - EVAL_QUERY_FRACTION`` of
-the query rows, eval pairs the remaining held-out queries.
+the query rows, eval pairs the remaining held-out queries (the first half of them validation
+queries, the rest test queries).
 
 Sampling is vectorised: items are grouped into (topic, style) cells; a pair first draws a cell
 from its query type's cell distribution, then an item within the cell proportionally to popularity
@@ -347,6 +348,14 @@ def generate(seed: int, *, num_items: int = 20_000, num_queries: int = 40_000,
   sampler = _PairSampler(topic, style, popularity, pref_topic, pref_style)
   train_query, train_item = sampler.sample(rng, train_rows, int(num_train_pairs))
   eval_query, eval_item = sampler.sample(rng, eval_rows, int(num_eval_pairs))
+  # Validation / test: the held-out queries' pairs, split by query (the first half of the held-out
+  # rows are validation users, the rest test users: no user is in both).
+  is_valid = eval_query < eval_rows[0] + num_eval_queries // 2
+  if num_eval_queries < 2 or is_valid.all() or not is_valid.any():
+    raise table.DataError(
+        f"synthetic: {num_eval_queries} held-out queries and {num_eval_pairs} held-out pairs "
+        "leave the validation or the test split empty; raise data.num_queries / "
+        "data.num_eval_pairs")
 
   return table.Dataset(
       name="synthetic",
@@ -356,7 +365,9 @@ def generate(seed: int, *, num_items: int = 20_000, num_queries: int = 40_000,
       queries=queries,
       train_query=train_query,
       train_item=train_item,
-      eval_query=eval_query,
-      eval_item=eval_item,
+      eval_query=eval_query[~is_valid],
+      eval_item=eval_item[~is_valid],
+      valid_query=eval_query[is_valid],
+      valid_item=eval_item[is_valid],
       item_keys=np.arange(num_items),
   ).validate()

@@ -28,7 +28,9 @@ class Dataset:
     items: catalogue features, ``{name: [num_items, ...]}``; row i is item i.
     queries: query features, ``{name: [num_queries, ...]}``.
     train_query / train_item: ``int32 [P]`` D_train pairs (query row, item row).
-    eval_query / eval_item: ``int32 [E]`` held-out pairs.
+    eval_query / eval_item: ``int32 [E]`` held-out *test* pairs (scored once, at the end).
+    valid_query / valid_item: ``int32 [V]`` held-out *validation* pairs (periodic evaluations,
+      checkpoint selection, early stopping, tuning); None for a dataset without a validation split.
     item_keys: optional ``[num_items]`` original item keys (for display / export).
     item_names: optional ``[num_items]`` human-readable item names (titles), for display.
     vocabularies: optional ``{feature name: [raw value of id 0, raw value of id 1, ...]}`` for
@@ -40,6 +42,7 @@ class Dataset:
       items each eval query's user already interacted with in the training period; evaluation
       removes them from that query's ranking (``eval.exclude_train_items``). ``None``: the D_train
       pairs of the eval query rows (none for the embedded dataset, whose eval queries are new).
+    valid_seen_query / valid_seen_item: the same for the validation queries.
   """
 
   name: str
@@ -56,6 +59,10 @@ class Dataset:
   vocabularies: dict[str, list] = dataclasses.field(default_factory=dict)
   eval_seen_query: np.ndarray | None = None
   eval_seen_item: np.ndarray | None = None
+  valid_query: np.ndarray | None = None
+  valid_item: np.ndarray | None = None
+  valid_seen_query: np.ndarray | None = None
+  valid_seen_item: np.ndarray | None = None
 
   @property
   def num_items(self) -> int:
@@ -73,6 +80,23 @@ class Dataset:
   def num_eval(self) -> int:
     return int(self.eval_item.shape[0])
 
+  @property
+  def num_valid(self) -> int:
+    return 0 if self.valid_item is None else int(self.valid_item.shape[0])
+
+  def for_split(self, split: str) -> "Dataset":
+    """The dataset whose ``eval_*`` pairs (and seen items) are those of ``split``: 'test' (this
+    dataset) or 'valid'; what ``evaluate`` scores."""
+    if split == "test":
+      return self
+    if split != "valid":
+      raise ValueError(f"split={split!r}; allowed: 'valid', 'test'")
+    if self.valid_item is None:
+      raise DataError(f"{self.name}: this dataset has no validation split")
+    return dataclasses.replace(self, eval_query=self.valid_query, eval_item=self.valid_item,
+                               eval_seen_query=self.valid_seen_query,
+                               eval_seen_item=self.valid_seen_item)
+
   def validate(self) -> "Dataset":
     """Checks shapes, ranges and pair indices; raises DataError naming the problem."""
     try:
@@ -80,8 +104,12 @@ class Dataset:
       n_queries = self.query_spec.validate(self.queries, source=f"{self.name} queries")
     except features_lib.SchemaError as e:
       raise DataError(str(e)) from None
-    for split, q, i in (("train", self.train_query, self.train_item),
-                        ("eval", self.eval_query, self.eval_item)):
+    splits = [("train", self.train_query, self.train_item), ("test", self.eval_query, self.eval_item)]
+    if (self.valid_query is None) != (self.valid_item is None):
+      raise DataError(f"{self.name}: valid_query and valid_item must both be set or None")
+    if self.valid_query is not None:
+      splits.append(("validation", self.valid_query, self.valid_item))
+    for split, q, i in splits:
       if q.shape != i.shape or q.ndim != 1:
         raise DataError(f"{self.name}: {split} pairs have query shape {q.shape}, item shape {i.shape}")
       if q.size == 0:
@@ -90,15 +118,19 @@ class Dataset:
         raise DataError(f"{self.name}: {split} query index out of range [0, {n_queries})")
       if i.min() < 0 or i.max() >= n_items:
         raise DataError(f"{self.name}: {split} item index out of range [0, {n_items})")
-    if (self.eval_seen_query is None) != (self.eval_seen_item is None):
-      raise DataError(f"{self.name}: eval_seen_query and eval_seen_item must both be set or None")
-    if self.eval_seen_query is not None:
-      q, i = self.eval_seen_query, self.eval_seen_item
-      if q.shape != i.shape or q.ndim != 1:
-        raise DataError(f"{self.name}: eval_seen pairs have shapes {q.shape}, {i.shape}")
-      if q.size and (q.min() < 0 or q.max() >= n_queries or i.min() < 0 or i.max() >= n_items):
-        raise DataError(f"{self.name}: eval_seen pair index out of range")
+    for what, q, i in (("eval_seen", self.eval_seen_query, self.eval_seen_item),
+                       ("valid_seen", self.valid_seen_query, self.valid_seen_item)):
+      self._check_seen(what, q, i, n_queries, n_items)
     return self
+
+  def _check_seen(self, what, q, i, n_queries, n_items):
+    if (q is None) != (i is None):
+      raise DataError(f"{self.name}: {what}_query and {what}_item must both be set or None")
+    if q is not None:
+      if q.shape != i.shape or q.ndim != 1:
+        raise DataError(f"{self.name}: {what} pairs have shapes {q.shape}, {i.shape}")
+      if q.size and (q.min() < 0 or q.max() >= n_queries or i.min() < 0 or i.max() >= n_items):
+        raise DataError(f"{self.name}: {what} pair index out of range")
 
 
 def take(table: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:

@@ -48,6 +48,34 @@ def directory(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
+def best_directory(workdir: str) -> str:
+  """The parameters of the checkpoint selected on validation (``train.select_metric``)."""
+  return os.path.join(os.path.abspath(workdir), "best")
+
+
+def best_manager(workdir: str):
+  """An orbax manager of the selected parameters (the train loop prunes it: ``prune_best``)."""
+  return ocp.CheckpointManager(
+      best_directory(workdir), options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True))
+
+
+def prune_best(mgr, *, keep: int | None, upto: int | None = None, after: int | None = None):
+  """Deletes the best-parameter steps that no checkpoint's loop record can refer to: those
+  ``<= upto`` other than ``keep`` (after a checkpoint at ``upto`` recording ``keep``), and those
+  ``> after`` (a resumed run re-creates them)."""
+  mgr.wait_until_finished()
+  for s in mgr.all_steps():
+    if (upto is not None and s <= upto and s != keep) or (after is not None and s > after):
+      mgr.delete(s)
+
+
+def best_args(params, *, save: bool):
+  """The orbax args of a ``best`` checkpoint: the model parameters only."""
+  if save:
+    return ocp.args.Composite(params=ocp.args.StandardSave(params))
+  return ocp.args.Composite(params=ocp.args.StandardRestore(params))
+
+
 def manager(workdir: str, config):
   return ocp.CheckpointManager(
       directory(workdir),

@@ -34,8 +34,9 @@ def run(main_args: list[str], *, num_processes: int, devices_per_process: int,
         script: str | None = None, port: int | None = None, out=None) -> int:
   """Runs the cluster to completion; returns 0 or the first failing process's exit code."""
   out = out or sys.stdout
-  script = script or os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-      os.path.abspath(__file__)))), "launch", "main.py")
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__)))))  # src/sslrec/run/cluster.py -> the checkout
+  script = script or os.path.join(repo, "launch", "main.py")
   port = port or free_port()
   env = dict(os.environ)
   kept = [f for f in env.get("XLA_FLAGS", "").split()

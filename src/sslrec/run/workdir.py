@@ -165,14 +165,19 @@ class MetricsWriter:
       except ImportError:  # optional at import time; a dependency of the package
         self._tb = None
 
-  def write(self, filename: str, step: int, scalars: dict):
+  def write(self, filename: str, step: int, scalars: dict, *, tags: dict | None = None):
+    """One JSON line ``{"step", **tags, **scalars}``; ``tags`` (e.g. ``{"split": "valid"}``) are
+    JSON only, scalars also go to TensorBoard (under ``<split>/`` for evaluations)."""
     if not self.enabled:
       return
-    record = {"step": int(step), **{k: _clean(v) for k, v in scalars.items()}}
+    tags = dict(tags or {})
+    record = {"step": int(step), **tags, **{k: _clean(v) for k, v in scalars.items()}}
     with open(os.path.join(self.workdir, filename), "a") as f:
       f.write(json.dumps(record) + "\n")
     if self._tb is not None:
-      tag_prefix = "eval/" if filename.startswith("eval") else "train/"
+      tag_prefix = "train/"
+      if filename.startswith("eval"):
+        tag_prefix = f"{tags['split']}/" if "split" in tags else "eval/"
       for k, v in scalars.items():
         self._tb.add_scalar(tag_prefix + k, float(v), int(step))
       self._tb.flush()
