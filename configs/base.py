@@ -18,15 +18,20 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.min_rating = 4.0  # movielens / files: rating (files: weight) >= this is a positive
   c.data.split = "global"  # movielens / files: eval after one time cutoff 'global' | per 'user'
   c.data.eval_fraction = 0.2  # movielens / files: the latest fraction of interactions is test
-  c.data.valid_fraction = 0.1  # movielens / files: the slice just before test is validation (synthetic: half the held-out users)
+  # movielens / files: the slice just before test is validation (synthetic: half the held-out users)
+  c.data.valid_fraction = 0.1
   c.data.history_length = 20  # movielens: items in the query's 'history' feature (0 = none)
   c.data.query_mode = "user"  # movielens / files: query = a user 'user' | an item 'item' (i2i)
   c.data.unknown_items = "drop"  # movielens / files: keys absent from their table: 'drop' | 'error'
   c.data.train_fraction = 1.0  # any source: seeded random fraction of D_train kept (eval same)
   c.data.num_items = 20_000  # synthetic: catalogue size (D_item)
   c.data.num_queries = 40_000  # synthetic: queries (users); the last 20% are held out for eval
-  c.data.num_train_pairs = 300_000  # synthetic: D_train (query, item) pairs, power-law item marginal
-  c.data.num_eval_pairs = 20_000  # synthetic: held-out pairs (validation + test users) from the held-out queries
+  c.data.num_train_pairs = (
+    300_000  # synthetic: D_train (query, item) pairs, power-law item marginal
+  )
+  c.data.num_eval_pairs = (
+    20_000  # synthetic: held-out pairs (validation + test users) from the held-out queries
+  )
   c.data.popularity_exponent = 1.1  # synthetic: item popularity ~ rank^-exponent
   c.data.feature_noise = 0.1  # synthetic: prob. a feature value is replaced by noise
   c.data.embed_dim = 32  # embedding width of every feature
@@ -61,12 +66,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.ssl = ml_collections.ConfigDict()
   c.ssl.alpha = 1.0  # weight of L_self in L_main + alpha * L_self (0 = SSL off)
   c.ssl.temperature = 0.1  # SSL InfoNCE temperature
-  c.ssl.masking = "cfm"  # feature masking: 'cfm' (correlated) | 'rfm' (random) | 'none' | 'cfm_ids_random' (docs/method.md)
+  # feature masking: 'cfm' (correlated) | 'rfm' (random) | 'none' | 'cfm_ids_random'
+  # (docs/method.md)
+  c.ssl.masking = "cfm"
   c.ssl.mask_fraction = 0.5  # fraction of features view 1 masks (view 2 masks the rest)
   c.ssl.dropout_rate = 0.2  # per-value dropout of multi-valued features, in [0, 1)
-  c.ssl.item_sampling = "uniform"  # SSL items: 'uniform' over the catalogue | 'train' (D_train marginal)
+  c.ssl.item_sampling = (
+    "uniform"  # SSL items: 'uniform' over the catalogue | 'train' (D_train marginal)
+  )
   c.ssl.batch_size = 512  # SSL items per step (the D_item stream)
-  c.ssl.encoder_sharing = "all_but_last"  # SSL encoder reuses item MLP: 'all' | 'all_but_last' | 'none'
+  c.ssl.encoder_sharing = (
+    "all_but_last"  # SSL encoder reuses item MLP: 'all' | 'all_but_last' | 'none'
+  )
 
   c.reg = ml_collections.ConfigDict()
   c.reg.spread_out_weight = 0.0  # weight of the spread-out regulariser on D_item embeddings
@@ -76,11 +87,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.optimizer.learning_rate = 0.2  # peak learning rate
   c.optimizer.warmup_steps = 100  # linear warmup steps
   c.optimizer.grad_clip_norm = 10.0  # global-norm gradient clipping (0 = off)
-  c.optimizer.embedding_update = "sparse"  # tables: 'sparse' (touched rows only, row-wise optimizer) | 'dense' (optax above)
+  c.optimizer.embedding_update = (
+    "sparse"  # tables: 'sparse' (touched rows only, row-wise optimizer) | 'dense' (optax above)
+  )
   c.optimizer.embedding_optimizer = "rowwise_adagrad"  # sparse: 'rowwise_adagrad' | 'lazy_adam'
   c.optimizer.embedding_learning_rate = 0.2  # sparse: learning rate of the table rows (same warmup)
-  c.optimizer.sparse_min_rows = 0  # sparse: smaller tables keep the dense optimizer (0 = every table sparse)
-  c.optimizer.embedding_initial_accumulator = 0.0  # sparse rowwise_adagrad start; 0 = batch-aware 400 / train.batch_size**2 (docs/method.md)
+  c.optimizer.sparse_min_rows = (
+    0  # sparse: smaller tables keep the dense optimizer (0 = every table sparse)
+  )
+  c.optimizer.embedding_initial_accumulator = (
+    0.0  # sparse rowwise_adagrad start; 0 = batch-aware 400 / train.batch_size**2 (docs/method.md)
+  )
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 3000  # total train steps (when train.num_epochs is 0)
@@ -91,15 +108,22 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 1000  # steps between checkpoints (and always at the end)
   c.train.max_checkpoints = 3  # checkpoints kept
   c.train.skip_nonfinite = False  # non-finite loss/grad: False = stop the run, True = skip update
-  c.train.select_metric = "recall@50"  # validation metric that selects the checkpoint tested at the end
-  c.train.early_stopping_patience = 0  # stop after this many validations without improvement (0 = off)
+  c.train.select_metric = (
+    "recall@50"  # validation metric that selects the checkpoint tested at the end
+  )
+  c.train.early_stopping_patience = (
+    0  # stop after this many validations without improvement (0 = off)
+  )
 
   c.eval = ml_collections.ConfigDict()
   c.eval.ks = (10, 50, 100)  # Recall@K cut-offs
   c.eval.head_fraction = 0.2  # head = the most popular fraction of the catalogue (train freq.)
   c.eval.batch_size = 1024  # queries / items embedded and scored per chunk
   c.eval.max_queries = 0  # evaluate on at most this many held-out pairs (0 = all)
-  c.eval.references = ("popularity", "itemknn")  # classical references scored beside the model ('als' needs the refs extra)
+  c.eval.references = (
+    "popularity",
+    "itemknn",
+  )  # classical references scored beside the model ('als' needs the refs extra)
   c.eval.exclude_train_items = True  # rank without each eval query's training-period items
 
   c.mesh = ml_collections.ConfigDict()

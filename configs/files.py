@@ -1,7 +1,8 @@
 """Your own tables (Parquet or CSV) with a declared feature schema: ``--config.data.path=DIR``.
 
 The tables and schema below describe the small example in tests/fixtures/files (MovieLens-like:
-``interactions.csv`` user_id,item_id,timestamp,rating; ``items.csv`` item_id,title,genres,year,price;
+``interactions.csv`` user_id,item_id,timestamp,rating; ``items.csv``
+item_id,title,genres,year,price;
 ``users.csv`` user_id,country,age). For your data, copy this file and change the names; every field
 is documented in configs/base.py (``data.files.*``) and docs/data.md. A feature is
 ``{kind, column, buckets, max_len, separator}``: kind 'id' | 'multi' | 'dense' (queries also
@@ -28,18 +29,27 @@ def get_config():
   f.timestamp = "timestamp"
   f.weight = "rating"
   f.item_name = "title"
-  f.item_features = ml_collections.ConfigDict({
+  f.item_features = ml_collections.ConfigDict(
+    {
       "item": {"kind": "id", "column": "item_id"},
       "genres": {"kind": "multi", "separator": "|", "max_len": 6},
-      "title_words": {"kind": "multi", "column": "title", "separator": " ", "max_len": 8,
-                      "buckets": 1000},
+      "title_words": {
+        "kind": "multi",
+        "column": "title",
+        "separator": " ",
+        "max_len": 8,
+        "buckets": 1000,
+      },
       "year": {"kind": "id"},
       "price": {"kind": "dense"},
-  })
-  f.query_features = ml_collections.ConfigDict({
+    }
+  )
+  f.query_features = ml_collections.ConfigDict(
+    {
       "user": {"kind": "id", "column": "user_id"},
       "country": {"kind": "id"},
       "age": {"kind": "id"},
       "history": {"kind": "history", "max_len": 20},
-  })
+    }
+  )
   return c

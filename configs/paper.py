@@ -17,13 +17,13 @@ The variants (Yao et al. 2021, tables 2-5), each built from the existing variant
 from configs import baseline, cfm, rfm, spread_out, ssl_same_dist
 
 VARIANTS = {
-    "baseline": baseline.get_config,
-    "spread_out": spread_out.get_config,
-    "ssl_rfm": rfm.get_config,
-    "ssl_cfm": cfm.get_config,
-    "ssl_cfm_no_dropout": cfm.get_config,
-    "ssl_cfm_train_items": ssl_same_dist.get_config,
-    "ssl_cfm_ids_random": cfm.get_config,
+  "baseline": baseline.get_config,
+  "spread_out": spread_out.get_config,
+  "ssl_rfm": rfm.get_config,
+  "ssl_cfm": cfm.get_config,
+  "ssl_cfm_no_dropout": cfm.get_config,
+  "ssl_cfm_train_items": ssl_same_dist.get_config,
+  "ssl_cfm_ids_random": cfm.get_config,
 }
 
 
@@ -41,7 +41,7 @@ def get_config(variant: str = "ssl_cfm"):
 def get_sweep():
   """Read by ``launch/sweep.py --spec=configs/paper.py``; flags given there replace these."""
   return {
-      "variants": tuple(VARIANTS),  # arguments of get_config above
-      "grid": {"data.train_fraction": (1.0, 0.1)},
-      "seeds": 3,
+    "variants": tuple(VARIANTS),  # arguments of get_config above
+    "grid": {"data.train_fraction": (1.0, 0.1)},
+    "seeds": 3,
   }

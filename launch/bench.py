@@ -12,6 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
 from sslrec.experiments import bench  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/base.py", "Base config.")
@@ -26,9 +27,16 @@ _ONE = flags.DEFINE_string("one", None, "Internal: measure one train-step config
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  bench.run_command(_CONFIG.value, config_path=flags.FLAGS["config"].config_filename,
-                    quick=_QUICK.value, variants=_VARIANTS.value, updates=_UPDATES.value,
-                    table_rows=_ROWS.value, out_path=_OUT.value, one=_ONE.value)
+  bench.run_command(
+    _CONFIG.value,
+    config_path=flags.FLAGS["config"].config_filename,
+    quick=_QUICK.value,
+    variants=_VARIANTS.value,
+    updates=_UPDATES.value,
+    table_rows=_ROWS.value,
+    out_path=_OUT.value,
+    one=_ONE.value,
+  )
 
 
 if __name__ == "__main__":

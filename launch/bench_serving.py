@@ -44,18 +44,21 @@ SWEEP = (5, 10, 20, 40, 80)  # values of each backend's search-time knob (index.
 
 def clustered(n, centres, spread, rng, chunk=100_000):
   import numpy as np
+
   out = np.empty((n, centres.shape[1]), np.float32)
   for s in range(0, n, chunk):
     m = min(chunk, n - s)
     x = centres[rng.integers(0, len(centres), m)] + rng.standard_normal(
-        (m, centres.shape[1]), dtype=np.float32) * (spread / np.sqrt(centres.shape[1]))
-    out[s:s + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+      (m, centres.shape[1]), dtype=np.float32
+    ) * (spread / np.sqrt(centres.shape[1]))
+    out[s : s + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
   return out
 
 
 def timed(fn, repeats):
   """Median seconds of ``repeats`` calls (after one warm-up call)."""
   import numpy as np
+
   fn()
   times = []
   for _ in range(repeats):
@@ -68,15 +71,16 @@ def timed(fn, repeats):
 def one_at_a_time(search, queries, n):
   """Queries/sec answering ``n`` distinct queries one per call (a repeated query would be served
   from the CPU caches)."""
-  search(queries[n:n + 1])
+  search(queries[n : n + 1])
   t = time.perf_counter()
   for i in range(n):
-    search(queries[i:i + 1])
+    search(queries[i : i + 1])
   return n / (time.perf_counter() - t)
 
 
 def recall(found, truth):
   import numpy as np
+
   k = truth.shape[1]
   return float(np.mean([len(set(a[:k]) & set(b)) / k for a, b in zip(found, truth)]))
 
@@ -84,28 +88,37 @@ def recall(found, truth):
 def bench_search(results):
   import jax
   import numpy as np
+
   from sslrec import serving
   from sslrec.serving import ann
+
   rng = np.random.default_rng(_SEED.value)
   d = _DIM.value
   centres = rng.standard_normal((_CLUSTERS.value, d), dtype=np.float32)
   centres /= np.linalg.norm(centres, axis=1, keepdims=True)
   t = time.perf_counter()
   items = clustered(_NUM_ITEMS.value, centres, _SPREAD.value, rng)
-  queries = clustered(_NUM_QUERIES.value, centres, _SPREAD.value, np.random.default_rng(
-      _SEED.value + 1))
-  print(f"data: {items.shape[0]:,} x {d} vectors in {_CLUSTERS.value} clusters (spread "
-        f"{_SPREAD.value}), {len(queries)} queries; {time.perf_counter() - t:.1f}s", flush=True)
+  queries = clustered(
+    _NUM_QUERIES.value, centres, _SPREAD.value, np.random.default_rng(_SEED.value + 1)
+  )
+  print(
+    f"data: {items.shape[0]:,} x {d} vectors in {_CLUSTERS.value} clusters (spread "
+    f"{_SPREAD.value}), {len(queries)} queries; {time.perf_counter() - t:.1f}s",
+    flush=True,
+  )
   k = _K.value
   items_dev = jax.device_put(items)
   serving.exact_search(queries[:256], items_dev, k)  # compile
   t = time.perf_counter()
   _, truth = serving.exact_search(queries, items_dev, k)
   exact_qps = len(queries) / (time.perf_counter() - t)
-  one = one_at_a_time(lambda q: serving.exact_search(q, items_dev, k), queries, 20)
+  one = one_at_a_time(lambda q: serving.exact_search(q, items_dev, k), queries, 20)  # noqa: B023, F821 -- called at once
   results["exact"] = {"qps_batch256": exact_qps, "qps_batch1": one}
-  print(f"exact (JAX): {exact_qps:,.0f} queries/s at batch 256, {one:,.0f} at batch 1 "
-        f"({1e3 / one:.1f} ms/query)", flush=True)
+  print(
+    f"exact (JAX): {exact_qps:,.0f} queries/s at batch 256, {one:,.0f} at batch 1 "
+    f"({1e3 / one:.1f} ms/query)",
+    flush=True,
+  )
 
   for backend in _BACKENDS.value:
     try:
@@ -126,13 +139,17 @@ def bench_search(results):
       t = time.perf_counter()
       _, found = index.search(queries, k)
       qps = len(queries) / (time.perf_counter() - t)
-      single = one_at_a_time(lambda q: index.search(q, k), queries, 500)
+      single = one_at_a_time(lambda q: index.search(q, k), queries, 500)  # noqa: B023, F821 -- called at once
       r = recall(found, truth)
-      rows.append({knob: v, "recall": r, "qps_batch": qps, "qps_batch1": single,
-                   "default": v == default})
-      print(f"  {knob}={v:<4d}{' (default)' if v == default else '          '} recall@{k} "
-            f"{r:.4f} | {qps:,.0f} queries/s batched ({qps / exact_qps:.0f}x exact) | "
-            f"{single:,.0f} queries/s one at a time", flush=True)
+      rows.append(
+        {knob: v, "recall": r, "qps_batch": qps, "qps_batch1": single, "default": v == default}
+      )
+      print(
+        f"  {knob}={v:<4d}{' (default)' if v == default else '          '} recall@{k} "
+        f"{r:.4f} | {qps:,.0f} queries/s batched ({qps / exact_qps:.0f}x exact) | "
+        f"{single:,.0f} queries/s one at a time",
+        flush=True,
+      )
     # What serving does on build (Retriever.build_ann_index): calibrate the knob for Recall@k >=
     # 0.95 on 256 catalogue vectors used as queries (themselves excluded), doubling from 1%.
     setattr(index, knob, max(1, index.partitions // 100))
@@ -146,20 +163,34 @@ def bench_search(results):
     _, found = index.search(queries, k)
     qps = len(queries) / (time.perf_counter() - t)
     r = recall(found, truth)
-    calibrated = {knob: value, "calibration_recall": cal_recall, "calibration_s": cal_s,
-                  "recall": r, "qps_batch": qps}
-    print(f"  calibrated for 0.95 on catalogue samples in {cal_s:.1f}s: {knob}={value} "
-          f"(sample recall {cal_recall:.4f}) -> recall@{k} {r:.4f} on the queries, "
-          f"{qps:,.0f} queries/s batched ({qps / exact_qps:.0f}x exact)", flush=True)
-    results[backend] = {"build_s": build_s, "params": index.describe(), "sweep": rows,
-                        "calibrated": calibrated}
+    calibrated = {
+      knob: value,
+      "calibration_recall": cal_recall,
+      "calibration_s": cal_s,
+      "recall": r,
+      "qps_batch": qps,
+    }
+    print(
+      f"  calibrated for 0.95 on catalogue samples in {cal_s:.1f}s: {knob}={value} "
+      f"(sample recall {cal_recall:.4f}) -> recall@{k} {r:.4f} on the queries, "
+      f"{qps:,.0f} queries/s batched ({qps / exact_qps:.0f}x exact)",
+      flush=True,
+    )
+    results[backend] = {
+      "build_s": build_s,
+      "params": index.describe(),
+      "sweep": rows,
+      "calibrated": calibrated,
+    }
     del index
   del items_dev
 
 
 def bench_tower(results):
   import numpy as np
+
   from sslrec import serving
+
   r = serving.Retriever.load(_EXPORT.value)
   rng = np.random.default_rng(0)
 
@@ -177,14 +208,17 @@ def bench_tower(results):
   out = {"export": os.path.abspath(_EXPORT.value), "num_items": r.num_items}
   for b in (1, 256):
     batch, _ = r.encode([raw_query() for _ in range(b)])
-    s = timed(lambda: r.embed_batch(batch), _REPEATS.value)
+    s = timed(lambda: r.embed_batch(batch), _REPEATS.value)  # noqa: B023, F821 -- called at once
     out[f"tower_ms_batch{b}"] = s * 1e3
     print(f"query tower, batch {b}: {s * 1e3:.3f} ms ({b / s:,.0f} queries/s)", flush=True)
   qs = [raw_query() for _ in range(_REPEATS.value + 1)]
   s = 1 / one_at_a_time(lambda q: r.search(q[0], k=_K.value), qs, _REPEATS.value)
   out["search_ms_batch1"] = s * 1e3
-  print(f"end-to-end search, batch 1 (encode + tower + exact top-{_K.value} over "
-        f"{r.num_items:,} items): {s * 1e3:.3f} ms", flush=True)
+  print(
+    f"end-to-end search, batch 1 (encode + tower + exact top-{_K.value} over "
+    f"{r.num_items:,} items): {s * 1e3:.3f} ms",
+    flush=True,
+  )
   results["query_tower"] = out
 
 
@@ -194,9 +228,14 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   import jax
+
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs", flush=True)
-  results = {"config": {f: flags.FLAGS[f].value for f in (
-      "num_items", "dim", "clusters", "spread", "num_queries", "k", "seed")}}
+  results = {
+    "config": {
+      f: flags.FLAGS[f].value
+      for f in ("num_items", "dim", "clusters", "spread", "num_queries", "k", "seed")
+    }
+  }
   if _EXPORT.value:
     bench_tower(results)
   bench_search(results)

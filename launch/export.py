@@ -11,14 +11,16 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for configs/
 
 from absl import app, flags, logging  # noqa: E402
+
 from sslrec import cli  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by launch/main.py.")
 _OUT = flags.DEFINE_string("out", None, "Export directory to write.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing export in --out.")
-_PLATFORMS = flags.DEFINE_list("platforms", ["cpu", "cuda", "tpu"],
-                               "Platforms the query tower is lowered for.")
+_PLATFORMS = flags.DEFINE_list(
+  "platforms", ["cpu", "cuda", "tpu"], "Platforms the query tower is lowered for."
+)
 flags.mark_flags_as_required(["workdir", "out"])
 
 
@@ -29,9 +31,16 @@ def main(argv):
     logging.set_verbosity(logging.ERROR)  # orbax warns that the read-only checkpoint is read-only
   from configs import base
   from sslrec import export, serving
+
   try:
-    export.export(_WORKDIR.value, _OUT.value, step=_STEP.value, overwrite=_OVERWRITE.value,
-                  defaults=base.get_config(), platforms=_PLATFORMS.value)
+    export.export(
+      _WORKDIR.value,
+      _OUT.value,
+      step=_STEP.value,
+      overwrite=_OVERWRITE.value,
+      defaults=base.get_config(),
+      platforms=_PLATFORMS.value,
+    )
   except (export.ExportError, serving.ServingError) + cli.USER_ERRORS as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)

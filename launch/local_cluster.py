@@ -14,8 +14,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--num_processes", type=int, default=2)
   parser.add_argument("--devices_per_process", type=int, default=4)
   parser.add_argument("--port", type=int, default=None, help="coordinator port (default: free)")
@@ -26,8 +27,15 @@ def main():
     print("error: --num_processes and --devices_per_process must be >= 1", file=sys.stderr)
     sys.exit(2)
   from sslrec.run import cluster
-  sys.exit(cluster.run(main_args, num_processes=args.num_processes,
-                       devices_per_process=args.devices_per_process, port=args.port))
+
+  sys.exit(
+    cluster.run(
+      main_args,
+      num_processes=args.num_processes,
+      devices_per_process=args.devices_per_process,
+      port=args.port,
+    )
+  )
 
 
 if __name__ == "__main__":

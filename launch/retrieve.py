@@ -14,6 +14,7 @@ import warnings
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
 
 from absl import app, flags, logging  # noqa: E402
+
 from sslrec import cli  # noqa: E402
 from sslrec.serving import ann  # noqa: E402
 
@@ -22,9 +23,12 @@ _QUERY = flags.DEFINE_string("query", None, "Raw query features: 'name=value,nam
 _QUERY_JSON = flags.DEFINE_string("query_json", None, "Raw query features as a JSON object.")
 _ITEM = flags.DEFINE_string("item", None, "Item key: return the items most similar to it.")
 _K = flags.DEFINE_integer("k", 10, "Number of items to return.")
-_METHOD = flags.DEFINE_enum("method", "exact", ["exact", "ann"],
-                            "exact (JAX, every item scored) or ann (approximate index, needs "
-                            "the 'ann' extra).")
+_METHOD = flags.DEFINE_enum(
+  "method",
+  "exact",
+  ["exact", "ann"],
+  "exact (JAX, every item scored) or ann (approximate index, needs the 'ann' extra).",
+)
 _BACKEND = flags.DEFINE_enum("backend", "auto", ["auto", *ann.BACKENDS], "ann backend.")
 _NO_VERIFY = flags.DEFINE_bool("no_verify", False, "Skip the sha256 check of the export's files.")
 flags.mark_flag_as_required("export")
@@ -36,12 +40,18 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # keep library INFO chatter out of the table
   from sslrec import serving
-  given = [n for n, f in (("--query", _QUERY), ("--query_json", _QUERY_JSON), ("--item", _ITEM))
-           if f.value is not None]
+
+  given = [
+    n
+    for n, f in (("--query", _QUERY), ("--query_json", _QUERY_JSON), ("--item", _ITEM))
+    if f.value is not None
+  ]
   try:
     if len(given) != 1:
-      raise serving.QueryError("give exactly one of --query, --query_json, --item"
-                               + (f" (got {', '.join(given)})" if given else ""))
+      raise serving.QueryError(
+        "give exactly one of --query, --query_json, --item"
+        + (f" (got {', '.join(given)})" if given else "")
+      )
     r = serving.Retriever.load(_EXPORT.value, verify=not _NO_VERIFY.value)
     with warnings.catch_warnings():
       warnings.simplefilter("ignore", serving.ServingWarning)  # also in res.notes, printed below
@@ -61,14 +71,17 @@ def main(argv):
             raise serving.QueryError(f"--query_json is not valid JSON ({e})") from None
         res = r.search(query, **kw)
         title = "query " + ", ".join(
-            f"{k}={'|'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in query.items())
+          f"{k}={'|'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in query.items()
+        )
   except serving.ServingError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
   for note in res.notes:
     print(f"note: {note}", file=sys.stderr)
-  print(f"{title}: top {res.rows.shape[1]} of {r.num_items} items ({res.method} search; export of "
-        f"step {r.step})")
+  print(
+    f"{title}: top {res.rows.shape[1]} of {r.num_items} items ({res.method} search; export of "
+    f"step {r.step})"
+  )
   print(serving.format_results(res))
 
 

@@ -16,20 +16,23 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for configs/
 
 from absl import app, flags  # noqa: E402
+
 from sslrec import cli  # noqa: E402
 from sslrec.experiments import execute  # noqa: E402
 
 _CONFIG = flags.DEFINE_string("config", None, "Config file (path or path:arg) of the sweep.")
-_VARIANTS = flags.DEFINE_list("variants", [], "Config files to compare (path or path:arg); "
-                              "with --config, added after it.")
+_VARIANTS = flags.DEFINE_list(
+  "variants", [], "Config files to compare (path or path:arg); with --config, added after it."
+)
 _SPEC = flags.DEFINE_string("spec", None, "Sweep spec file with get_sweep() (configs/paper.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory (runs/, results, plots).")
 _GRID = flags.DEFINE_multi_string("grid", [], "KEY=V1,V2,... (repeatable; cartesian product).")
 _SEEDS = flags.DEFINE_integer("seeds", None, "Seeds per grid point: 0..N-1 (default 1).")
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs at a time (subprocesses).")
 _PLOTS = flags.DEFINE_bool("plots", True, "Draw the plots (needs matplotlib).")
-_REFERENCE = flags.DEFINE_string("reference", None, "Variant the paired-differences table "
-                                 "compares to (default: the first).")
+_REFERENCE = flags.DEFINE_string(
+  "reference", None, "Variant the paired-differences table compares to (default: the first)."
+)
 
 _MAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "main.py")
 _overrides = []
@@ -40,11 +43,22 @@ def main(argv):
     print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
     sys.exit(2)
   command = " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
-  sys.exit(execute.run_command(
-      workdir=_WORKDIR.value, config=_CONFIG.value, variants=_VARIANTS.value, spec=_SPEC.value,
-      grid=_GRID.value, seeds=_SEEDS.value, parallel=_PARALLEL.value, overrides=_overrides,
-      main_script=_MAIN, command="python " + command, draw=_PLOTS.value,
-      reference=_REFERENCE.value))
+  sys.exit(
+    execute.run_command(
+      workdir=_WORKDIR.value,
+      config=_CONFIG.value,
+      variants=_VARIANTS.value,
+      spec=_SPEC.value,
+      grid=_GRID.value,
+      seeds=_SEEDS.value,
+      parallel=_PARALLEL.value,
+      overrides=_overrides,
+      main_script=_MAIN,
+      command="python " + command,
+      draw=_PLOTS.value,
+      reference=_REFERENCE.value,
+    )
+  )
 
 
 if __name__ == "__main__":

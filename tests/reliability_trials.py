@@ -16,8 +16,8 @@ trained end to end by launch/main.py (exit 0, or one error line; never a traceba
 """
 
 import argparse
-import logging
 import collections
+import logging
 import os
 import random
 import shutil
@@ -30,35 +30,62 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-TRIAL = {"data.num_items": 512, "data.num_queries": 1000, "data.num_train_pairs": 4000,
-         "data.num_eval_pairs": 200, "train.batch_size": 64, "ssl.batch_size": 64,
-         "train.num_steps": 120, "train.log_every": 7, "train.checkpoint_every": 10,
-         "train.eval_every": 40, "eval.max_queries": 200}
+TRIAL = {
+  "data.num_items": 512,
+  "data.num_queries": 1000,
+  "data.num_train_pairs": 4000,
+  "data.num_eval_pairs": 200,
+  "train.batch_size": 64,
+  "ssl.batch_size": 64,
+  "train.num_steps": 120,
+  "train.log_every": 7,
+  "train.checkpoint_every": 10,
+  "train.eval_every": 40,
+  "eval.max_queries": 200,
+}
 
 
 def _env(cache, devices, **extra):
   from sslrec.run import reliability
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-             XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={devices}"]))
+
+  flags = [
+    f
+    for f in os.environ.get("XLA_FLAGS", "").split()
+    if not f.startswith("--xla_force_host_platform_device_count")
+  ]
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    PYTHONUNBUFFERED="1",
+    XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={devices}"]),
+  )
   if cache:  # see tests/test_reliability.py: only with one device
-    env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env.update(
+      JAX_COMPILATION_CACHE_DIR=cache,
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
   env.pop(reliability.KILL_ENV, None)
   env.update(extra)
   return env
 
 
 def _cmd(workdir, extra=()):
-  return [sys.executable, "launch/main.py", "--config=configs/smoke.py", f"--workdir={workdir}",
-          *(f"--config.{k}={v}" for k, v in TRIAL.items()), *extra]
+  return [
+    sys.executable,
+    "launch/main.py",
+    "--config=configs/smoke.py",
+    f"--workdir={workdir}",
+    *(f"--config.{k}={v}" for k, v in TRIAL.items()),
+    *extra,
+  ]
 
 
 def _external(workdir, env, sig, delay):
   """Runs main.py and sends ``sig`` ``delay`` seconds after its data is built."""
-  proc = subprocess.Popen(_cmd(workdir), cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  proc = subprocess.Popen(
+    _cmd(workdir), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
   for line in proc.stdout:
     if line.startswith("data:"):
       break
@@ -71,13 +98,20 @@ def _external(workdir, env, sig, delay):
 
 def resume_trials(args):
   from tests import test_reliability as t
+
   rng = random.Random(args.seed)
   root = tempfile.mkdtemp(prefix="sslrec_trials_")
   cache = os.path.join(root, "cache") if args.devices == 1 else None
   t.NUM_STEPS = TRIAL["train.num_steps"]
   reference = os.path.join(root, "reference")
-  p = subprocess.run(_cmd(reference), cwd=REPO, env=_env(cache, args.devices),
-                     capture_output=True, text=True, timeout=1200)
+  p = subprocess.run(
+    _cmd(reference),
+    cwd=REPO,
+    env=_env(cache, args.devices),
+    capture_output=True,
+    text=True,
+    timeout=1200,
+  )
   assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
   n = TRIAL["train.num_steps"]
   ckpt_steps = [s for s in range(1, n) if s % TRIAL["train.checkpoint_every"] == 0]
@@ -92,8 +126,9 @@ def resume_trials(args):
       if kind == "kill_step":
         step = rng.randint(low, n - 1)
         env[t.reliability.KILL_ENV] = str(step)
-        code = subprocess.run(_cmd(wd), cwd=REPO, env=env, capture_output=True,
-                              timeout=1200).returncode
+        code = subprocess.run(
+          _cmd(wd), cwd=REPO, env=env, capture_output=True, timeout=1200
+        ).returncode
         low = step + 1
       elif kind == "kill_save":
         later = [s for s in ckpt_steps if s >= low]
@@ -101,8 +136,9 @@ def resume_trials(args):
           continue
         step = rng.choice(later)
         env[t.reliability.KILL_ENV] = str(step)
-        code = subprocess.run(_cmd(wd), cwd=REPO, env=env, capture_output=True,
-                              timeout=1200).returncode
+        code = subprocess.run(
+          _cmd(wd), cwd=REPO, env=env, capture_output=True, timeout=1200
+        ).returncode
         low = step + 1
       else:
         sig = signal.SIGKILL if kind == "kill_external" else signal.SIGTERM
@@ -112,8 +148,14 @@ def resume_trials(args):
       done.append(f"{kind}@{step}:{code}")
       if low >= n:
         break
-    p = subprocess.run(_cmd(wd), cwd=REPO, env=_env(cache, args.devices), capture_output=True,
-                       text=True, timeout=1200)
+    p = subprocess.run(
+      _cmd(wd),
+      cwd=REPO,
+      env=_env(cache, args.devices),
+      capture_output=True,
+      text=True,
+      timeout=1200,
+    )
     ok = p.returncode == 0
     if ok:
       try:
@@ -125,31 +167,78 @@ def resume_trials(args):
       done.append(f"final exit {p.returncode}: {p.stderr[-500:]}")
     total += 1
     equal += ok
-    print(f"trial {trial}: {'bitwise equal' if ok else 'NOT EQUAL'} | " + ", ".join(done),
-          flush=True)
+    print(
+      f"trial {trial}: {'bitwise equal' if ok else 'NOT EQUAL'} | " + ", ".join(done), flush=True
+    )
     shutil.rmtree(wd, ignore_errors=True)
-  print(f"\n{equal} of {total} trials ended bitwise equal to the uninterrupted run; "
-        f"interruptions: {dict(kinds)} ({sum(kinds.values())}); devices: {args.devices}")
+  print(
+    f"\n{equal} of {total} trials ended bitwise equal to the uninterrupted run; "
+    f"interruptions: {dict(kinds)} ({sum(kinds.values())}); devices: {args.devices}"
+  )
   shutil.rmtree(root, ignore_errors=True)
   return 0 if equal == total else 1
 
 
-EDGE_VALUES = ["0", "1", "2", "-1", "3", "7", "1e-9", "0.999999", "1e6", "2147483647", "5e-324",
-               "(1,)", "(1, 2)", "()", "(2,)", "('data',)", "''", "'x'", "True", "False",
-               "'adam'", "'rfm'", "'none'", "'train'", "'bfloat16'", "'sparse'", "'lazy_adam'",
-               "'all'", "'cfm_ids_random'", "'user'", "'item'", "'error'"]
+EDGE_VALUES = [
+  "0",
+  "1",
+  "2",
+  "-1",
+  "3",
+  "7",
+  "1e-9",
+  "0.999999",
+  "1e6",
+  "2147483647",
+  "5e-324",
+  "(1,)",
+  "(1, 2)",
+  "()",
+  "(2,)",
+  "('data',)",
+  "''",
+  "'x'",
+  "True",
+  "False",
+  "'adam'",
+  "'rfm'",
+  "'none'",
+  "'train'",
+  "'bfloat16'",
+  "'sparse'",
+  "'lazy_adam'",
+  "'all'",
+  "'cfm_ids_random'",
+  "'user'",
+  "'item'",
+  "'error'",
+]
 
 
 def hostile(args):
   env = dict(os.environ, SSLREC_HOSTILE_EXAMPLES=str(args.examples), JAX_PLATFORMS="cpu")
-  p = subprocess.run([sys.executable, "-m", "pytest", "tests/test_hostile.py", "-p", "no:logging",
-                      "--hypothesis-show-statistics", "-q"], cwd=REPO, env=env, text=True,
-                     capture_output=True)
+  p = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "pytest",
+      "tests/test_hostile.py",
+      "-p",
+      "no:logging",
+      "--hypothesis-show-statistics",
+      "-q",
+    ],
+    cwd=REPO,
+    env=env,
+    text=True,
+    capture_output=True,
+  )
   print("\n".join(l for l in p.stdout.splitlines() if not l.startswith("WARNING")))
   code = p.returncode
   if not args.train:
     return code
   from tests import test_hostile as th
+
   rng = random.Random(args.seed)
   outcomes = collections.Counter()
   root = tempfile.mkdtemp(prefix="sslrec_hostile_")
@@ -172,8 +261,9 @@ def hostile(args):
     wd = os.path.join(root, f"run{len(tried)}")
     cmd = _cmd(wd, ["--config.train.num_steps=3", f"--config.{field}={value}"])
     try:
-      p = subprocess.run(cmd, cwd=REPO, env=_env(None, 1), capture_output=True, text=True,
-                         timeout=600)
+      p = subprocess.run(
+        cmd, cwd=REPO, env=_env(None, 1), capture_output=True, text=True, timeout=600
+      )
     except subprocess.TimeoutExpired:
       outcomes["HANG (600 s)"] += 1
       print(f"--config.{field}={value}: HANG")
@@ -196,8 +286,9 @@ def hostile(args):
 
 def main():
   logging.getLogger("absl").setLevel(logging.ERROR)
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   sub = parser.add_subparsers(dest="mode", required=True)
   r = sub.add_parser("resume")
   r.add_argument("--trials", type=int, default=10)

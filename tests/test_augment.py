@@ -116,7 +116,7 @@ def test_cfm_matches_numpy_reference_on_random_mi():
   for seed in range(k):
     row = mi[seed].copy()
     row[seed] = -np.inf
-    top = np.argsort(-row)[:n - 1]
+    top = np.argsort(-row)[: n - 1]
     m = np.zeros(k, bool)
     m[seed] = True
     m[top] = True
@@ -172,21 +172,24 @@ def test_dropout_rejects_bad_rate():
 
 
 def _spec():
-  return features_lib.TowerSpec("item", (
+  return features_lib.TowerSpec(
+    "item",
+    (
       features_lib.FeatureSpec("item_id", "id", vocab_size=100),
       features_lib.FeatureSpec("genres", "multi", vocab_size=50, max_len=10),
       features_lib.FeatureSpec("tags", "multi", vocab_size=50, max_len=10),
       features_lib.FeatureSpec("stats", "dense", dense_dim=3),
-  ))
+    ),
+  )
 
 
 def _batch():
   ids = _multi_ids(seed=2)
   return {
-      "item_id": jnp.arange(200, dtype=jnp.int32) % 100,
-      "genres": ids,
-      "tags": ids,  # identical inputs: the per-feature dropout must still differ
-      "stats": jnp.asarray(np.random.default_rng(3).normal(size=(200, 3)), jnp.float32),
+    "item_id": jnp.arange(200, dtype=jnp.int32) % 100,
+    "genres": ids,
+    "tags": ids,  # identical inputs: the per-feature dropout must still differ
+    "stats": jnp.asarray(np.random.default_rng(3).normal(size=(200, 3)), jnp.float32),
   }
 
 
@@ -229,7 +232,8 @@ def test_make_mask_dispatch():
   mi = jnp.asarray(_block_mi(1.0))
   f = jax.jit(augment.make_mask, static_argnums=(1, 2))
   np.testing.assert_array_equal(
-      np.asarray(f(rng, "cfm", 8, mi)), np.asarray(_many_cfm(_KEYS, mi))[0])
+    np.asarray(f(rng, "cfm", 8, mi)), np.asarray(_many_cfm(_KEYS, mi))[0]
+  )
   np.testing.assert_array_equal(np.asarray(f(rng, "rfm", 8)), np.asarray(_many_rfm(_KEYS, 8))[0])
   none = np.asarray(f(rng, "none", 8))
   assert none.shape == (8,) and none.dtype == bool and not none.any()

@@ -14,8 +14,9 @@ _many = jax.jit(jax.vmap(augment.cfm_ids_random_mask, in_axes=(0, None)))
 
 @pytest.fixture(scope="module")
 def catalogue_mi():
-  d = synthetic.generate(0, num_items=20_000, num_queries=100, num_train_pairs=100,
-                         num_eval_pairs=10)
+  d = synthetic.generate(
+    0, num_items=20_000, num_queries=100, num_train_pairs=100, num_eval_pairs=10
+  )
   return d.item_spec.names, stats.mutual_information(d.items, d.item_spec)
 
 
@@ -27,10 +28,10 @@ def test_item_id_is_the_only_id_like_feature(catalogue_mi):
 
 def test_near_unique_id_is_flagged():
   # An id shared by a few items (OOV) no longer attains MI = H(f), but still tops every row.
-  mi = np.array([[7.0, 5.9, 1.7, 1.4],
-                 [5.9, 6.9, 1.2, 0.9],
-                 [1.7, 1.2, 2.2, 0.1],
-                 [1.4, 0.9, 0.1, 1.5]], np.float32)
+  mi = np.array(
+    [[7.0, 5.9, 1.7, 1.4], [5.9, 6.9, 1.2, 0.9], [1.7, 1.2, 2.2, 0.1], [1.4, 0.9, 0.1, 1.5]],
+    np.float32,
+  )
   assert np.asarray(augment.id_like_features(mi)).tolist() == [True, False, False, False]
 
 
@@ -40,7 +41,7 @@ def test_block_matrix_without_id_has_no_id_like_feature():
   np.fill_diagonal(mi, 2.0)
   assert not np.asarray(augment.id_like_features(mi)).any()
   # Two features only: each is the other's top partner; nothing is flagged.
-  assert not np.asarray(augment.id_like_features(np.array([[1., .5], [.5, 1.]]))).any()
+  assert not np.asarray(augment.id_like_features(np.array([[1.0, 0.5], [0.5, 1.0]]))).any()
 
 
 def test_id_goes_to_a_random_side_and_groups_stay_together(catalogue_mi):
@@ -76,6 +77,7 @@ def test_make_mask_dispatch_and_config():
     augment.make_mask(jax.random.PRNGKey(0), "cfm_ids_random", 4, mi=None)
   from sslrec import configuration
   from tests.conftest import tiny_config
+
   c = tiny_config()
   c.ssl.masking = "cfm_ids_random"
   configuration.validate(c)

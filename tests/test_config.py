@@ -7,25 +7,40 @@ import sys
 import pytest
 
 from sslrec import cli, configuration
-
 from tests.conftest import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("field,value,expect", [
+@pytest.mark.parametrize(
+  "field,value,expect",
+  [
     ("ssl.alpha", -0.1, "config.ssl.alpha=-0.1 is invalid; allowed: a number >= 0"),
     ("ssl.temperature", 0.0, "config.ssl.temperature=0.0 is invalid; allowed: a number > 0"),
     ("loss.temperature", -1.0, "config.loss.temperature=-1.0"),
-    ("ssl.masking", "random", "config.ssl.masking='random' is invalid; allowed: one of ('cfm', 'rfm', 'none', 'cfm_ids_random')"),
-    ("ssl.dropout_rate", 1.0, "config.ssl.dropout_rate=1.0 is invalid; allowed: a number in [0, 1)"),
+    (
+      "ssl.masking",
+      "random",
+      "config.ssl.masking='random' is invalid; allowed: one of "
+      "('cfm', 'rfm', 'none', 'cfm_ids_random')",
+    ),
+    (
+      "ssl.dropout_rate",
+      1.0,
+      "config.ssl.dropout_rate=1.0 is invalid; allowed: a number in [0, 1)",
+    ),
     ("ssl.item_sampling", "pop", "config.ssl.item_sampling='pop'"),
     ("optimizer.name", "sgd", "config.optimizer.name='sgd'"),
     ("eval.head_fraction", 1.5, "config.eval.head_fraction=1.5"),
     ("train.num_steps", 0, "config.train.num_steps=0"),
     ("mesh.shape", (3,), "config.mesh.shape=(3,) needs 3 devices; 8 are available"),
-    ("train.batch_size", 100, "config.train.batch_size=100 is not divisible by the mesh's 'data' axis"),
-])
+    (
+      "train.batch_size",
+      100,
+      "config.train.batch_size=100 is not divisible by the mesh's 'data' axis",
+    ),
+  ],
+)
 def test_invalid_values_one_clear_line(tmp_path, capsys, field, value, expect):
   config = tiny_config()
   section, name = field.split(".")
@@ -68,13 +83,20 @@ def test_diff_ignores_run_length_fields():
   assert configuration.diff_model_fields(a, configuration.to_dict(c)) == []
   c.ssl.temperature = 0.2
   assert configuration.diff_model_fields(a, configuration.to_dict(c)) == [
-      "ssl.temperature: 0.1 -> 0.2"]
+    "ssl.temperature: 0.1 -> 0.2"
+  ]
 
 
 def _main(*args, cwd=REPO):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "launch/main.py", "--config=configs/base.py", *args],
-                        cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+  return subprocess.run(
+    [sys.executable, "launch/main.py", "--config=configs/base.py", *args],
+    cwd=cwd,
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+  )
 
 
 def test_command_line_error_exit_code_and_no_traceback(tmp_path):
@@ -82,7 +104,9 @@ def test_command_line_error_exit_code_and_no_traceback(tmp_path):
   assert p.returncode != 0
   assert "Traceback" not in p.stderr
   lines = [l for l in p.stderr.splitlines() if l.startswith("error:")]
-  assert lines == ["error: config.ssl.alpha=-1.0 is invalid; allowed: a number >= 0 (0 turns SSL off)"]
+  assert lines == [
+    "error: config.ssl.alpha=-1.0 is invalid; allowed: a number >= 0 (0 turns SSL off)"
+  ]
   assert not (tmp_path / "run").exists()
 
 
@@ -93,11 +117,23 @@ def _unused_unknown_field(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("args,expect", [
-    (["--config.ssl.alhpa=0.3"], "error: --config.ssl.alhpa: no such config field (did you mean 'alpha'?)"),
-    (["--config.sssl.alpha=1"], "error: --config.sssl.alpha: no such config field (did you mean 'ssl'?)"),
-    (["--config.ssl.alpha=abc"], "error: --config.ssl.alpha=abc: could not convert string to float"),
-])
+@pytest.mark.parametrize(
+  "args,expect",
+  [
+    (
+      ["--config.ssl.alhpa=0.3"],
+      "error: --config.ssl.alhpa: no such config field (did you mean 'alpha'?)",
+    ),
+    (
+      ["--config.sssl.alpha=1"],
+      "error: --config.sssl.alpha: no such config field (did you mean 'ssl'?)",
+    ),
+    (
+      ["--config.ssl.alpha=abc"],
+      "error: --config.ssl.alpha=abc: could not convert string to float",
+    ),
+  ],
+)
 def test_command_line_bad_flags(tmp_path, args, expect):
   p = _main(f"--workdir={tmp_path / 'run'}", *args)
   assert p.returncode == 2 and "Traceback" not in p.stderr
@@ -106,8 +142,12 @@ def test_command_line_bad_flags(tmp_path, args, expect):
 
 
 def test_command_line_missing_config_file(tmp_path):
-  p = subprocess.run([sys.executable, "launch/main.py", "--config=configs/nope.py",
-                      f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True,
-                     timeout=120)
+  p = subprocess.run(
+    [sys.executable, "launch/main.py", "--config=configs/nope.py", f"--workdir={tmp_path}"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert p.returncode == 2 and "Traceback" not in p.stderr
   assert p.stderr.startswith("error: --config=configs/nope.py: no such file")

@@ -18,7 +18,9 @@ def _layer(*feats):
 
 
 def test_multi_valued_pooling_ignores_padding_and_empty_bag_uses_default():
-  spec, layer, params = _layer(F.FeatureSpec("tags", "multi", vocab_size=10, max_len=4, embed_dim=3))
+  spec, layer, params = _layer(
+    F.FeatureSpec("tags", "multi", vocab_size=10, max_len=4, embed_dim=3)
+  )
   t = params["params"]["tags_table"]
   d = params["params"]["tags_default"]
   x = jnp.array([[1, 2, -1, -1], [-1, -1, -1, -1], [5, -1, 5, -1]])
@@ -29,8 +31,10 @@ def test_multi_valued_pooling_ignores_padding_and_empty_bag_uses_default():
 
 
 def test_feature_mask_replaces_with_default():
-  spec, layer, params = _layer(F.FeatureSpec("a", "id", vocab_size=5, embed_dim=2),
-                               F.FeatureSpec("b", "id", vocab_size=5, embed_dim=2))
+  spec, layer, params = _layer(
+    F.FeatureSpec("a", "id", vocab_size=5, embed_dim=2),
+    F.FeatureSpec("b", "id", vocab_size=5, embed_dim=2),
+  )
   out = layer.apply(params, {"a": jnp.array([1]), "b": jnp.array([2])}, jnp.array([True, False]))
   np.testing.assert_allclose(out[0, :2], params["params"]["a_default"])
   np.testing.assert_allclose(out[0, 2:], params["params"]["b_table"][2])
@@ -64,27 +68,32 @@ def test_hash_buckets_with_second_hash():
   F.TowerSpec("t", (f,)).validate({"h": np.array([0, 2**31 - 1], np.int32)})
 
 
-@pytest.mark.parametrize("kw,msg", [
+@pytest.mark.parametrize(
+  "kw,msg",
+  [
     (dict(kind="id", vocab_size=0), "vocab_size=0; must be >= 1"),
     (dict(kind="id", vocab_size=-3), "vocab_size=-3"),
     (dict(kind="id", vocab_size=5, second_hash=True), "second_hash needs hashed=True"),
     (dict(kind="multi", vocab_size=5, max_len=0), "max_len=0"),
-])
+  ],
+)
 def test_bad_sizes_are_refused(kw, msg):
   with pytest.raises(F.SchemaError, match=msg):
     F.FeatureSpec("x", **kw)
 
 
 def test_table_too_big_for_memory_is_refused_before_allocation():
+  import dataclasses
+
   from sslrec import configuration, parallel, train
   from sslrec.data import synthetic
   from tests.conftest import tiny_config
-  import dataclasses
-  d = synthetic.generate(0, num_items=200, num_queries=100, num_train_pairs=500,
-                         num_eval_pairs=50)
+
+  d = synthetic.generate(0, num_items=200, num_queries=100, num_train_pairs=500, num_eval_pairs=50)
   huge = dataclasses.replace(d.item_spec["item_id"], vocab_size=2**30, embed_dim=64)
-  spec = dataclasses.replace(d.item_spec, features=tuple(
-      huge if f.name == "item_id" else f for f in d.item_spec.features))
+  spec = dataclasses.replace(
+    d.item_spec, features=tuple(huge if f.name == "item_id" else f for f in d.item_spec.features)
+  )
   d = dataclasses.replace(d, item_spec=spec)
   config = tiny_config()
   config.train.batch_size = config.ssl.batch_size = 64

@@ -31,11 +31,18 @@ def _dataset(num_items, num_queries, train, pairs, seen=None):
   arr = lambda x: np.asarray(x, np.int32)
   seen = (None, None) if seen is None else tuple(map(arr, seen))
   return table.Dataset(
-      name="tiny", item_spec=None, query_spec=None,
-      items={"id": np.arange(num_items, dtype=np.int32)},
-      queries={"id": np.arange(num_queries, dtype=np.int32)},
-      train_query=arr(train[0]), train_item=arr(train[1]), eval_query=arr(pairs[0]),
-      eval_item=arr(pairs[1]), eval_seen_query=seen[0], eval_seen_item=seen[1])
+    name="tiny",
+    item_spec=None,
+    query_spec=None,
+    items={"id": np.arange(num_items, dtype=np.int32)},
+    queries={"id": np.arange(num_queries, dtype=np.int32)},
+    train_query=arr(train[0]),
+    train_item=arr(train[1]),
+    eval_query=arr(pairs[0]),
+    eval_item=arr(pairs[1]),
+    eval_seen_query=seen[0],
+    eval_seen_item=seen[1],
+  )
 
 
 def _mesh():
@@ -44,15 +51,23 @@ def _mesh():
 
 def _hand_example():
   """6 items, 3 eval queries with hand-set scores (one-hot items)."""
-  scores = np.array([[.9, .8, .7, .6, .5, .4],   # q0: ranks 0..5; seen {0}; positives {2, 4}
-                     [.1, .2, .3, .4, .5, .6],   # q1: ranks 5..0; nothing seen; positive {5}
-                     [0., 0., 0., 0., 0., 0.],   # q2: all tied (lower index first); seen {1, 3}
-                     [0., 0., 0., 0., 0., 0.]],  # row 3: only in D_train
-                    np.float32)
+  scores = np.array(
+    [
+      [0.9, 0.8, 0.7, 0.6, 0.5, 0.4],  # q0: ranks 0..5; seen {0}; positives {2, 4}
+      [0.1, 0.2, 0.3, 0.4, 0.5, 0.6],  # q1: ranks 5..0; nothing seen; positive {5}
+      [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],  # q2: all tied (lower index first); seen {1, 3}
+      [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+    ],  # row 3: only in D_train
+    np.float32,
+  )
   params = {"query": scores, "item": np.eye(6, dtype=np.float32)}
-  data = _dataset(6, 4, train=([3, 3, 3], [0, 1, 2]),
-                  pairs=([0, 2, 1, 0], [2, 3, 5, 4]),  # q2's positive 3 is also seen: kept
-                  seen=([0, 2, 2], [0, 1, 3]))
+  data = _dataset(
+    6,
+    4,
+    train=([3, 3, 3], [0, 1, 2]),
+    pairs=([0, 2, 1, 0], [2, 3, 5, 4]),  # q2's positive 3 is also seen: kept
+    seen=([0, 2, 2], [0, 1, 3]),
+  )
   freq = np.array([5, 4, 3, 2, 1, 0])  # popularity order 0..5; item 5 cold
   head = np.array([1, 1, 1, 0, 0, 0], bool)
   return params, data, freq, head
@@ -60,8 +75,16 @@ def _hand_example():
 
 def test_hand_built_metrics():
   params, data, freq, head = _hand_example()
-  ev = evaluate.Evaluator(LookupModel(), data, freq, head, mesh=_mesh(), ks=(1, 3), batch_size=2,
-                          references=("popularity",))
+  ev = evaluate.Evaluator(
+    LookupModel(),
+    data,
+    freq,
+    head,
+    mesh=_mesh(),
+    ks=(1, 3),
+    batch_size=2,
+    references=("popularity",),
+  )
   # After exclusions: q0 -> 1 2 3 4 5, q1 -> 5 4 3 2 1 0, q2 -> 0 2 3 4 5 (1 removed, 3 kept).
   np.testing.assert_array_equal(ev.model_top_k(params), [[1, 2, 3], [5, 4, 3], [0, 2, 3]])
   m = ev(params)
@@ -82,22 +105,34 @@ def test_hand_built_metrics():
   want = {0: None, 1: None, 2: None, 3: 1.0, 4: None, 5: 1.0, 6: 0.0, 7: None, 8: 1.0, 9: None}
   for d, v in want.items():
     got = m[f"recall@3/decile_{d}"]
-    assert (math.isnan(got) if v is None else got == v), (d, got)
+    assert math.isnan(got) if v is None else got == v, (d, got)
   assert not any("decile" in k for k in m if k.startswith("recall@1/"))
   # Popularity: q0 -> 1 2 3, q1 -> 0 1 2, q2 -> 0 2 3.
   assert m["popularity/recall@3"] == 0.5 and m["popularity/recall@1"] == 0.0
   assert m["popularity/coverage@3"] == pytest.approx(4 / 6)
   assert m["popularity/map@3"] == pytest.approx((0.5 / 2 + 0 + 1 / 3) / 3)
   # Without exclusions q0 ranks 0 first, q2 ranks 1 before 3.
-  off = evaluate.Evaluator(LookupModel(), data, freq, head, mesh=_mesh(), ks=(1, 3),
-                           exclude_train_items=False, references=())
+  off = evaluate.Evaluator(
+    LookupModel(),
+    data,
+    freq,
+    head,
+    mesh=_mesh(),
+    ks=(1, 3),
+    exclude_train_items=False,
+    references=(),
+  )
   np.testing.assert_array_equal(off.model_top_k(params), [[0, 1, 2], [5, 4, 3], [0, 1, 2]])
   assert off(params)["recall@3"] == 0.5
   table_text = evaluate.format_table(m, (1, 3))
   assert "| N@3 |" in table_text and "| R@3/cold |" in table_text
   assert "\n| popularity |" in table_text and "itemknn" not in table_text
-  assert evaluate.Evaluator(LookupModel(), data, freq, head, mesh=_mesh(), ks=(3,), max_pairs=2,
-                            references=())(params)["eval/queries"] == 2
+  assert (
+    evaluate.Evaluator(
+      LookupModel(), data, freq, head, mesh=_mesh(), ks=(3,), max_pairs=2, references=()
+    )(params)["eval/queries"]
+    == 2
+  )
 
 
 def _old_per_pair(scores, query, target, seen_q, seen_i, ks, freq):
@@ -141,8 +176,10 @@ def test_per_query_matches_per_pair_on_random_data(monkeypatch, chunked):
     monkeypatch.setattr(evaluate, "EVAL_ITEM_CHUNK", 2)
   rng = np.random.default_rng(0)
   n_items, n_queries, dim = 40, 30, 4
-  params = {"query": rng.normal(size=(n_queries, dim)).astype(np.float32),
-            "item": rng.normal(size=(n_items, dim)).astype(np.float32)}
+  params = {
+    "query": rng.normal(size=(n_queries, dim)).astype(np.float32),
+    "item": rng.normal(size=(n_items, dim)).astype(np.float32),
+  }
   query = rng.integers(0, 20, size=60)  # several positives per query, some pairs repeated
   target = rng.integers(0, n_items, size=60)
   seen_q, seen_i = rng.integers(0, 25, size=150), rng.integers(0, n_items, size=150)
@@ -150,11 +187,13 @@ def test_per_query_matches_per_pair_on_random_data(monkeypatch, chunked):
   seen_q, seen_i = seen_q[~clash], seen_i[~clash]  # seen never a positive: both views agree
   freq = rng.integers(0, 5, size=n_items)
   head = stats.head_items(freq, 0.25)
-  data = _dataset(n_items, n_queries, train=([29], [0]), pairs=(query, target),
-                  seen=(seen_q, seen_i))
+  data = _dataset(
+    n_items, n_queries, train=([29], [0]), pairs=(query, target), seen=(seen_q, seen_i)
+  )
   ks = (1, 5, 10)
-  ev = evaluate.Evaluator(LookupModel(), data, freq, head, mesh=_mesh(), ks=ks, batch_size=8,
-                          references=("popularity",))
+  ev = evaluate.Evaluator(
+    LookupModel(), data, freq, head, mesh=_mesh(), ks=ks, batch_size=8, references=("popularity",)
+  )
   if chunked:
     assert ev._item_chunk == 2
   got = ev(params)
@@ -189,6 +228,7 @@ def test_second_call_compiles_nothing():
   class Catch(logging.Handler):
     def emit(self, record):
       records.append(record.getMessage())
+
   handler = Catch(level=logging.DEBUG)
   logger = logging.getLogger("jax")
   logger.addHandler(handler)
@@ -276,10 +316,19 @@ def test_reference_beats_popularity_on_clustered_items(reference):
     pytest.importorskip("implicit")
   data, freq = _clustered()
   rng = np.random.default_rng(0)
-  params = {"query": rng.normal(size=(data.num_queries, 4)).astype(np.float32),
-            "item": rng.normal(size=(data.num_items, 4)).astype(np.float32)}
-  ev = evaluate.Evaluator(LookupModel(), data, freq, stats.head_items(freq, 0.2), mesh=_mesh(),
-                          ks=(2,), references=("popularity", reference))
+  params = {
+    "query": rng.normal(size=(data.num_queries, 4)).astype(np.float32),
+    "item": rng.normal(size=(data.num_items, 4)).astype(np.float32),
+  }
+  ev = evaluate.Evaluator(
+    LookupModel(),
+    data,
+    freq,
+    stats.head_items(freq, 0.2),
+    mesh=_mesh(),
+    ks=(2,),
+    references=("popularity", reference),
+  )
   m = ev(params)
   # The two unseen items of the query's cluster are its top 2 by similarity.
   assert m[f"{reference}/recall@2"] >= 0.9 > m["popularity/recall@2"] + 0.5

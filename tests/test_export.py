@@ -8,8 +8,8 @@ import sys
 import jax
 import numpy as np
 import pytest
-
 from conftest import tiny_config
+
 from sslrec import export, serving, train
 from sslrec.run import workdir as workdir_lib
 
@@ -35,8 +35,16 @@ def test_layout_and_manifest(run):
   config, wd, out, summary = run
   assert summary["step"] == 4 and summary["max_abs_diff"] <= 1e-5
   assert sorted(os.listdir(out)) == sorted(
-      ["manifest.json", "item_embeddings.npy", "item_keys.npy", "query_tower.jax",
-       "query_params.npz", "schema.json", "vocabularies.json"])
+    [
+      "manifest.json",
+      "item_embeddings.npy",
+      "item_keys.npy",
+      "query_tower.jax",
+      "query_params.npz",
+      "schema.json",
+      "vocabularies.json",
+    ]
+  )
   m = json.load(open(os.path.join(out, "manifest.json")))
   assert m["format"] == "sslrec-export" and m["format_version"] == serving.FORMAT_VERSION
   assert m["step"] == 4 and m["num_items"] == config.data.num_items
@@ -66,6 +74,7 @@ def test_exported_towers_match_training_code(run):
   retriever = serving.Retriever.load(out)
   rows = np.arange(300)
   from sslrec.data import table as table_lib
+
   queries = table_lib.take(r.dataset.queries, rows)
   want = np.asarray(r.model.apply(r.state.params, queries, method=r.model.query_tower))
   got = retriever.embed_batch(queries)
@@ -76,8 +85,9 @@ def test_exported_towers_match_training_code(run):
   np.testing.assert_allclose(retriever.item_embeddings[:500], want_items, atol=1e-5, rtol=0)
   # The batch dimension is symbolic: any batch size, same rows.
   for b in (1, 7, 256):
-    np.testing.assert_allclose(retriever.embed_batch(table_lib.take(queries, np.arange(b))),
-                               want[:b], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+      retriever.embed_batch(table_lib.take(queries, np.arange(b))), want[:b], atol=1e-5, rtol=0
+    )
 
 
 def test_serving_runs_without_training_code(run):
@@ -92,8 +102,12 @@ r = serving.Retriever.load({out!r})
 res = r.search({{"q_topic": 1, "q_history": [3, 4]}}, k=5)
 print(res.rows.shape, r.similar_items(0, k=3).rows.shape)
 """
-  p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                     env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  p = subprocess.run(
+    [sys.executable, "-c", code],
+    capture_output=True,
+    text=True,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
   assert p.returncode == 0, p.stderr
   assert p.stdout.strip() == "(1, 5) (1, 3)"
 
@@ -134,14 +148,17 @@ def test_existing_output_is_refused_unless_overwrite(run, tmp_path):
 def test_item_names_string_keys_and_vocabularies_are_exported(run, tmp_path, monkeypatch):
   _, wd, _, _ = run
   from sslrec.data import sources
+
   load = sources.load
 
   def load_with_metadata(config):
     d = load(config)
     d.item_keys = np.asarray([f"sku-{i}" for i in range(d.num_items)])
     d.item_names = np.asarray([f"Item {i}" for i in range(d.num_items)])
-    d.vocabularies = {"q_region": [f"r{i}" for i in range(16)],  # no OOV id: OOV -> missing
-                      "q_style": [None] + [f"s{i}" for i in range(1, 24)]}  # a reader's: OOV = 0
+    d.vocabularies = {
+      "q_region": [f"r{i}" for i in range(16)],  # no OOV id: OOV -> missing
+      "q_style": [None] + [f"s{i}" for i in range(1, 24)],
+    }  # a reader's: OOV = 0
     return d
 
   monkeypatch.setattr(sources, "load", load_with_metadata)
@@ -161,20 +178,25 @@ def test_item_names_string_keys_and_vocabularies_are_exported(run, tmp_path, mon
   batch, notes = r.encode({"q_style": "s7", "q_history": [3]})
   assert batch["q_style"][0] == 7
   batch, notes = r.encode({"q_style": "zzz"})
-  assert batch["q_style"][0] == 0 and any("'zzz' is out of vocabulary (-> the OOV id 0)" in n
-                                          for n in notes)
+  assert batch["q_style"][0] == 0 and any(
+    "'zzz' is out of vocabulary (-> the OOV id 0)" in n for n in notes
+  )
 
 
 def _launch(*args):
-  return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "export.py"), *args],
-                        capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  return subprocess.run(
+    [sys.executable, os.path.join(ROOT, "launch", "export.py"), *args],
+    capture_output=True,
+    text=True,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
 
 
 def test_launch_export_errors_are_one_line(run, tmp_path):
   _, wd, out, _ = run
   for args, expected in (
-      ([f"--workdir={tmp_path / 'nope'}", f"--out={tmp_path / 'x'}"], "no such directory"),
-      ([f"--workdir={wd}", f"--out={out}"], "exists and is not empty"),
+    ([f"--workdir={tmp_path / 'nope'}", f"--out={tmp_path / 'x'}"], "no such directory"),
+    ([f"--workdir={wd}", f"--out={out}"], "exists and is not empty"),
   ):
     p = _launch(*args)
     assert p.returncode == 2, p.stderr

@@ -47,7 +47,11 @@ def test_csv_tables_with_schema():
   assert list(d.item_keys) == [r["item_id"] for r in items]
   assert list(d.item_names) == [r["title"] for r in items]
   genres = d.vocabularies["genres"]
-  assert [genres[i] for i in d.items["genres"][0] if i >= 0] == ["Animation", "Children's", "Comedy"]
+  assert [genres[i] for i in d.items["genres"][0] if i >= 0] == [
+    "Animation",
+    "Children's",
+    "Comedy",
+  ]
   words = d.items["title_words"][0]
   np.testing.assert_array_equal(words[:2], files.encode.hash_ids(np.array(["Toy", "Story"]), 1000))
   # Hashed features hold 31-bit fingerprints; the model reduces them to the 1000 buckets.
@@ -56,8 +60,11 @@ def test_csv_tables_with_schema():
   price = d.items["price"][:, 0]
   assert price[4] == 0.0 and abs(price).max() < 3
   # The same interactions as the ML-1M fixture (ISO times, the rating as weight): same split.
-  ml = movielens.load(os.path.join(REPO, "tests", "fixtures", "ml-1m"), embed_dim=8,
-                      valid_fraction=_config().data.valid_fraction)
+  ml = movielens.load(
+    os.path.join(REPO, "tests", "fixtures", "ml-1m"),
+    embed_dim=8,
+    valid_fraction=_config().data.valid_fraction,
+  )
   assert sorted(d.item_keys[d.train_item].astype(int)) == sorted(ml.item_keys[ml.train_item])
   assert sorted(d.item_keys[d.eval_item].astype(int)) == sorted(ml.item_keys[ml.eval_item])
   assert d.eval_seen_query.size == ml.eval_seen_query.size
@@ -67,24 +74,43 @@ def _write_parquet(dst):
   pa = pytest.importorskip("pyarrow")
   pq = pytest.importorskip("pyarrow.parquet")
   import datetime
+
   items, users, inter = _rows("items.csv"), _rows("users.csv"), _rows("interactions.csv")
-  pq.write_table(pa.table({
-      "item_id": [int(r["item_id"]) for r in items],
-      "title": [r["title"] for r in items],
-      "genres": [r["genres"].split("|") for r in items],  # a list column
-      "year": [int(r["year"]) for r in items],
-      "price": [float(r["price"]) if r["price"] else None for r in items],
-  }), dst / "items.parquet")
-  pq.write_table(pa.table({"user_id": [int(r["user_id"]) for r in users],
-                           "country": [r["country"] for r in users],
-                           "age": [int(r["age"]) for r in users]}), dst / "users.parquet")
-  pq.write_table(pa.table({
-      "user_id": [int(r["user_id"]) for r in inter],
-      "item_id": [int(r["item_id"]) for r in inter],
-      "timestamp": pa.array([datetime.datetime.fromisoformat(r["timestamp"]) for r in inter],
-                            pa.timestamp("s")),
-      "rating": [float(r["rating"]) for r in inter],
-  }), dst / "interactions.parquet")
+  pq.write_table(
+    pa.table(
+      {
+        "item_id": [int(r["item_id"]) for r in items],
+        "title": [r["title"] for r in items],
+        "genres": [r["genres"].split("|") for r in items],  # a list column
+        "year": [int(r["year"]) for r in items],
+        "price": [float(r["price"]) if r["price"] else None for r in items],
+      }
+    ),
+    dst / "items.parquet",
+  )
+  pq.write_table(
+    pa.table(
+      {
+        "user_id": [int(r["user_id"]) for r in users],
+        "country": [r["country"] for r in users],
+        "age": [int(r["age"]) for r in users],
+      }
+    ),
+    dst / "users.parquet",
+  )
+  pq.write_table(
+    pa.table(
+      {
+        "user_id": [int(r["user_id"]) for r in inter],
+        "item_id": [int(r["item_id"]) for r in inter],
+        "timestamp": pa.array(
+          [datetime.datetime.fromisoformat(r["timestamp"]) for r in inter], pa.timestamp("s")
+        ),
+        "rating": [float(r["rating"]) for r in inter],
+      }
+    ),
+    dst / "interactions.parquet",
+  )
 
 
 def test_parquet_matches_csv(tmp_path):
@@ -100,8 +126,10 @@ def test_parquet_matches_csv(tmp_path):
     np.testing.assert_allclose(pq_data.items[name], csv_data.items[name], rtol=1e-6)
   np.testing.assert_array_equal(pq_data.queries["country"], csv_data.queries["country"])
   # Keys are numbers in Parquet, text in CSV: the same histories, other vocabulary order.
-  decode = lambda d: [[str(d.vocabularies["history"][i]) for i in row if i >= 0]  # noqa: E731
-                      for row in d.queries["history"]]
+  decode = lambda d: [
+    [str(d.vocabularies["history"][i]) for i in row if i >= 0]  # noqa: E731
+    for row in d.queries["history"]
+  ]
   assert decode(pq_data) == decode(csv_data)
   np.testing.assert_array_equal(pq_data.train_item, csv_data.train_item)
   np.testing.assert_array_equal(pq_data.eval_item, csv_data.eval_item)
@@ -111,13 +139,17 @@ def test_parquet_matches_csv(tmp_path):
 def test_without_query_table_the_key_is_the_only_query_column(tmp_path):
   c = _config()
   c.data.files.query_table = ""
-  c.data.files.query_features = ml_collections.ConfigDict({
-      "user": {"kind": "id", "column": "user_id"}, "history": {"kind": "history"}})
+  c.data.files.query_features = ml_collections.ConfigDict(
+    {"user": {"kind": "id", "column": "user_id"}, "history": {"kind": "history"}}
+  )
   d = sources.load(c)
   assert d.query_spec.names == ("user", "history") and d.num_train > 0
   c.data.files.query_features = ml_collections.ConfigDict({"country": {"kind": "id"}})
-  with pytest.raises(table.DataError, match=r"no column 'country' .*only query column is the "
-                                            r"query key 'user_id'"):
+  with pytest.raises(
+    table.DataError,
+    match=r"no column 'country' .*only query column is the "
+    r"query key 'user_id'",
+  ):
     sources.load(c)
 
 
@@ -137,15 +169,20 @@ def test_item_to_item_tables(tmp_path):
   c.data.files.query_key, c.data.files.item_key = "from", "to"
   c.data.files.timestamp = c.data.files.weight = ""
   c.data.files.item_table = "items.csv"
-  c.data.files.item_features = ml_collections.ConfigDict({"item": {"kind": "id",
-                                                                   "column": "to"}})
-  with pytest.raises(table.DataError, match=r"items\.csv: no column 'to' .*columns found: "
-                                            r"\['item_id', 'title'"):
+  c.data.files.item_features = ml_collections.ConfigDict({"item": {"kind": "id", "column": "to"}})
+  with pytest.raises(
+    table.DataError,
+    match=r"items\.csv: no column 'to' .*columns found: "
+    r"\['item_id', 'title'",
+  ):
     sources.load(c)
   c.data.files.item_key = "to"
   c.data.files.item_features.item.column = "item_id"
-  with pytest.raises(table.DataError, match=r"items\.csv: no column 'to' \(config\.data\.files"
-                                            r"\.item_key\)"):
+  with pytest.raises(
+    table.DataError,
+    match=r"items\.csv: no column 'to' \(config\.data\.files"
+    r"\.item_key\)",
+  ):
     sources.load(c)
   c.data.files.item_key = "item_id"
   with pytest.raises(table.DataError, match=r"links\.csv: no column 'item_id'"):
@@ -177,22 +214,46 @@ def _edit(path, old, new):
     f.write(text.replace(old, new, 1))
 
 
-@pytest.mark.parametrize("file,old,new,expect", [
-    ("interactions.csv", "7,4,1997-09-23T09:35:00,4\n", "7,4,1997-09-23T09:35:00\n",
-     r"interactions\.csv:3: expected 4 fields \(','-separated\), found 3: '7,4,1997-09-23T09:35:00'"),
-    ("interactions.csv", "7,4,1997-09-23T09:35:00,4", "7,4,yesterday,4",
-     r"interactions\.csv:3: timestamp 'yesterday' is not a number or an ISO-8601 time: "
-     r"'7,4,yesterday,4'"),
-    ("interactions.csv", "7,4,1997-09-23T09:35:00,4", "7,4,1997-09-23T09:35:00,good",
-     r"interactions\.csv:3: rating 'good' is not a number"),
-    ("interactions.csv", "7,4,1997-09-23T09:35:00,4", "7,4,,4",
-     r"interactions\.csv:3: empty timestamp"),
-    ("items.csv", "2,\"GoldenEye\"", "1,\"GoldenEye\"", r"items\.csv:3: item key '1' appears twice"),
+@pytest.mark.parametrize(
+  "file,old,new,expect",
+  [
+    (
+      "interactions.csv",
+      "7,4,1997-09-23T09:35:00,4\n",
+      "7,4,1997-09-23T09:35:00\n",
+      r"interactions\.csv:3: expected 4 fields \(','-separated\), found 3: "
+      r"'7,4,1997-09-23T09:35:00'",
+    ),
+    (
+      "interactions.csv",
+      "7,4,1997-09-23T09:35:00,4",
+      "7,4,yesterday,4",
+      r"interactions\.csv:3: timestamp 'yesterday' is not a number or an ISO-8601 time: "
+      r"'7,4,yesterday,4'",
+    ),
+    (
+      "interactions.csv",
+      "7,4,1997-09-23T09:35:00,4",
+      "7,4,1997-09-23T09:35:00,good",
+      r"interactions\.csv:3: rating 'good' is not a number",
+    ),
+    (
+      "interactions.csv",
+      "7,4,1997-09-23T09:35:00,4",
+      "7,4,,4",
+      r"interactions\.csv:3: empty timestamp",
+    ),
+    ("items.csv", '2,"GoldenEye"', '1,"GoldenEye"', r"items\.csv:3: item key '1' appears twice"),
     ("items.csv", ",1995,10.99", ",1995,cheap", r"items\.csv:3: price 'cheap' is not a number"),
-    ("users.csv", "user_id,country,age", "uid,country,age",
-     r"users\.csv: no column 'user_id' \(config\.data\.files\.query_key\); columns found: "
-     r"\['uid', 'country', 'age'\]"),
-])
+    (
+      "users.csv",
+      "user_id,country,age",
+      "uid,country,age",
+      r"users\.csv: no column 'user_id' \(config\.data\.files\.query_key\); columns found: "
+      r"\['uid', 'country', 'age'\]",
+    ),
+  ],
+)
 def test_bad_files_name_file_line_and_text(tmp_path, file, old, new, expect):
   dst = _copy(tmp_path)
   _edit(dst / file, old, new)
@@ -207,8 +268,11 @@ def test_missing_and_unsupported_files(tmp_path):
   with pytest.raises(table.DataError, match=r"nope\.csv: no such file"):
     sources.load(c)
   c.data.files.item_table = "items.json"
-  with pytest.raises(table.DataError, match=r"items\.json: unsupported file type '\.json'; "
-                                            r"allowed: \.csv, \.parquet"):
+  with pytest.raises(
+    table.DataError,
+    match=r"items\.json: unsupported file type '\.json'; "
+    r"allowed: \.csv, \.parquet",
+  ):
     sources.load(c)
   (dst / "bad.parquet").write_text("not parquet")
   c.data.files.item_table = "bad.parquet"
@@ -229,32 +293,47 @@ def test_unknown_items_dropped_or_error(tmp_path, caplog):
   assert d.num_train + d.num_eval == sources.load(_config()).num_train + 10
   c = _config(dst)
   c.data.unknown_items = "error"
-  with pytest.raises(table.DataError, match=r"interactions\.csv: 1 of 68 interactions have item "
-                                            r"keys absent from items\.csv \(e\.g\. 404\)"):
+  with pytest.raises(
+    table.DataError,
+    match=r"interactions\.csv: 1 of 68 interactions have item "
+    r"keys absent from items\.csv \(e\.g\. 404\)",
+  ):
     sources.load(c)
 
 
 def test_empty_eval_split_is_a_clear_error():
   c = _config()
   c.data.min_rating = 5.5
-  with pytest.raises(table.DataError, match=r"files: no positive interactions \(.*interactions"
-                                            r"\.csv.*data\.min_rating=5\.5"):
+  with pytest.raises(
+    table.DataError,
+    match=r"files: no positive interactions \(.*interactions"
+    r"\.csv.*data\.min_rating=5\.5",
+  ):
     sources.load(c)
   c.data.min_rating = 4.0
   c.data.split = "user"
   c.data.eval_fraction = 0.01  # floor(0.01 * n) = 0 for every user: no eval period
-  with pytest.raises(table.DataError, match=r"the test period has no positive interactions "
-                                            r"\(.*data\.split='user', data\.eval_fraction=0\.01"):
+  with pytest.raises(
+    table.DataError,
+    match=r"the test period has no positive interactions "
+    r"\(.*data\.split='user', data\.eval_fraction=0\.01",
+  ):
     sources.load(c)
 
 
-@pytest.mark.parametrize("entry,expect", [
-    ({"kind": "bag"}, r"config\.data\.files\.item_features\.x\.kind='bag' is invalid; allowed: "
-                      r"one of \('id', 'multi', 'dense'\)"),
+@pytest.mark.parametrize(
+  "entry,expect",
+  [
+    (
+      {"kind": "bag"},
+      r"config\.data\.files\.item_features\.x\.kind='bag' is invalid; allowed: "
+      r"one of \('id', 'multi', 'dense'\)",
+    ),
     ({"kind": "id", "size": 3}, r"config\.data\.files\.item_features\.x: unknown entry 'size'"),
     ({"kind": "multi", "max_len": 0}, r"item_features\.x\.max_len=0 is invalid"),
     ({"kind": "history"}, r"item_features\.x\.kind='history' is invalid"),
-])
+  ],
+)
 def test_bad_schema_is_a_config_error(entry, expect):
   c = _config()
   c.data.files.item_features.x = ml_collections.ConfigDict(entry)
@@ -266,12 +345,20 @@ def test_config_fields_are_validated():
   c = _config()
   configuration.validate(c)
   for field, value, expect in (
-      ("data.split", "random", "config.data.split='random' is invalid; allowed: one of ('global', 'user')"),
-      ("data.train_fraction", 0.0, "config.data.train_fraction=0.0 is invalid; allowed: a number in (0, 1]"),
-      ("data.unknown_items", "keep", "config.data.unknown_items='keep'"),
-      ("data.path", "", "config.data.path='' is invalid; allowed: the data folder"),
-      ("model.share_item_tables", True, "True only with data.query_mode='item'"),
-      ("data.history_length", -1, "config.data.history_length=-1"),
+    (
+      "data.split",
+      "random",
+      "config.data.split='random' is invalid; allowed: one of ('global', 'user')",
+    ),
+    (
+      "data.train_fraction",
+      0.0,
+      "config.data.train_fraction=0.0 is invalid; allowed: a number in (0, 1]",
+    ),
+    ("data.unknown_items", "keep", "config.data.unknown_items='keep'"),
+    ("data.path", "", "config.data.path='' is invalid; allowed: the data folder"),
+    ("model.share_item_tables", True, "True only with data.query_mode='item'"),
+    ("data.history_length", -1, "config.data.history_length=-1"),
   ):
     bad = _config()
     section, name = field.split(".")

@@ -12,20 +12,21 @@ import signal
 import numpy as np
 import pytest
 from absl import flags
-from hypothesis import HealthCheck, assume, event, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import strategies as st
 from ml_collections import config_flags
 
 from configs import files as files_config
 from sslrec import cli, configuration, parallel, train
-from sslrec.run import checkpointing
 from sslrec.data import sources
-
+from sslrec.run import checkpointing
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # config files
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = {name: os.path.join(REPO, "tests", "fixtures", name)
-            for name in ("ml-100k", "ml-1m", "files")}
+FIXTURES = {
+  name: os.path.join(REPO, "tests", "fixtures", name) for name in ("ml-100k", "ml-1m", "files")
+}
 EXAMPLES = int(os.environ.get("SSLREC_HOSTILE_EXAMPLES", "0"))  # 0: the suite's small counts
 
 
@@ -40,8 +41,10 @@ class Timeout(Exception):
 @pytest.fixture(autouse=True)
 def no_hang():
   """Any single case running past 60 s is a failure (a hang), not a stuck suite."""
+
   def handler(signum, frame):
     raise Timeout("a case ran past 60 s")
+
   previous = signal.signal(signal.SIGALRM, handler)
   yield
   signal.alarm(0)
@@ -55,6 +58,7 @@ def one_clear_line(message: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Config overrides: parsed exactly as launch/main.py parses them, then validated.
 
+
 def _leaf_fields(node, prefix=""):
   for k, v in node.items():
     if hasattr(v, "items") and k not in ("item_features", "query_features"):
@@ -65,15 +69,53 @@ def _leaf_fields(node, prefix=""):
 
 FIELDS = sorted(_leaf_fields(tiny_config()))
 VALUES = st.one_of(
-    st.integers(min_value=-2**70, max_value=2**70).map(str),
-    st.floats(allow_nan=True, allow_infinity=True).map(repr),
-    st.sampled_from(["", "nan", "-inf", "inf", "1e309", "-0", "0", "1", "-1", "2", "3", "True",
-                     "False", "None", "()", "(0,)", "(-1,)", "(1, 2, 3)", "[]", "{}", "'data'",
-                     "('data', 'model')", "(1, 'a')", "cfm", "rfm", "movielens", "files",
-                     "/nonexistent", "x" * 300, "\x00", "é", "1_000", "0x10", "(8,)", "(-1, 2)",
-                     "2147483648", "4294967296", "1e-320", "5e-324"]),
-    st.text(max_size=12),
-    st.lists(st.integers(-3, 2**33), max_size=4).map(lambda v: str(tuple(v))),
+  st.integers(min_value=-(2**70), max_value=2**70).map(str),
+  st.floats(allow_nan=True, allow_infinity=True).map(repr),
+  st.sampled_from(
+    [
+      "",
+      "nan",
+      "-inf",
+      "inf",
+      "1e309",
+      "-0",
+      "0",
+      "1",
+      "-1",
+      "2",
+      "3",
+      "True",
+      "False",
+      "None",
+      "()",
+      "(0,)",
+      "(-1,)",
+      "(1, 2, 3)",
+      "[]",
+      "{}",
+      "'data'",
+      "('data', 'model')",
+      "(1, 'a')",
+      "cfm",
+      "rfm",
+      "movielens",
+      "files",
+      "/nonexistent",
+      "x" * 300,
+      "\x00",
+      "é",
+      "1_000",
+      "0x10",
+      "(8,)",
+      "(-1, 2)",
+      "2147483648",
+      "4294967296",
+      "1e-320",
+      "5e-324",
+    ]
+  ),
+  st.text(max_size=12),
+  st.lists(st.integers(-3, 2**33), max_size=4).map(lambda v: str(tuple(v))),
 )
 
 
@@ -81,8 +123,9 @@ def parse_overrides(overrides):
   """``(config, None)`` or ``(None, error line)``, as launch/main.py's flag parsing gives them."""
   argv = ["main.py", "--config=configs/smoke.py", *overrides]
   fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
-                                  sys_argv=argv)
+  config_flags.DEFINE_config_file(
+    "config", None, "", flag_values=fv, lock_config=True, sys_argv=argv
+  )
   try:
     fv(argv)
   except Exception as e:  # noqa: BLE001 -- launch/main.py turns every parse failure into a line
@@ -106,8 +149,11 @@ def check_override(field: str, value: str) -> str:
     if config.data.name != "synthetic":  # readers: the (hostile) path and table names
       dataset = sources.load(config).validate()
       configuration.validate_against_data(
-          config, num_items=dataset.num_items, num_train=dataset.num_train,
-          item_feature_names=dataset.item_spec.names)
+        config,
+        num_items=dataset.num_items,
+        num_train=dataset.num_train,
+        item_feature_names=dataset.item_spec.names,
+      )
   except cli.USER_ERRORS as e:
     msg = str(e)
     assert one_clear_line(msg) and ("config" in msg or "data" in msg), msg
@@ -115,8 +161,7 @@ def check_override(field: str, value: str) -> str:
   return "accepted"
 
 
-@settings(max_examples=examples(120), deadline=None,
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(120), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(field=st.sampled_from(FIELDS), value=VALUES)
 def test_config_override_is_accepted_or_refused_in_one_line(field, value):
   signal.alarm(60)
@@ -126,15 +171,25 @@ def test_config_override_is_accepted_or_refused_in_one_line(field, value):
 # ---------------------------------------------------------------------------------------------
 # Damaged data files: MovieLens (both layouts) and CSV tables.
 
-SEPARATORS = {"u.data": "\t", "u.item": "|", "u.user": "|", "ratings.dat": "::",
-              "movies.dat": "::", "users.dat": "::", "interactions.csv": ",", "items.csv": ",",
-              "users.csv": ","}
-HEADERS = {"u.data": "user id\titem id\trating\ttimestamp",
-           "u.user": "user id|age|gender|occupation|zip code",
-           "u.item": "movie id|title|release date|video release date|IMDb URL" + "|genre" * 19,
-           "ratings.dat": "UserID::MovieID::Rating::Timestamp",
-           "movies.dat": "MovieID::Title::Genres",
-           "users.dat": "UserID::Gender::Age::Occupation::Zip-code"}
+SEPARATORS = {
+  "u.data": "\t",
+  "u.item": "|",
+  "u.user": "|",
+  "ratings.dat": "::",
+  "movies.dat": "::",
+  "users.dat": "::",
+  "interactions.csv": ",",
+  "items.csv": ",",
+  "users.csv": ",",
+}
+HEADERS = {
+  "u.data": "user id\titem id\trating\ttimestamp",
+  "u.user": "user id|age|gender|occupation|zip code",
+  "u.item": "movie id|title|release date|video release date|IMDb URL" + "|genre" * 19,
+  "ratings.dat": "UserID::MovieID::Rating::Timestamp",
+  "movies.dat": "MovieID::Title::Genres",
+  "users.dat": "UserID::Gender::Age::Occupation::Zip-code",
+}
 KINDS = ("truncated", "separator", "bad_bytes", "huge_id", "empty", "repeated_header", "directory")
 BEYOND_INT64 = ["99999999999999999999", str(2**63), str(2**64), "-9223372036854775809", "9" * 40]
 HUGE = BEYOND_INT64 + [str(2**31), "-1", "1e309", "0", "nan"]
@@ -155,7 +210,7 @@ class Damage:
     lines = data.split(b"\n")
     at = min(int(self.where * len(lines)), len(lines) - 1)
     if self.kind == "truncated":
-      data = data[:int(self.where * len(data))]
+      data = data[: int(self.where * len(data))]
     elif self.kind == "separator":
       sep = SEPARATORS[self.file].encode()
       lines[at:] = [line.replace(sep, self.extra.encode()) for line in lines[at:]]
@@ -202,6 +257,7 @@ def damages(draw, fixtures=tuple(sorted(FIXTURES))):
 def data_config(folder: str, fixture: str):
   """The tiny config on a data folder of the fixture's kind (MovieLens or CSV tables)."""
   from tests.test_movielens import ml_config
+
   c = ml_config(folder)
   if fixture == "files":
     fc = files_config.get_config()
@@ -211,9 +267,12 @@ def data_config(folder: str, fixture: str):
 
 def load_checked(config):
   dataset = sources.load(config).validate()
-  configuration.validate_against_data(config, num_items=dataset.num_items,
-                                      num_train=dataset.num_train,
-                                      item_feature_names=dataset.item_spec.names)
+  configuration.validate_against_data(
+    config,
+    num_items=dataset.num_items,
+    num_train=dataset.num_train,
+    item_feature_names=dataset.item_spec.names,
+  )
   return dataset
 
 
@@ -238,8 +297,11 @@ def check_damage(damage: Damage, tmp_root: str) -> str:
   return "loaded"
 
 
-@settings(max_examples=examples(150), deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+  max_examples=examples(150),
+  deadline=None,
+  suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(damage=damages())
 def test_damaged_data_files_load_or_fail_in_one_line(damage, tmp_path):
   signal.alarm(60)
@@ -257,6 +319,7 @@ def test_movielens_id_beyond_int64_is_one_clear_line(tmp_path, name):
 class OneDeviceRun(train.Run):
   def __init__(self, config, devices=None, dataset=None):
     import jax
+
     super().__init__(config, devices=jax.devices()[:1], dataset=dataset)
 
 
@@ -288,8 +351,11 @@ def trained(tmp_path_factory):
   return config, folder, wd
 
 
-@settings(max_examples=examples(4), deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+  max_examples=examples(4),
+  deadline=None,
+  suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(damage=damages(fixtures=("ml-100k",)))
 def test_damaged_data_never_changes_a_checkpoint(trained, damage, monkeypatch, capsys):
   """Re-running a finished workdir on damaged data: it evaluates (same shapes) or stops with one

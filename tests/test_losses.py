@@ -57,7 +57,7 @@ def _np_spread_out(e):
         s1 += s
         s2 += s * s
   m1, m2 = s1 / (n * (n - 1)), s2 / (n * (n - 1))
-  return m1 ** 2 + max(0.0, m2 - 1.0 / d)
+  return m1**2 + max(0.0, m2 - 1.0 / d)
 
 
 def _rand(seed, *shape):
@@ -143,8 +143,10 @@ def test_batch_softmax_bf16_and_jit():
   out = f(jnp.asarray(q, jnp.bfloat16), jnp.asarray(x, jnp.bfloat16))
   assert out.dtype == jnp.float32 and out.shape == ()
   want = _np_batch_softmax(
-      np.asarray(jnp.asarray(q, jnp.bfloat16), np.float32),
-      np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32), 0.1)
+    np.asarray(jnp.asarray(q, jnp.bfloat16), np.float32),
+    np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32),
+    0.1,
+  )
   np.testing.assert_allclose(float(out), want, rtol=1e-4)
 
 

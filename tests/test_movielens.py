@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from sslrec.data import movielens, sources, table
-
 from tests.conftest import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,11 +38,15 @@ def ml_config(path=ML100K):
 def _ratings(path):
   """Raw (user, movie, rating, time) rows of a fixture, in file order."""
   if os.path.exists(os.path.join(path, "u.data")):
-    rows = [line.split("\t") for line in open(os.path.join(path, "u.data")).read().split("\n")
-            if line]
+    rows = [
+      line.split("\t") for line in open(os.path.join(path, "u.data")).read().split("\n") if line
+    ]
   else:
-    rows = [line.split("::") for line in open(os.path.join(path, "ratings.dat")).read().split("\n")
-            if line]
+    rows = [
+      line.split("::")
+      for line in open(os.path.join(path, "ratings.dat")).read().split("\n")
+      if line
+    ]
   return np.array([[int(x) for x in r] for r in rows], np.int64)
 
 
@@ -110,8 +113,7 @@ def _reference_split(r, split, fraction):
 @pytest.mark.parametrize("split", ["global", "user"])
 def test_split_and_histories_have_no_leakage(split):
   hist_len = 4
-  d = movielens.load(ML100K, split=split, eval_fraction=0.25, history_length=hist_len,
-                     embed_dim=8)
+  d = movielens.load(ML100K, split=split, eval_fraction=0.25, history_length=hist_len, embed_dim=8)
   r = _ratings(ML100K)
   is_eval = _reference_split(r, split, 0.25)
   pos = r[:, 2] >= 4
@@ -123,17 +125,23 @@ def test_split_and_histories_have_no_leakage(split):
 
   # Train pairs: one context each; history = strictly earlier ratings.
   users = d.vocabularies["user_id"]
-  got = {(users[d.queries["user_id"][q]], int(d.item_keys[i])): _decode_history(d, q)
-         for q, i in zip(d.train_query, d.train_item)}
+  got = {
+    (users[d.queries["user_id"][q]], int(d.item_keys[i])): _decode_history(d, q)
+    for q, i in zip(d.train_query, d.train_item)
+  }
   time_of = {(int(u), int(m)): int(t) for u, m, _, t in r}
   want = {(int(u), int(m)): history(u, t) for u, m, _, t in r[~is_eval & pos]}
   assert got == want
   for (u, m), hist in got.items():
     assert all(time_of[(u, h)] < time_of[(u, m)] for h in hist)
   # Eval contexts: one per user, at the start of its eval period.
-  got = sorted((_decode_history(d, q), tuple(sorted(int(d.item_keys[i])
-                                                    for i in d.eval_item[d.eval_query == q])))
-               for q in np.unique(d.eval_query))
+  got = sorted(
+    (
+      _decode_history(d, q),
+      tuple(sorted(int(d.item_keys[i]) for i in d.eval_item[d.eval_query == q])),
+    )
+    for q in np.unique(d.eval_query)
+  )
   want = []
   for u in np.unique(r[is_eval & pos, 0]):
     start = r[is_eval & (r[:, 0] == u), 3].min()
@@ -237,8 +245,11 @@ def _copy(tmp_path, src=ML100K):
 
 
 def test_missing_files_name_themselves(tmp_path):
-  with pytest.raises(table.DataError, match=r"no such folder .*u\.data, u\.item, u\.user.*"
-                                            r"ratings\.dat, movies\.dat, users\.dat"):
+  with pytest.raises(
+    table.DataError,
+    match=r"no such folder .*u\.data, u\.item, u\.user.*"
+    r"ratings\.dat, movies\.dat, users\.dat",
+  ):
     movielens.load(str(tmp_path / "nope"))
   empty = tmp_path / "empty"
   empty.mkdir()
@@ -247,22 +258,43 @@ def test_missing_files_name_themselves(tmp_path):
     movielens.load(str(empty))
   d = _copy(tmp_path)
   os.remove(d / "u.user")
-  with pytest.raises(table.DataError, match=r"u\.user: no such file; the ML-100k layout needs "
-                                            r"u\.data, u\.item, u\.user"):
+  with pytest.raises(
+    table.DataError,
+    match=r"u\.user: no such file; the ML-100k layout needs "
+    r"u\.data, u\.item, u\.user",
+  ):
     movielens.load(str(d))
 
 
-@pytest.mark.parametrize("layout,file,line,expect", [
+@pytest.mark.parametrize(
+  "layout,file,line,expect",
+  [
     ("100k", "u.data", "7\t1\t5\n", r"u\.data:3: expected 4 fields .*found 3: '7\\t1\\t5'"),
     ("100k", "u.data", "7\t1\tfive\t875000000\n", r"u\.data:3: rating 'five' is not a number"),
-    ("100k", "u.data", "7\t1\t5\t2020-01-01\n", r"u\.data:3: timestamp '2020-01-01' is not an integer"),
+    (
+      "100k",
+      "u.data",
+      "7\t1\t5\t2020-01-01\n",
+      r"u\.data:3: timestamp '2020-01-01' is not an integer",
+    ),
     ("1m", "ratings.dat", "7::1::5:875000000\n", r"ratings\.dat:3: expected 4 fields"),
     ("1m", "ratings.dat", "7::1::5::\n", r"ratings\.dat:3: Timestamp '' is not an integer"),
     ("100k", "u.item", "14|Broken (1995)|01-Jan-1995\n", r"u\.item:3: expected 24 fields"),
-    ("1m", "movies.dat", "x::Broken (1995)::Drama\n", r"movies\.dat:3: movie id 'x' is not an integer"),
-    ("1m", "movies.dat", "1::Toy Story again (1995)::Drama\n", r"movies\.dat:3: movie id 1 already on line 1"),
+    (
+      "1m",
+      "movies.dat",
+      "x::Broken (1995)::Drama\n",
+      r"movies\.dat:3: movie id 'x' is not an integer",
+    ),
+    (
+      "1m",
+      "movies.dat",
+      "1::Toy Story again (1995)::Drama\n",
+      r"movies\.dat:3: movie id 1 already on line 1",
+    ),
     ("1m", "users.dat", "8::M::old::1::55555\n", r"users\.dat:3: age 'old' is not an integer"),
-])
+  ],
+)
 def test_malformed_lines_give_file_line_and_text(tmp_path, layout, file, line, expect):
   d = _copy(tmp_path, ML100K if layout == "100k" else ML1M)
   lines = open(d / file, encoding="latin-1").read().split("\n")
@@ -279,10 +311,15 @@ def test_unknown_items_dropped_and_reported_or_error(tmp_path, caplog):
     f.write("1\t99\t5\t875000001\n2\t98\t5\t875000002\n3\t99\t1\t875000003\n")
   ref = movielens.load(ML100K, embed_dim=8)
   got = movielens.load(str(d), embed_dim=8)
-  assert "3 of 69 interactions have movie ids absent from u.item (e.g. 98, 99); dropped" in caplog.text
+  assert (
+    "3 of 69 interactions have movie ids absent from u.item (e.g. 98, 99); dropped" in caplog.text
+  )
   np.testing.assert_array_equal(got.train_item, ref.train_item)
-  with pytest.raises(table.DataError, match=r"3 of 69 interactions have movie ids absent from "
-                                            r"u\.item .*unknown_items='drop' drops them"):
+  with pytest.raises(
+    table.DataError,
+    match=r"3 of 69 interactions have movie ids absent from "
+    r"u\.item .*unknown_items='drop' drops them",
+  ):
     movielens.load(str(d), unknown_items="error")
 
 
@@ -299,16 +336,29 @@ def test_empty_splits_are_clear_errors(tmp_path):
     movielens.load(str(d))
 
 
-@pytest.mark.parametrize("config,expect", [
+@pytest.mark.parametrize(
+  "config,expect",
+  [
     ("configs/movielens.py", "no such folder (config.data.path); a MovieLens folder holds"),
     ("configs/movielens.py:bogus", "--config=configs/movielens.py:bogus: unknown variant 'bogus'"),
-])
+  ],
+)
 def test_cli_errors_are_one_line_without_traceback(tmp_path, config, expect):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   proc = subprocess.run(
-      [sys.executable, "launch/main.py", f"--config={config}",
-       f"--config.data.path={tmp_path / 'nope'}", f"--workdir={tmp_path / 'run'}"],
-      cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    [
+      sys.executable,
+      "launch/main.py",
+      f"--config={config}",
+      f"--config.data.path={tmp_path / 'nope'}",
+      f"--workdir={tmp_path / 'run'}",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+  )
   assert proc.returncode == 2, proc.stderr
   err = proc.stderr.strip()
   assert err.startswith("error: ") and expect in err and "\n" not in err, err

@@ -10,11 +10,8 @@ import numpy as np
 import pytest
 
 from sslrec import parallel, train
-
 from sslrec.run import cluster
-
 from sslrec.run import workdir as workdir_lib
-
 from tests.conftest import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,8 +32,12 @@ def reference(request):
   config.mesh.axes = ("data",)
   run = train.Run(config, devices=jax.devices()[:1])
   pairs, items = next(run.pair_iter), next(run.item_iter)
-  state, metrics = run.step_fn(run.state, parallel.to_global(pairs, run.mesh),
-                               parallel.to_global(items, run.mesh), run.step_rng)
+  state, metrics = run.step_fn(
+    run.state,
+    parallel.to_global(pairs, run.mesh),
+    parallel.to_global(items, run.mesh),
+    run.step_rng,
+  )
   return (pairs, items), jax.device_get(state.params), jax.device_get(metrics), request.param
 
 
@@ -49,8 +50,12 @@ def test_sharded_step_equals_single_device_step(reference, shape, axes):
   config.mesh.shape, config.mesh.axes = shape, axes
   run = train.Run(config)
   assert run.mesh.size == 8
-  state, metrics = run.step_fn(run.state, parallel.to_global(pairs, run.mesh),
-                               parallel.to_global(items, run.mesh), run.step_rng)
+  state, metrics = run.step_fn(
+    run.state,
+    parallel.to_global(pairs, run.mesh),
+    parallel.to_global(items, run.mesh),
+    run.step_rng,
+  )
   metrics = jax.device_get(metrics)
   for k in ("loss", "loss/main", "loss/ssl"):
     np.testing.assert_allclose(metrics[k], ref_metrics[k], rtol=1e-5, err_msg=k)
@@ -60,26 +65,37 @@ def test_sharded_step_equals_single_device_step(reference, shape, axes):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("shape,axes,shards", [((8,), ("data",), 8),
-                                               ((2, 4), ("data", "model"), 4)])
+@pytest.mark.parametrize(
+  "shape,axes,shards", [((8,), ("data",), 8), ((2, 4), ("data", "model"), 4)]
+)
 def test_each_device_holds_its_share_of_every_table(shape, axes, shards):
   config = tiny_config()
   config.mesh.shape, config.mesh.axes = shape, axes
   run = train.Run(config)
-  tables = {jax.tree_util.keystr(p): x for p, x in
-            jax.tree_util.tree_leaves_with_path(run.state.params) if "_table" in jax.tree_util.keystr(p)}
-  expected = sum(f.kind != "dense" for spec in (run.dataset.item_spec, run.dataset.query_spec)
-                 for f in spec.features)
+  tables = {
+    jax.tree_util.keystr(p): x
+    for p, x in jax.tree_util.tree_leaves_with_path(run.state.params)
+    if "_table" in jax.tree_util.keystr(p)
+  }
+  expected = sum(
+    f.kind != "dense"
+    for spec in (run.dataset.item_spec, run.dataset.query_spec)
+    for f in spec.features
+  )
   assert len(tables) == expected
   for name, t in tables.items():
     assert t.shape[0] % shards == 0
     for s in t.addressable_shards:
       assert s.data.shape == (t.shape[0] // shards, t.shape[1]), name
   # The optimizer's accumulators for the tables are sharded the same way.
-  acc = [x for p, x in jax.tree_util.tree_leaves_with_path(run.state.opt_state)
-         if "_table" in jax.tree_util.keystr(p)]
-  assert acc and all(s.data.shape[0] == a.shape[0] // shards for a in acc
-                     for s in a.addressable_shards)
+  acc = [
+    x
+    for p, x in jax.tree_util.tree_leaves_with_path(run.state.opt_state)
+    if "_table" in jax.tree_util.keystr(p)
+  ]
+  assert acc and all(
+    s.data.shape[0] == a.shape[0] // shards for a in acc for s in a.addressable_shards
+  )
 
 
 def test_sharded_top_k_matches_numpy():
@@ -97,20 +113,34 @@ def _overrides(config_dict_updates):
   return [f"--config.{k}={v}" for k, v in config_dict_updates.items()]
 
 
-MP = {"train.batch_size": 64, "ssl.batch_size": 64, "train.log_every": 1,
-      "train.checkpoint_every": 3, "train.eval_every": 1000, "eval.max_queries": 500}
+MP = {
+  "train.batch_size": 64,
+  "ssl.batch_size": 64,
+  "train.log_every": 1,
+  "train.checkpoint_every": 3,
+  "train.eval_every": 1000,
+  "eval.max_queries": 500,
+}
 
 
 def test_two_processes_resume_and_match_one_process(tmp_path):
   wd = str(tmp_path / "mp")
   base_args = ["--config=configs/smoke.py", f"--workdir={wd}"] + _overrides(MP)
   log = io.StringIO()
-  assert cluster.run(base_args + ["--config.train.num_steps=3"], num_processes=2,
-                     devices_per_process=4, out=log) == 0, log.getvalue()[-3000:]
+  assert (
+    cluster.run(
+      base_args + ["--config.train.num_steps=3"], num_processes=2, devices_per_process=4, out=log
+    )
+    == 0
+  ), log.getvalue()[-3000:]
   assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["3"]
   log = io.StringIO()
-  assert cluster.run(base_args + ["--config.train.num_steps=6"], num_processes=2,
-                     devices_per_process=4, out=log) == 0, log.getvalue()[-3000:]
+  assert (
+    cluster.run(
+      base_args + ["--config.train.num_steps=6"], num_processes=2, devices_per_process=4, out=log
+    )
+    == 0
+  ), log.getvalue()[-3000:]
   assert "[0] resumed from checkpoint at step 3" in log.getvalue()
   assert "[1] step" not in log.getvalue()  # only process 0 reports
 
@@ -126,11 +156,16 @@ def test_two_processes_resume_and_match_one_process(tmp_path):
   b = {r["step"]: r for r in workdir_lib.read_jsonl(os.path.join(wd, "metrics.jsonl"))}
   for step in range(1, 7):
     np.testing.assert_allclose(b[step]["loss"], a[step]["loss"], rtol=1e-4, err_msg=str(step))
+
   # The validation at step 6 scores the same parameters in both (the test line may not: the
   # two-process run also validated at step 3, the end of its first invocation, and may select it).
   def valid_at_6(path):
-    return next(r for r in workdir_lib.read_jsonl(os.path.join(path, "eval.jsonl"))
-                if r["split"] == "valid" and r["step"] == 6)
+    return next(
+      r
+      for r in workdir_lib.read_jsonl(os.path.join(path, "eval.jsonl"))
+      if r["split"] == "valid" and r["step"] == 6
+    )
+
   ea, eb = valid_at_6(single), valid_at_6(wd)
   for k in ("recall@10", "recall@50", "recall@50/tail", "recall@100"):
     assert abs(ea[k] - eb[k]) <= 0.004, (k, ea[k], eb[k])  # <= 2 of 500 pairs
@@ -138,21 +173,36 @@ def test_two_processes_resume_and_match_one_process(tmp_path):
 
 def _main(*args, timeout=120):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "launch/main.py", "--config=configs/smoke.py", *args],
-                        cwd=REPO, capture_output=True, text=True, env=env, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "launch/main.py", "--config=configs/smoke.py", *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=timeout,
+  )
 
 
 def test_process_id_out_of_range(tmp_path):
-  p = _main(f"--workdir={tmp_path}", "--coordinator_address=127.0.0.1:1234",
-            "--num_processes=2", "--process_id=2")
+  p = _main(
+    f"--workdir={tmp_path}",
+    "--coordinator_address=127.0.0.1:1234",
+    "--num_processes=2",
+    "--process_id=2",
+  )
   assert p.returncode == 2 and "Traceback" not in p.stderr
   assert "error: --process_id=2 is out of range; allowed 0..1" in p.stderr
 
 
 def test_unreachable_coordinator_times_out_clearly(tmp_path):
   port = cluster.free_port()
-  p = _main(f"--workdir={tmp_path}", f"--coordinator_address=127.0.0.1:{port}",
-            "--num_processes=2", "--process_id=1", "--distributed_timeout=3")
+  p = _main(
+    f"--workdir={tmp_path}",
+    f"--coordinator_address=127.0.0.1:{port}",
+    "--num_processes=2",
+    "--process_id=1",
+    "--distributed_timeout=3",
+  )
   assert p.returncode == 2, p.stderr[-2000:]
   assert "Traceback" not in p.stderr
   assert f"error: could not join the coordinator at 127.0.0.1:{port} within 3s" in p.stderr

@@ -1,4 +1,5 @@
-"""grain streams: shuffling per epoch, static shapes, determinism, sharding, checkpointed position."""
+"""grain streams: shuffling per epoch, static shapes, determinism, sharding, checkpointed
+position."""
 
 import grain
 import numpy as np
@@ -10,8 +11,9 @@ from sslrec.data import pipeline, stats, synthetic, table
 
 @pytest.fixture(scope="module")
 def data():
-  d = synthetic.generate(0, num_items=500, num_queries=400, num_train_pairs=3000,
-                         num_eval_pairs=200, embed_dim=8)
+  d = synthetic.generate(
+    0, num_items=500, num_queries=400, num_train_pairs=3000, num_eval_pairs=200, embed_dim=8
+  )
   return d, stats.corpus_stats(d)
 
 
@@ -54,10 +56,12 @@ def test_pair_batches_static_shapes_and_log_q(data):
 
 def test_item_stream_uniform_vs_train_marginal(data):
   d, st = data
+
   def counts(sampling):
     it = iter(pipeline.item_stream(d, sampling=sampling, batch_size=100, seed=0, num_threads=0))
     ids = np.concatenate([next(it)["item_id"] for _ in range(60)])  # 6000 draws
     return np.bincount(ids, minlength=d.num_items)
+
   uniform, train = counts("uniform"), counts("train")
   assert uniform.min() >= 10 and uniform.max() <= 13  # 12 epochs over 500 items (drop remainder)
   head = st.head  # top 20% items by D_train frequency

@@ -52,8 +52,14 @@ def test_movielens_periods_histories_and_exclusions(split):
   ratings before its own period (so never an item of that period); its excluded items = the
   same earlier ratings; training pairs only from the training period."""
   hist_len = 4
-  d = movielens.load(ML100K, split=split, eval_fraction=0.25, valid_fraction=0.25,
-                     history_length=hist_len, embed_dim=8)
+  d = movielens.load(
+    ML100K,
+    split=split,
+    eval_fraction=0.25,
+    valid_fraction=0.25,
+    history_length=hist_len,
+    embed_dim=8,
+  )
   r = _ratings(ML100K)
   is_test = _reference_split(r, split, 0.25)
   is_held = _reference_split(r, split, 0.5) | is_test
@@ -67,18 +73,24 @@ def test_movielens_periods_histories_and_exclusions(split):
     mine = mine[np.argsort(-mine[:, 3], kind="stable")]
     return tuple(int(m) for m in mine[:hist_len, 1])
 
-  train_pairs = {(users[d.queries["user_id"][q]], int(d.item_keys[i]))
-                 for q, i in zip(d.train_query, d.train_item)}
+  train_pairs = {
+    (users[d.queries["user_id"][q]], int(d.item_keys[i]))
+    for q, i in zip(d.train_query, d.train_item)
+  }
   assert train_pairs == {(int(u), int(m)) for u, m, _, _ in r[(period == 0) & pos]}
   for p, name in ((1, "valid"), (2, "test")):
     s = d.for_split(name)
     seen = {}
     for q, i in zip(s.eval_seen_query, s.eval_seen_item):
       seen.setdefault(int(q), set()).add(int(d.item_keys[i]))
-    got = sorted((_decode_history(d, q), tuple(sorted(int(d.item_keys[i])
-                                                      for i in s.eval_item[s.eval_query == q])),
-                  tuple(sorted(seen.get(int(q), ()))))
-                 for q in np.unique(s.eval_query))
+    got = sorted(
+      (
+        _decode_history(d, q),
+        tuple(sorted(int(d.item_keys[i]) for i in s.eval_item[s.eval_query == q])),
+        tuple(sorted(seen.get(int(q), ()))),
+      )
+      for q in np.unique(s.eval_query)
+    )
     want = []
     for u in np.unique(r[(period == p) & pos, 0]):
       mine = r[:, 0] == u
@@ -99,12 +111,17 @@ def test_empty_validation_split_is_one_clear_error():
   c = ml_config()
   c.data.split = "user"
   c.data.valid_fraction = 0.01  # floor(0.01 * n) = 0 for every user
-  with pytest.raises(table.DataError, match=r"the validation period has no positive interactions "
-                                            r"\(.*data\.valid_fraction=0\.01"):
+  with pytest.raises(
+    table.DataError,
+    match=r"the validation period has no positive interactions "
+    r"\(.*data\.valid_fraction=0\.01",
+  ):
     sources.load(c)
 
 
-@pytest.mark.parametrize("field,value,allowed", [
+@pytest.mark.parametrize(
+  "field,value,allowed",
+  [
     ("train.early_stopping_patience", -1, "an integer >= 0"),
     ("train.select_metric", "recall@7", "a validation metric the evaluation computes"),
     ("train.select_metric", "loss", "a validation metric the evaluation computes"),
@@ -112,12 +129,15 @@ def test_empty_validation_split_is_one_clear_error():
     ("data.valid_fraction", 0.0, "a number in (0, 0.8)"),
     ("data.valid_fraction", 0.85, "a number in (0, 0.8)"),
     ("data.seed", -3, "an integer in [0, 2**31)"),
-])
+  ],
+)
 def test_bad_protocol_fields(field, value, allowed):
   c = tiny_config()
   section, name = field.split(".")
   c[section][name] = value
-  with pytest.raises(configuration.ConfigError, match=rf"config\.{field}=.*allowed: {re.escape(allowed)}"):
+  with pytest.raises(
+    configuration.ConfigError, match=rf"config\.{field}=.*allowed: {re.escape(allowed)}"
+  ):
     configuration.validate(c)
 
 
@@ -160,8 +180,13 @@ def test_selection_early_stopping_and_one_test_evaluation(tmp_path, monkeypatch)
   monkeypatch.setattr(train.Run, "evaluate", evaluate)
   train.train_and_evaluate(c, str(tmp_path))
   lines = workdir_lib.read_jsonl(str(tmp_path / "eval.jsonl"))
-  assert [(r["step"], r["split"]) for r in lines] == [(10, "valid"), (20, "valid"),
-                                                      (30, "valid"), (40, "valid"), (40, "test")]
+  assert [(r["step"], r["split"]) for r in lines] == [
+    (10, "valid"),
+    (20, "valid"),
+    (30, "valid"),
+    (40, "valid"),
+    (40, "test"),
+  ]
   assert lines[-1]["selected_step"] == 20
   assert "selected_step" not in lines[0]
   np.testing.assert_array_equal(seen_params["test"], seen_params[20])

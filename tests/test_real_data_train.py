@@ -34,8 +34,9 @@ def _brute_force(dataset, model, params, freq, ks, exclude):
   if exclude:
     for p, qr in enumerate(dataset.eval_query):
       positives = dataset.eval_item[dataset.eval_query == qr]
-      removed = dataset.eval_seen_item[(dataset.eval_seen_query == qr)
-                                       & ~np.isin(dataset.eval_seen_item, positives)]
+      removed = dataset.eval_seen_item[
+        (dataset.eval_seen_query == qr) & ~np.isin(dataset.eval_seen_item, positives)
+      ]
       scores[p, removed] = -np.inf
       pop[p, removed] = -np.inf
   out = []
@@ -55,8 +56,17 @@ def test_exclude_train_items_and_cold_recall():
   ks = config.eval.ks
   assert dataset.eval_seen_query.size > 0
   for exclude in (True, False):
-    got = evaluate.evaluate(params, model, dataset, freq, head, mesh=mesh, ks=ks, batch_size=4,
-                            exclude_train_items=exclude)
+    got = evaluate.evaluate(
+      params,
+      model,
+      dataset,
+      freq,
+      head,
+      mesh=mesh,
+      ks=ks,
+      batch_size=4,
+      exclude_train_items=exclude,
+    )
     hits, pop_hits = _brute_force(dataset, model, params, freq, ks, exclude)
     cold = freq[dataset.eval_item] == 0
     assert cold.any() and got["eval/cold_pairs"] == cold.sum()
@@ -66,8 +76,9 @@ def test_exclude_train_items_and_cold_recall():
       np.testing.assert_allclose(got[f"popularity/recall@{k}"], pop_hits[:, j].mean())
   # Removing training items never lowers a recall; here it raises popularity's.
   on = evaluate.evaluate(params, model, dataset, freq, head, mesh=mesh, ks=ks, batch_size=4)
-  off = evaluate.evaluate(params, model, dataset, freq, head, mesh=mesh, ks=ks, batch_size=4,
-                          exclude_train_items=False)
+  off = evaluate.evaluate(
+    params, model, dataset, freq, head, mesh=mesh, ks=ks, batch_size=4, exclude_train_items=False
+  )
   assert all(on[k] >= off[k] for k in on if k.startswith("recall@") and not np.isnan(on[k]))
   assert on["popularity/recall@3"] > off["popularity/recall@3"]
   # The config switch reaches evaluation through the dataset.
@@ -83,18 +94,30 @@ def test_excluding_top_k_matches_retrieve():
   config = ml_config()
   dataset, model, params, mesh, freq = _model(config)
   head = stats.head_items(freq, 0.2)
-  off = evaluate.Evaluator(model, dataset, freq, head, mesh=mesh, ks=(2, 5), batch_size=2,
-                           exclude_train_items=False, references=())
+  off = evaluate.Evaluator(
+    model,
+    dataset,
+    freq,
+    head,
+    mesh=mesh,
+    ks=(2, 5),
+    batch_size=2,
+    exclude_train_items=False,
+    references=(),
+  )
   item_emb = evaluate.item_embeddings(params, model, dataset, mesh, 4)
   queries = {k: v[off.query_rows] for k, v in dataset.queries.items()}
-  top = evaluate.retrieve(params, model, queries, off.num_queries, item_emb, mesh, k=5,
-                          batch_size=4)
+  top = evaluate.retrieve(
+    params, model, queries, off.num_queries, item_emb, mesh, k=5, batch_size=4
+  )
   np.testing.assert_array_equal(off.model_top_k(params), top)
-  on = evaluate.Evaluator(model, dataset, freq, head, mesh=mesh, ks=(2, 5), batch_size=2,
-                          references=())
+  on = evaluate.Evaluator(
+    model, dataset, freq, head, mesh=mesh, ks=(2, 5), batch_size=2, references=()
+  )
   assert on.excluded[0].size > 0
-  full = evaluate.retrieve(params, model, queries, on.num_queries, item_emb, mesh,
-                           k=dataset.num_items, batch_size=4)
+  full = evaluate.retrieve(
+    params, model, queries, on.num_queries, item_emb, mesh, k=dataset.num_items, batch_size=4
+  )
   got = on.model_top_k(params)
   for q in range(on.num_queries):
     removed = on.excluded[1][on.excluded[0] == q]
@@ -109,12 +132,21 @@ def test_synthetic_evaluation_unchanged_by_exclusions():
   dataset, model, params, mesh, freq = _model(config)
   head = stats.head_items(freq, 0.2)
   a = evaluate.evaluate(params, model, dataset, freq, head, mesh=mesh, ks=(10,), batch_size=32)
-  b = evaluate.evaluate(params, model, dataset, freq, head, mesh=mesh, ks=(10,), batch_size=32,
-                        exclude_train_items=False)
+  b = evaluate.evaluate(
+    params,
+    model,
+    dataset,
+    freq,
+    head,
+    mesh=mesh,
+    ks=(10,),
+    batch_size=32,
+    exclude_train_items=False,
+  )
   np.testing.assert_equal(a, b)  # NaN (an empty decile) compares equal
   # The eval queries are new (no history): ItemKNN falls back to popularity.
-  pop = {k[len("popularity/"):]: v for k, v in a.items() if k.startswith("popularity/")}
-  knn = {k[len("itemknn/"):]: v for k, v in a.items() if k.startswith("itemknn/")}
+  pop = {k[len("popularity/") :]: v for k, v in a.items() if k.startswith("popularity/")}
+  knn = {k[len("itemknn/") :]: v for k, v in a.items() if k.startswith("itemknn/")}
   assert pop and knn.keys() == pop.keys()
   np.testing.assert_equal(knn, pop)
 

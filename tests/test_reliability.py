@@ -22,60 +22,86 @@ import numpy as np
 import pytest
 
 from sslrec import cli, step, train
-
-from sslrec.run import checkpointing
-
-from sslrec.run import reliability
-
-from sslrec.run import workdir as workdir_lib
 from sslrec.data import sources
-
+from sslrec.run import checkpointing, reliability
+from sslrec.run import workdir as workdir_lib
 from tests.conftest import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 24
-SMALL = {"data.num_items": 512, "data.num_queries": 1000, "data.num_train_pairs": 4000,
-         "data.num_eval_pairs": 200, "train.batch_size": 64, "ssl.batch_size": 64,
-         "train.num_steps": NUM_STEPS, "train.log_every": 3, "train.checkpoint_every": 5,
-         "train.eval_every": 10, "eval.max_queries": 200}
+SMALL = {
+  "data.num_items": 512,
+  "data.num_queries": 1000,
+  "data.num_train_pairs": 4000,
+  "data.num_eval_pairs": 200,
+  "train.batch_size": 64,
+  "ssl.batch_size": 64,
+  "train.num_steps": NUM_STEPS,
+  "train.log_every": 3,
+  "train.checkpoint_every": 5,
+  "train.eval_every": 10,
+  "eval.max_queries": 200,
+}
 CHECKPOINT_STEPS = (5, 10, 15, 20)
 TIMING = ("examples_per_sec", "steps_per_sec")  # wall-clock rates: the only fields that differ
 
 
 def main_command(workdir, **overrides):
   args = {**SMALL, **overrides}
-  return [sys.executable, "launch/main.py", "--config=configs/smoke.py", f"--workdir={workdir}",
-          *(f"--config.{k}={v}" for k, v in args.items())]
+  return [
+    sys.executable,
+    "launch/main.py",
+    "--config=configs/smoke.py",
+    f"--workdir={workdir}",
+    *(f"--config.{k}={v}" for k, v in args.items()),
+  ]
 
 
 def main_env(cache, devices=1, **extra):
   """One CPU device: executables loaded from JAX's persistent cache can deadlock in XLA:CPU's
   in-process collectives across fake devices (seen with jax 0.10.2, unrelated to this code)."""
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-             XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={devices}"]),
-             JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  flags = [
+    f
+    for f in os.environ.get("XLA_FLAGS", "").split()
+    if not f.startswith("--xla_force_host_platform_device_count")
+  ]
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    PYTHONUNBUFFERED="1",
+    XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={devices}"]),
+    JAX_COMPILATION_CACHE_DIR=cache,
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+  )
   env.pop(reliability.KILL_ENV, None)
   env.update(extra)
   return env
 
 
 def run_main(workdir, cache, env=None, timeout=300, **overrides):
-  return subprocess.run(main_command(workdir, **overrides), cwd=REPO, capture_output=True,
-                        text=True, env=main_env(cache, **(env or {})), timeout=timeout)
+  return subprocess.run(
+    main_command(workdir, **overrides),
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    env=main_env(cache, **(env or {})),
+    timeout=timeout,
+  )
 
 
 def logged(workdir, name):
   """The records of a .jsonl file without the wall-clock fields."""
-  return [{k: v for k, v in r.items() if k not in TIMING}
-          for r in workdir_lib.read_jsonl(os.path.join(workdir, name))]
+  return [
+    {k: v for k, v in r.items() if k not in TIMING}
+    for r in workdir_lib.read_jsonl(os.path.join(workdir, name))
+  ]
 
 
 def saved_state(workdir, step):
   """The ``state`` item of a checkpoint as numpy arrays (leaves in tree order)."""
   import orbax.checkpoint as ocp
+
   path = os.path.join(workdir, "checkpoints", str(step), "state")
   ckptr = ocp.PyTreeCheckpointer()
   meta = ckptr.metadata(path)
@@ -127,8 +153,14 @@ def reference(tmp_path_factory, cache):
 def _sigterm_after_data_is_built(wd, cache):
   """Runs main.py and sends SIGTERM once its data is built (the signal lands before or during
   the first step after the restored one); returns (returncode, stdout, stderr)."""
-  proc = subprocess.Popen(main_command(wd), cwd=REPO, env=main_env(cache), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    main_command(wd),
+    cwd=REPO,
+    env=main_env(cache),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   head = []
   for line in proc.stdout:
     head.append(line)
@@ -159,9 +191,11 @@ def test_killed_and_preempted_run_resumes_bitwise_equal(reference, cache, tmp_pa
   assert len(lines) == 1, out
   stopped = int(lines[0].split()[3])
   assert stopped <= k1 + 1
-  assert (f"checkpoint saved in {os.path.join(os.path.abspath(wd), 'checkpoints', str(stopped))}. "
-          "To resume, run the same command again: python launch/main.py "
-          "--config=configs/smoke.py") in lines[0]
+  assert (
+    f"checkpoint saved in {os.path.join(os.path.abspath(wd), 'checkpoints', str(stopped))}. "
+    "To resume, run the same command again: python launch/main.py "
+    "--config=configs/smoke.py"
+  ) in lines[0]
   assert checkpointing.verify(os.path.join(ckpts, str(stopped)))[0] == "ok"
 
   for kill in (k2, k3):
@@ -214,7 +248,7 @@ def test_corrupt_checkpoints_fall_back_to_the_previous_good_one(reference, cache
   # 24: bytes changed in place (same size: only the seal's CRC sees it).
   path = _largest_file(os.path.join(ckpts, "24"))
   data = bytearray(open(path, "rb").read())
-  data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
+  data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
   open(path, "wb").write(bytes(data))
   # 20: half-written and unsealed: its restore fails.
   os.remove(os.path.join(ckpts, "20", checkpointing.SEAL))
@@ -233,8 +267,8 @@ def test_corrupt_checkpoints_fall_back_to_the_previous_good_one(reference, cache
 def test_no_readable_checkpoint_is_a_clear_error_and_nothing_changes(reference, cache, tmp_path):
   wd = str(tmp_path / "run")
   shutil.copytree(reference, wd)
-  for step in (15, 20, 24):
-    os.truncate(_largest_file(os.path.join(wd, "checkpoints", str(step))), 10)
+  for at in (15, 20, 24):
+    os.truncate(_largest_file(os.path.join(wd, "checkpoints", str(at))), 10)
   before = files_digest(wd)
   p = run_main(wd, cache)
   assert p.returncode == 2 and "Traceback" not in p.stderr
@@ -255,6 +289,7 @@ def _poisoned_loss(monkeypatch, sums):
     total = total * jnp.where(poison, jnp.nan, 1.0)
     metrics["loss"] = total
     return total, metrics
+
   monkeypatch.setattr(step, "loss_fn", loss_fn)
 
 
@@ -276,8 +311,9 @@ class OneDeviceRun(train.Run):
     super().__init__(config, devices=jax.devices()[:1], dataset=dataset)
 
 
-def test_nonfinite_loss_stops_keeps_last_checkpoint_and_writes_batch_ids(monkeypatch, tmp_path,
-                                                                          capsys):
+def test_nonfinite_loss_stops_keeps_last_checkpoint_and_writes_batch_ids(
+  monkeypatch, tmp_path, capsys
+):
   config = _small_config(num_steps=8, log_every=1, checkpoint_every=2)
   bad_step = 6
   ids = train.batch_ids(sources.load(config), config, bad_step)
@@ -287,7 +323,8 @@ def test_nonfinite_loss_stops_keeps_last_checkpoint_and_writes_batch_ids(monkeyp
   assert cli.run_main(config, wd) == 1
   err = capsys.readouterr().err.strip()
   assert err.count("\n") == 0 and err.startswith(
-      f"error: non-finite loss or gradient at step {bad_step} (loss nan, loss/main ")
+    f"error: non-finite loss or gradient at step {bad_step} (loss nan, loss/main "
+  )
   assert "loss/ssl" in err and "grad_norm nan" in err and "checkpoint 4 is the last good one" in err
   report = json.load(open(os.path.join(wd, f"nonfinite_step_{bad_step}.json")))
   assert report["step"] == bad_step and report["metrics"]["loss"] == "nan"
@@ -297,7 +334,12 @@ def test_nonfinite_loss_stops_keeps_last_checkpoint_and_writes_batch_ids(monkeyp
   assert report["last_good_checkpoint"] == 4
   assert sorted(int(s) for s in os.listdir(os.path.join(wd, "checkpoints"))) == [2, 4]
   assert [r["step"] for r in workdir_lib.read_jsonl(os.path.join(wd, "metrics.jsonl"))] == [
-      1, 2, 3, 4, 5]
+    1,
+    2,
+    3,
+    4,
+    5,
+  ]
 
 
 def test_skip_nonfinite_leaves_the_state_unchanged_and_counts(monkeypatch, tmp_path):
@@ -311,28 +353,36 @@ def test_skip_nonfinite_leaves_the_state_unchanged_and_counts(monkeypatch, tmp_p
     def step(self):
       before = jax.device_get(self.state)
       metrics = super().step()
-      seen[int(before.step) + 1] = (before, jax.device_get(self.state),
-                                    float(jax.device_get(metrics["loss"])))
+      seen[int(before.step) + 1] = (
+        before,
+        jax.device_get(self.state),
+        float(jax.device_get(metrics["loss"])),
+      )
       return metrics
 
   config.optimizer.warmup_steps = 0  # every applied step changes the parameters
   dataset = sources.load(config)
   bad = (2, 3)
-  _poisoned_loss(monkeypatch, [int(train.batch_ids(dataset, config, s)["item_ids"].sum())
-                               for s in bad])
+  _poisoned_loss(
+    monkeypatch, [int(train.batch_ids(dataset, config, s)["item_ids"].sum()) for s in bad]
+  )
   monkeypatch.setattr(train, "Run", Recording)
   wd = str(tmp_path / "run")
   train.train_and_evaluate(config, wd)
-  for step, (before, after, loss) in sorted(seen.items()):
-    same = [a.tobytes() == b.tobytes() for a, b in zip(jax.tree.leaves(before.params),
-                                                       jax.tree.leaves(after.params))]
-    assert int(after.step) == step
-    if step in bad:
-      assert np.isnan(loss) and all(same), step
-      assert all(a.tobytes() == b.tobytes() for a, b in zip(jax.tree.leaves(before.opt_state),
-                                                             jax.tree.leaves(after.opt_state)))
+  for at, (before, after, loss) in sorted(seen.items()):
+    same = [
+      a.tobytes() == b.tobytes()
+      for a, b in zip(jax.tree.leaves(before.params), jax.tree.leaves(after.params))
+    ]
+    assert int(after.step) == at
+    if at in bad:
+      assert np.isnan(loss) and all(same), at
+      assert all(
+        a.tobytes() == b.tobytes()
+        for a, b in zip(jax.tree.leaves(before.opt_state), jax.tree.leaves(after.opt_state))
+      )
     else:
-      assert np.isfinite(loss) and not all(same), step
+      assert np.isfinite(loss) and not all(same), at
   m = workdir_lib.read_jsonl(os.path.join(wd, "metrics.jsonl"))
   assert [(r["step"], r["skipped_steps"]) for r in m] == [(3, 2), (6, 2)]
   assert all(np.isfinite(r["loss"]) for r in m)  # means over the applied steps
@@ -361,7 +411,8 @@ def test_free_space_against_the_checkpoint_size(tmp_path, monkeypatch):
   monkeypatch.setattr(shutil, "disk_usage", lambda p: types.SimpleNamespace(free=free["n"]))
   assert workdir_lib.check_free_space(str(tmp_path), 100 << 20, 3) is None
   assert "less than train.max_checkpoints + 1 = 4" in workdir_lib.check_free_space(
-      str(tmp_path), 300 << 20, 3)
+    str(tmp_path), 300 << 20, 3
+  )
   with pytest.raises(workdir_lib.WorkdirError, match="a checkpoint of this run takes about 0.59"):
     workdir_lib.check_free_space(str(tmp_path), 600 << 20, 3)
 
@@ -395,18 +446,32 @@ def _child_pid(parent: int, marker: str) -> int:
   raise LookupError(f"no child of {parent} with {marker}")
 
 
-@pytest.mark.skipif(os.environ.get("SSLREC_SLOW_TESTS") != "1",
-                    reason="two-process cluster (about a minute); set SSLREC_SLOW_TESTS=1")
+@pytest.mark.skipif(
+  os.environ.get("SSLREC_SLOW_TESTS") != "1",
+  reason="two-process cluster (about a minute); set SSLREC_SLOW_TESTS=1",
+)
 def test_two_processes_agree_on_the_stop_step(cache, tmp_path):
   """SIGTERM to process 1 only: both processes save the same step and exit 0."""
   wd = str(tmp_path / "mp")
   cache = str(tmp_path / "cache")  # a cold one: see main_env
   args = [f"--workdir={wd}", "--config=configs/smoke.py"] + [
-      f"--config.{k}={v}" for k, v in {**SMALL, "train.log_every": 1}.items()]
-  proc = subprocess.Popen([sys.executable, "launch/local_cluster.py", "--num_processes=2",
-                           "--devices_per_process=4", "--", *args], cwd=REPO,
-                          env=main_env(cache, devices=4), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+    f"--config.{k}={v}" for k, v in {**SMALL, "train.log_every": 1}.items()
+  ]
+  proc = subprocess.Popen(
+    [
+      sys.executable,
+      "launch/local_cluster.py",
+      "--num_processes=2",
+      "--devices_per_process=4",
+      "--",
+      *args,
+    ],
+    cwd=REPO,
+    env=main_env(cache, devices=4),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
   out = []
   for line in proc.stdout:
     out.append(line)
@@ -419,5 +484,6 @@ def test_two_processes_agree_on_the_stop_step(cache, tmp_path):
   assert len(stopped) == 1 and stopped[0].startswith("[0] stopped at step"), text[-3000:]
   step = int(stopped[0].split()[4])
   assert os.listdir(os.path.join(wd, "checkpoints")) == [str(step)] or str(step) in os.listdir(
-      os.path.join(wd, "checkpoints"))
+    os.path.join(wd, "checkpoints")
+  )
   assert checkpointing.verify(os.path.join(wd, "checkpoints", str(step)))[0] == "ok"

@@ -9,8 +9,8 @@ import sys
 import jax
 import numpy as np
 import pytest
-
 from conftest import tiny_config
+
 from sslrec import export, serving, step
 from sslrec.data import sources, synthetic
 
@@ -27,8 +27,9 @@ def exported(tmp_path_factory):
   shapes = jax.eval_shape(model.init, jax.random.key(0), *step.example_inputs(dataset))
   params = jax.tree.map(lambda a: (0.2 * rng.standard_normal(a.shape)).astype(a.dtype), shapes)
   out = str(tmp_path_factory.mktemp("serving") / "export")
-  export.write_export(out, model=model, params=params, dataset=dataset, config=config, step=0,
-                      log=lambda _: None)
+  export.write_export(
+    out, model=model, params=params, dataset=dataset, config=config, step=0, log=lambda _: None
+  )
   return out
 
 
@@ -45,10 +46,16 @@ def brute_force(queries, items, k):
 
 def test_exact_search_matches_numpy_brute_force(retriever):
   rng = np.random.default_rng(0)
-  queries = [{"q_topic": int(rng.integers(32)), "q_style": int(rng.integers(24)),
-              "q_history": rng.integers(0, 400, size=int(rng.integers(0, 10))).tolist(),
-              "q_region": int(rng.integers(16)), "q_dense": rng.standard_normal(4).tolist()}
-             for _ in range(37)]
+  queries = [
+    {
+      "q_topic": int(rng.integers(32)),
+      "q_style": int(rng.integers(24)),
+      "q_history": rng.integers(0, 400, size=int(rng.integers(0, 10))).tolist(),
+      "q_region": int(rng.integers(16)),
+      "q_dense": rng.standard_normal(4).tolist(),
+    }
+    for _ in range(37)
+  ]
   res = retriever.search(queries, k=20)
   emb, _ = retriever.embed_queries(queries)
   want_scores, want_rows = brute_force(emb, retriever.item_embeddings, 20)
@@ -79,12 +86,19 @@ def test_similar_items_excludes_the_item_and_matches_brute_force(retriever):
 
 
 def test_raw_values_map_to_ids_with_oov(retriever):
-  batch, notes = retriever.encode([
-      {"q_topic": 3, "q_style": "5", "q_history": [1, "2", 99999, "x"], "q_region": 15,
-       "q_dense": [0.5, -1, 2, 0]},
+  batch, notes = retriever.encode(
+    [
+      {
+        "q_topic": 3,
+        "q_style": "5",
+        "q_history": [1, "2", 99999, "x"],
+        "q_region": 15,
+        "q_dense": [0.5, -1, 2, 0],
+      },
       {"q_topic": 32, "q_style": -3, "q_history": 7, "q_region": 2.0},
       {"q_history": list(range(20))},
-  ])
+    ]
+  )
   np.testing.assert_array_equal(batch["q_topic"], [3, -1, -1])  # 32 >= vocab_size: OOV
   np.testing.assert_array_equal(batch["q_style"], [5, -1, -1])
   np.testing.assert_array_equal(batch["q_region"], [15, 2, -1])
@@ -95,12 +109,14 @@ def test_raw_values_map_to_ids_with_oov(retriever):
   np.testing.assert_array_equal(hist[2], list(range(8)))  # truncated to max_len
   np.testing.assert_allclose(batch["q_dense"], [[0.5, -1, 2, 0], [0] * 4, [0] * 4])
   text = "\n".join(notes)
-  for expected in ("query 0: q_history: value 99999 is out of vocabulary",
-                   "query 0: q_history: value 'x' is out of vocabulary",
-                   "query 1: q_topic=32 is out of vocabulary (-> default embedding)",
-                   "query 1: q_style=-3 is out of vocabulary",
-                   "query 1: not given (missing -> default embedding; dense -> zeros): q_dense",
-                   "query 2: q_history: 20 known values, the tower reads the first 8"):
+  for expected in (
+    "query 0: q_history: value 99999 is out of vocabulary",
+    "query 0: q_history: value 'x' is out of vocabulary",
+    "query 1: q_topic=32 is out of vocabulary (-> default embedding)",
+    "query 1: q_style=-3 is out of vocabulary",
+    "query 1: not given (missing -> default embedding; dense -> zeros): q_dense",
+    "query 2: q_history: 20 known values, the tower reads the first 8",
+  ):
     assert expected in text, text
   # An OOV id embeds exactly like a missing one (the learned default embedding).
   a, _ = retriever.embed_queries({"q_topic": 999, "q_style": 1})
@@ -109,9 +125,11 @@ def test_raw_values_map_to_ids_with_oov(retriever):
 
 
 def test_bad_queries_are_named(retriever):
-  with pytest.raises(serving.QueryError,
-                     match=r"unknown query features: 'q_topc' \(did you mean 'q_topic'\?\), "
-                           r"'color'; the query tower reads: q_topic, q_style"):
+  with pytest.raises(
+    serving.QueryError,
+    match=r"unknown query features: 'q_topc' \(did you mean 'q_topic'\?\), "
+    r"'color'; the query tower reads: q_topic, q_style",
+  ):
     retriever.search({"q_topc": 1, "color": 2})
   with pytest.raises(serving.QueryError, match="q_dense is a dense feature of 4 finite numbers"):
     retriever.search({"q_dense": [1, 2]})
@@ -136,10 +154,16 @@ def test_k_larger_than_catalogue_is_clamped_with_a_warning(retriever):
 
 def test_parse_query_syntax():
   assert serving.parse_query("q_topic=3, q_history=1|2|3 ,q_dense=0.5|1|2|3,q_style=7|") == {
-      "q_topic": "3", "q_history": ["1", "2", "3"], "q_dense": ["0.5", "1", "2", "3"],
-      "q_style": ["7"]}
-  for bad, expected in (("q_topic", "not name=value"), ("", "is empty"),
-                        ("a=1,a=2", "given twice")):
+    "q_topic": "3",
+    "q_history": ["1", "2", "3"],
+    "q_dense": ["0.5", "1", "2", "3"],
+    "q_style": ["7"],
+  }
+  for bad, expected in (
+    ("q_topic", "not name=value"),
+    ("", "is empty"),
+    ("a=1,a=2", "given twice"),
+  ):
     with pytest.raises(serving.QueryError, match=expected):
       serving.parse_query(bad)
 
@@ -157,17 +181,26 @@ def _edit_manifest(d, **changes):
   json.dump(m, open(path, "w"))
 
 
-@pytest.mark.parametrize("damage, expected", [
+@pytest.mark.parametrize(
+  "damage, expected",
+  [
     (lambda d: os.remove(os.path.join(d, "query_tower.jax")), r"missing files: query_tower.jax"),
     (lambda d: os.remove(os.path.join(d, "manifest.json")), r"not an sslrec export"),
-    (lambda d: _edit_manifest(d, format_version=2),
-     r"written in export format version 2; this sslrec reads version 1"),
-    (lambda d: open(os.path.join(d, "item_embeddings.npy"), "r+b").write(b"\x93NUMPY\x02"),
-     r"checksum mismatch for item_embeddings.npy"),
-    (lambda d: open(os.path.join(d, "manifest.json"), "w").write("{"),
-     r"manifest.json: unreadable"),
+    (
+      lambda d: _edit_manifest(d, format_version=2),
+      r"written in export format version 2; this sslrec reads version 1",
+    ),
+    (
+      lambda d: open(os.path.join(d, "item_embeddings.npy"), "r+b").write(b"\x93NUMPY\x02"),
+      r"checksum mismatch for item_embeddings.npy",
+    ),
+    (
+      lambda d: open(os.path.join(d, "manifest.json"), "w").write("{"),
+      r"manifest.json: unreadable",
+    ),
     (lambda d: shutil.rmtree(d), r"no such export directory"),
-])
+  ],
+)
 def test_bad_export_dirs_are_refused_with_one_line(exported, tmp_path, damage, expected):
   d = _copy(exported, tmp_path)
   damage(d)
@@ -191,23 +224,28 @@ def test_missing_ann_extra_is_one_clear_error(retriever, monkeypatch):
   from sslrec.serving import ann
 
   def unavailable(backend):
-    raise ann.AnnUnavailable(f"approximate search with {backend!r} needs ... pip install "
-                             "'sslrec[ann]'")
+    raise ann.AnnUnavailable(
+      f"approximate search with {backend!r} needs ... pip install 'sslrec[ann]'"
+    )
 
   monkeypatch.setattr(ann, "_import", unavailable)
   with pytest.raises(serving.ServingError, match=r"pip install 'sslrec\[ann\]'"):
     retriever.search({"q_topic": 1}, method="ann")
 
 
-@pytest.mark.parametrize("backend, params", [
+@pytest.mark.parametrize(
+  "backend, params",
+  [
     ("scann", dict(num_leaves=40, leaves_to_search=30, reorder=200)),
     ("faiss", dict(nlist=40, nprobe=30)),
-])
+  ],
+)
 def test_approximate_search_agrees_with_exact(retriever, backend, params):
   pytest.importorskip(backend)
   rng = np.random.default_rng(1)
-  queries = [{"q_topic": int(rng.integers(32)), "q_style": int(rng.integers(24))}
-             for _ in range(64)]
+  queries = [
+    {"q_topic": int(rng.integers(32)), "q_style": int(rng.integers(24))} for _ in range(64)
+  ]
   exact = retriever.search(queries, k=10)
   index = retriever.build_ann_index(backend, **params)  # partitioned (default: exact here)
   assert index.partitions == 40 and index.calibration is None  # the knob was given
@@ -223,6 +261,7 @@ def test_approximate_search_agrees_with_exact(retriever, backend, params):
 def test_ann_index_is_calibrated_to_a_target_recall(retriever, backend):
   pytest.importorskip(backend)
   from sslrec.serving import ann
+
   partitions = {"scann": "num_leaves", "faiss": "nlist"}[backend]
   index = retriever.build_ann_index(backend, target_recall=0.97, **{partitions: 64})
   cal = index.calibration
@@ -242,13 +281,16 @@ def test_ann_index_is_calibrated_to_a_target_recall(retriever, backend):
 
 
 def _retrieve(*args):
-  return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "retrieve.py"), *args],
-                        capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  return subprocess.run(
+    [sys.executable, os.path.join(ROOT, "launch", "retrieve.py"), *args],
+    capture_output=True,
+    text=True,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
 
 
 def test_launch_retrieve(exported, tmp_path):
-  p = _retrieve(f"--export={exported}", "--query=q_topic=3,q_style=5,q_history=1|2|99999",
-                "--k=3")
+  p = _retrieve(f"--export={exported}", "--query=q_topic=3,q_style=5,q_history=1|2|99999", "--k=3")
   assert p.returncode == 0, p.stderr
   lines = p.stdout.strip().splitlines()
   assert lines[0].startswith("query q_topic=3, q_style=5, q_history=1|2|99999: top 3 of 2000")
@@ -258,9 +300,11 @@ def test_launch_retrieve(exported, tmp_path):
   assert p.returncode == 0 and "items most similar to item 42" in p.stdout
   d = _copy(exported, tmp_path)
   _edit_manifest(d, format_version=7)
-  for args, expected in (([f"--export={d}", "--item=1"], "format version 7"),
-                         ([f"--export={exported}", "--query=colour=red"], "unknown query features"),
-                         ([f"--export={exported}"], "exactly one of --query")):
+  for args, expected in (
+    ([f"--export={d}", "--item=1"], "format version 7"),
+    ([f"--export={exported}", "--query=colour=red"], "unknown query features"),
+    ([f"--export={exported}"], "exactly one of --query"),
+  ):
     p = _retrieve(*args)
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), p.stderr

@@ -51,8 +51,9 @@ def test_rowwise_adagrad_matches_dense_reference_and_leaves_other_rows_untouched
   assert not np.allclose(new_table[touched], table[touched])
   # Untouched rows and accumulators are bit-identical to before the step.
   np.testing.assert_array_equal(np.asarray(new_table)[untouched], np.asarray(table)[untouched])
-  np.testing.assert_array_equal(np.asarray(new_state["acc"])[untouched],
-                                np.asarray(state["acc"])[untouched])
+  np.testing.assert_array_equal(
+    np.asarray(new_state["acc"])[untouched], np.asarray(state["acc"])[untouched]
+  )
 
 
 def test_lazy_adam_updates_only_touched_rows_like_adam_on_them():
@@ -68,8 +69,9 @@ def test_lazy_adam_updates_only_touched_rows_like_adam_on_them():
   # First Adam step moves each touched element by lr * sign(g) (bias-corrected).
   g_full = np.asarray(jax.grad(_loss)(table, ids, target))
   touched = np.unique(np.asarray(ids))
-  np.testing.assert_allclose(np.asarray(new_table - table)[touched],
-                             -0.01 * np.sign(g_full[touched]), atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(new_table - table)[touched], -0.01 * np.sign(g_full[touched]), atol=1e-5
+  )
   untouched = np.setdiff1d(np.arange(200), touched)
   np.testing.assert_array_equal(np.asarray(new_table)[untouched], np.asarray(table)[untouched])
 
@@ -77,6 +79,7 @@ def test_lazy_adam_updates_only_touched_rows_like_adam_on_them():
 def _sparse_run(**overrides):
   from sslrec import train
   from tests.conftest import tiny_config
+
   config = tiny_config()
   config.optimizer.embedding_update = "sparse"
   config.optimizer.warmup_steps = 0
@@ -90,18 +93,20 @@ def _sparse_run(**overrides):
 
 
 def test_sparse_train_step_matches_dense_rowwise_reference():
-  import functools
-  from sslrec import parallel, step, train
+  from sslrec import parallel, step
+
   run, config = _sparse_run()
   pairs = parallel.to_global(next(run.pair_iter), run.mesh)
   items = parallel.to_global(next(run.item_iter), run.mesh)
   before = jax.device_get(run.state)
   # Reference: full gradient of every table row, then dense row-wise Adagrad on the whole table.
   rng = jax.random.fold_in(run.step_rng, 0)
-  views = step.make_views(rng, items, model=run.model, config=config,
-                           mi=jnp.asarray(run.stats.mi, jnp.float32))
-  grad_fn = jax.jit(jax.grad(lambda p: step.loss_fn(p, pairs, items, views, model=run.model,
-                                             config=config)[0]))
+  views = step.make_views(
+    rng, items, model=run.model, config=config, mi=jnp.asarray(run.stats.mi, jnp.float32)
+  )
+  grad_fn = jax.jit(
+    jax.grad(lambda p: step.loss_fn(p, pairs, items, views, model=run.model, config=config)[0])
+  )
   full_grads = jax.device_get(grad_fn(before.params))
   new_state, metrics = run.step_fn(run.state, pairs, items, run.step_rng)
   new_state = jax.device_get(new_state)
@@ -127,6 +132,7 @@ def test_sparse_training_learns(tmp_path):
   from sslrec import train
   from sslrec.run import workdir
   from tests.conftest import tiny_config
+
   config = tiny_config()
   config.optimizer.embedding_update = "sparse"
   config.optimizer.sparse_min_rows = 0  # every table, also the smoke config's small ones

@@ -7,9 +7,7 @@ import numpy as np
 import pytest
 
 from sslrec import features as features_lib
-from sslrec.data import stats
-from sslrec.data import synthetic
-from sslrec.data import table
+from sslrec.data import stats, synthetic, table
 
 F = features_lib.FeatureSpec
 
@@ -56,8 +54,9 @@ def test_head_items_fraction_and_tie_break():
 
 
 def test_head_items_of_generated_dataset():
-  d = synthetic.generate(0, num_items=1000, num_queries=500, num_train_pairs=5000,
-                         num_eval_pairs=10)
+  d = synthetic.generate(
+    0, num_items=1000, num_queries=500, num_train_pairs=5000, num_eval_pairs=10
+  )
   freq = stats.item_frequencies(d.train_item, d.num_items)
   head = stats.head_items(freq, 0.2)
   assert head.sum() == 200
@@ -107,42 +106,54 @@ def _reference_mi(items, spec) -> np.ndarray:
         for vi, wi in ri:
           for vj, wj in rj:
             joint[vi, vj] += wi * wj / n
-      mi[i, j] = sum(p * math.log(p / (marg[i][vi] * marg[j][vj]))
-                     for (vi, vj), p in joint.items() if p > 0)
+      mi[i, j] = sum(
+        p * math.log(p / (marg[i][vi] * marg[j][vj])) for (vi, vj), p in joint.items() if p > 0
+      )
   return mi
 
 
 def _tiny_table(seed: int = 0, n: int = 60):
   rng = np.random.default_rng(seed)
-  spec = features_lib.TowerSpec("item", (
+  spec = features_lib.TowerSpec(
+    "item",
+    (
       F("a", "id", vocab_size=4),
       F("b", "id", vocab_size=7),
       F("bag", "multi", vocab_size=5, max_len=3),
       F("bag2", "multi", vocab_size=6, max_len=4),
       F("x", "dense", dense_dim=2),
-  ))
+    ),
+  )
   a = rng.integers(0, 4, n)
   b = np.where(rng.random(n) < 0.2, -1, (a * 2 + rng.integers(0, 2, n)) % 7)  # missing ids
   lengths = rng.integers(0, 4, n)  # includes empty bags
-  bag = np.where(np.arange(3)[None, :] < lengths[:, None],
-                 (a[:, None] + rng.integers(0, 2, (n, 3))) % 5, -1)
+  bag = np.where(
+    np.arange(3)[None, :] < lengths[:, None], (a[:, None] + rng.integers(0, 2, (n, 3))) % 5, -1
+  )
   lengths2 = rng.integers(0, 5, n)
   bag2 = np.where(np.arange(4)[None, :] < lengths2[:, None], rng.integers(0, 6, (n, 4)), -1)
   bag2[3] = [2, 2, 5, -1]  # a repeated value counts once per occurrence
   x = np.stack([a + rng.normal(size=n), rng.normal(size=n)], 1)
-  items = {"a": a.astype(np.int32), "b": b.astype(np.int32), "bag": bag.astype(np.int32),
-           "bag2": bag2.astype(np.int32), "x": x.astype(np.float32)}
+  items = {
+    "a": a.astype(np.int32),
+    "b": b.astype(np.int32),
+    "bag": bag.astype(np.int32),
+    "bag2": bag2.astype(np.int32),
+    "x": x.astype(np.float32),
+  }
   return items, spec
 
 
 def test_mi_hand_computed_example():
   # item 0: a=0, bag={0, 1}; item 1: a=1, bag={2}. Joint: (0,0)=.25, (0,1)=.25, (1,2)=.5.
-  spec = features_lib.TowerSpec("item", (F("a", "id", vocab_size=2),
-                                         F("bag", "multi", vocab_size=3, max_len=2)))
+  spec = features_lib.TowerSpec(
+    "item", (F("a", "id", vocab_size=2), F("bag", "multi", vocab_size=3, max_len=2))
+  )
   items = {"a": np.array([0, 1], np.int32), "bag": np.array([[0, 1], [2, -1]], np.int32)}
   mi = stats.mutual_information(items, spec)
-  np.testing.assert_allclose(mi, [[math.log(2), math.log(2)],
-                                  [math.log(2), 1.5 * math.log(2)]], rtol=1e-12)
+  np.testing.assert_allclose(
+    mi, [[math.log(2), math.log(2)], [math.log(2), 1.5 * math.log(2)]], rtol=1e-12
+  )
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -153,8 +164,9 @@ def test_mi_matches_brute_force_reference(seed):
   assert mi.shape == (5, 5) and mi.dtype == np.float64
   np.testing.assert_allclose(mi, ref, atol=1e-10)
   # The sparse (np.unique) path gives the same numbers.
-  np.testing.assert_allclose(stats.mutual_information(items, spec, max_bincount_size=1), ref,
-                             atol=1e-10)
+  np.testing.assert_allclose(
+    stats.mutual_information(items, spec, max_bincount_size=1), ref, atol=1e-10
+  )
 
 
 def test_mi_chunked_paths_agree(monkeypatch):
@@ -162,19 +174,27 @@ def test_mi_chunked_paths_agree(monkeypatch):
   ref = stats.mutual_information(items, spec)
   monkeypatch.setattr(stats, "_CHUNK_ENTRIES", 7)
   np.testing.assert_allclose(stats.mutual_information(items, spec), ref, atol=1e-10)
-  np.testing.assert_allclose(stats.mutual_information(items, spec, max_bincount_size=1), ref,
-                             atol=1e-10)
+  np.testing.assert_allclose(
+    stats.mutual_information(items, spec, max_bincount_size=1), ref, atol=1e-10
+  )
 
 
 def test_mi_large_vocab_id_uses_unique_path():
   rng = np.random.default_rng(0)
   n = 500
-  spec = features_lib.TowerSpec("item", (F("item_id", "id", vocab_size=10**9),
-                                         F("c", "id", vocab_size=3),
-                                         F("t", "multi", vocab_size=10**6, max_len=2)))
-  items = {"item_id": (np.arange(n) * 1_999_999 + 7).astype(np.int32),
-           "c": rng.integers(0, 3, n).astype(np.int32),
-           "t": rng.integers(-1, 10**6, (n, 2)).astype(np.int32)}
+  spec = features_lib.TowerSpec(
+    "item",
+    (
+      F("item_id", "id", vocab_size=10**9),
+      F("c", "id", vocab_size=3),
+      F("t", "multi", vocab_size=10**6, max_len=2),
+    ),
+  )
+  items = {
+    "item_id": (np.arange(n) * 1_999_999 + 7).astype(np.int32),
+    "c": rng.integers(0, 3, n).astype(np.int32),
+    "t": rng.integers(-1, 10**6, (n, 2)).astype(np.int32),
+  }
   items["t"] = np.sort(items["t"], axis=1)[:, ::-1].copy()  # right-pad the -1s
   mi = stats.mutual_information(items, spec)
   np.testing.assert_allclose(mi, _reference_mi(items, spec), atol=1e-10)
@@ -187,12 +207,21 @@ def test_mi_properties():
   rng = np.random.default_rng(0)
   n = 20_000
   u = rng.integers(0, 4, n)
-  spec = features_lib.TowerSpec("item", (F("u", "id", vocab_size=4), F("u2", "id", vocab_size=4),
-                                         F("v", "id", vocab_size=4),
-                                         F("d", "dense", dense_dim=1)))
-  items = {"u": u.astype(np.int32), "u2": u.astype(np.int32),
-           "v": rng.integers(0, 4, n).astype(np.int32),
-           "d": rng.permutation(n).astype(np.float32)[:, None]}
+  spec = features_lib.TowerSpec(
+    "item",
+    (
+      F("u", "id", vocab_size=4),
+      F("u2", "id", vocab_size=4),
+      F("v", "id", vocab_size=4),
+      F("d", "dense", dense_dim=1),
+    ),
+  )
+  items = {
+    "u": u.astype(np.int32),
+    "u2": u.astype(np.int32),
+    "v": rng.integers(0, 4, n).astype(np.int32),
+    "d": rng.permutation(n).astype(np.float32)[:, None],
+  }
   mi = stats.mutual_information(items, spec)
   np.testing.assert_array_equal(mi, mi.T)
   assert np.all(mi >= 0)
@@ -216,8 +245,9 @@ def test_mi_validates_input():
 def corpus() -> table.Dataset:
   # The catalogue must be large enough for plug-in MI bias between high-cardinality features
   # (about (|Vi| - 1)(|Vj| - 1) / 2N nats) to stay well below the planted dependencies.
-  return synthetic.generate(0, num_items=20_000, num_queries=1000, num_train_pairs=20_000,
-                            num_eval_pairs=100)
+  return synthetic.generate(
+    0, num_items=20_000, num_queries=1000, num_train_pairs=20_000, num_eval_pairs=100
+  )
 
 
 def test_mi_recovers_planted_groups(corpus):

@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 
 from sslrec import features as features_lib
-from sslrec.data import synthetic
-from sslrec.data import table
+from sslrec.data import synthetic, table
 
 SMALL = dict(num_items=2000, num_queries=4000, num_train_pairs=40_000, num_eval_pairs=4000)
 
@@ -18,8 +17,13 @@ def dataset() -> table.Dataset:
 def _all_arrays(d: table.Dataset) -> dict[str, np.ndarray]:
   out = {f"items/{k}": v for k, v in d.items.items()}
   out.update({f"queries/{k}": v for k, v in d.queries.items()})
-  out.update(train_query=d.train_query, train_item=d.train_item, eval_query=d.eval_query,
-             eval_item=d.eval_item, item_keys=d.item_keys)
+  out.update(
+    train_query=d.train_query,
+    train_item=d.train_item,
+    eval_query=d.eval_query,
+    eval_item=d.eval_item,
+    item_keys=d.item_keys,
+  )
   return out
 
 
@@ -31,8 +35,14 @@ def test_deterministic_per_seed(dataset):
     np.testing.assert_array_equal(same[k], ref[k], err_msg=k)
     assert same[k].dtype == ref[k].dtype, k
   other = _all_arrays(synthetic.generate(1, **SMALL))
-  for k in ("items/category", "items/tags", "queries/q_history", "queries/q_dense", "train_item",
-            "eval_query"):
+  for k in (
+    "items/category",
+    "items/tags",
+    "queries/q_history",
+    "queries/q_dense",
+    "train_item",
+    "eval_query",
+  ):
     assert not np.array_equal(other[k], ref[k]), k
 
 
@@ -75,19 +85,29 @@ def test_feature_inventory(dataset):
 
 
 def test_embed_dim_is_propagated():
-  d = synthetic.generate(3, embed_dim=8, num_items=200, num_queries=50, num_train_pairs=100,
-                         num_eval_pairs=10)
+  d = synthetic.generate(
+    3, embed_dim=8, num_items=200, num_queries=50, num_train_pairs=100, num_eval_pairs=10
+  )
   assert {f.embed_dim for f in d.item_spec.features + d.query_spec.features} == {8}
 
 
 def test_minimum_sizes():
   # The smallest: 2 held-out users (one validation, one test) and one pair each.
   d = synthetic.generate(0, num_items=100, num_queries=10, num_train_pairs=1, num_eval_pairs=2)
-  assert d.num_items == 100 and d.num_queries == 10 and d.num_train == d.num_eval == d.num_valid == 1
+  assert (
+    d.num_items == 100 and d.num_queries == 10 and d.num_train == d.num_eval == d.num_valid == 1
+  )
   with pytest.raises(table.DataError, match="leave the validation or the test split empty"):
     synthetic.generate(7, num_items=100, num_queries=10, num_train_pairs=1, num_eval_pairs=1)
-  d = synthetic.generate(7, num_items=100, num_queries=10, num_train_pairs=500,
-                         num_eval_pairs=50, feature_noise=1.0, popularity_exponent=0.0)
+  d = synthetic.generate(
+    7,
+    num_items=100,
+    num_queries=10,
+    num_train_pairs=500,
+    num_eval_pairs=50,
+    feature_noise=1.0,
+    popularity_exponent=0.0,
+  )
   assert d.validate() is d
 
 
@@ -113,8 +133,9 @@ def test_multi_features_right_padded(dataset):
       np.testing.assert_array_equal(present, np.arange(f.max_len)[None, :] < lengths[:, None])
       assert lengths.max() == f.max_len, f.name
   # Tag bags hold distinct values when there is no noise.
-  d = synthetic.generate(0, feature_noise=0.0, num_items=500, num_queries=50,
-                         num_train_pairs=100, num_eval_pairs=10)
+  d = synthetic.generate(
+    0, feature_noise=0.0, num_items=500, num_queries=50, num_train_pairs=100, num_eval_pairs=10
+  )
   tags = d.items["tags"]
   for row in tags[:100]:
     v = row[row >= 0]
@@ -128,13 +149,16 @@ def test_query_dense_standardised(dataset):
 
 
 def test_noise_free_features_are_functions_of_the_latent():
-  d = synthetic.generate(5, feature_noise=0.0, num_items=1000, num_queries=50,
-                         num_train_pairs=100, num_eval_pairs=10)
+  d = synthetic.generate(
+    5, feature_noise=0.0, num_items=1000, num_queries=50, num_train_pairs=100, num_eval_pairs=10
+  )
   cat, sub = d.items["category"], d.items["subcategory"]
   np.testing.assert_array_equal(sub // synthetic.SUBCATS_PER_TOPIC, cat)
   tags = d.items["tags"]
-  np.testing.assert_array_equal(np.where(tags >= 0, tags // synthetic.TAGS_PER_TOPIC, cat[:, None]),
-                                np.broadcast_to(cat[:, None], tags.shape))
+  np.testing.assert_array_equal(
+    np.where(tags >= 0, tags // synthetic.TAGS_PER_TOPIC, cat[:, None]),
+    np.broadcast_to(cat[:, None], tags.shape),
+  )
 
 
 def test_item_frequency_follows_power_law(dataset):
@@ -151,10 +175,12 @@ def test_item_frequency_follows_power_law(dataset):
 
 def test_popularity_exponent_controls_skew():
   args = dict(num_items=2000, num_queries=2000, num_train_pairs=20_000, num_eval_pairs=10)
+
   def head_share(exponent):
     d = synthetic.generate(0, popularity_exponent=exponent, **args)
     counts = np.sort(np.bincount(d.train_item, minlength=2000))[::-1]
     return counts[:400].sum() / counts.sum()
+
   assert head_share(0.0) < 0.5 < head_share(1.1)
 
 
@@ -195,10 +221,14 @@ def test_eval_queries_held_out(dataset):
   assert max(train_q) < boundary <= min(eval_q)
   valid_q = set(dataset.valid_query.tolist())
   assert not valid_q & eval_q and not valid_q & train_q and boundary <= min(valid_q)
-  assert len(eval_q | valid_q) > 0.9 * (dataset.num_queries - boundary)  # most held-out queries used
+  assert len(eval_q | valid_q) > 0.9 * (
+    dataset.num_queries - boundary
+  )  # most held-out queries used
 
 
-@pytest.mark.parametrize("kwargs", [
+@pytest.mark.parametrize(
+  "kwargs",
+  [
     dict(num_items=99),
     dict(num_queries=5),
     dict(num_train_pairs=0),
@@ -209,7 +239,8 @@ def test_eval_queries_held_out(dataset):
     dict(popularity_exponent=float("nan")),
     dict(embed_dim=0),
     dict(num_items=1000.5),
-])
+  ],
+)
 def test_bad_arguments_raise(kwargs):
   with pytest.raises(table.DataError):
     synthetic.generate(0, **kwargs)

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from sslrec import train
-
 from sslrec.run import workdir as workdir_lib
 
 
@@ -87,6 +86,7 @@ def test_workdir_with_other_model_is_refused_and_kept(config, tmp_path):
 def test_data_error_leaves_no_config_behind(config, tmp_path):
   """A run that fails on its data leaves no config.json that a corrected rerun would be held to."""
   from sslrec import cli
+
   config.train.num_steps = 2
   config.data.name = "movielens"
   config.data.path = str(tmp_path / "no_such_dir")

@@ -14,8 +14,14 @@ from sslrec import configuration, features, parallel, train
 from sslrec.data import table
 from sslrec.run import checkpointing, reliability, workdir
 
-USER_ERRORS = (configuration.ConfigError, table.DataError, features.SchemaError,
-               workdir.WorkdirError, parallel.DistributedError, checkpointing.CheckpointError)
+USER_ERRORS = (
+  configuration.ConfigError,
+  table.DataError,
+  features.SchemaError,
+  workdir.WorkdirError,
+  parallel.DistributedError,
+  checkpointing.CheckpointError,
+)
 
 
 def _one_line(text: str) -> str:
@@ -28,8 +34,9 @@ def resume_command() -> str:
   return shlex.join([exe, *sys.argv])
 
 
-def run_main(config, workdir_path: str, *, allow_config_change: bool = False,
-             distributed: dict | None = None) -> int:
+def run_main(
+  config, workdir_path: str, *, allow_config_change: bool = False, distributed: dict | None = None
+) -> int:
   """Runs ``train_and_evaluate`` (after joining the distributed runtime when asked); returns
   the process exit code: 0 when finished or stopped by SIGTERM / SIGINT after saving a
   checkpoint (one line says how to resume), 1 when a step was not finite, 2 for user errors
@@ -44,20 +51,28 @@ def run_main(config, workdir_path: str, *, allow_config_change: bool = False,
     print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
     return 2
   except MemoryError as e:
-    print(f"error: out of host memory ({_one_line(e) or 'MemoryError'}); reduce the data or model "
-          "sizes", file=sys.stderr, flush=True)
+    print(
+      f"error: out of host memory ({_one_line(e) or 'MemoryError'}); reduce the data or model "
+      "sizes",
+      file=sys.stderr,
+      flush=True,
+    )
     return 2
   except reliability.NonFiniteError as e:
     print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
     return 1
   except reliability.Stopped as e:
     if jax.process_index() == 0:
-      print(f"stopped at step {e.step} on {e.signal_name}; checkpoint saved in {e.checkpoint}. "
-            f"To resume, run the same command again: {resume_command()}", flush=True)
+      print(
+        f"stopped at step {e.step} on {e.signal_name}; checkpoint saved in {e.checkpoint}. "
+        f"To resume, run the same command again: {resume_command()}",
+        flush=True,
+      )
     return 0
   except KeyboardInterrupt:
-    print("error: interrupted (no checkpoint saved since the last one)", file=sys.stderr,
-          flush=True)
+    print(
+      "error: interrupted (no checkpoint saved since the last one)", file=sys.stderr, flush=True
+    )
     return 130
   return 0
 
@@ -73,12 +88,17 @@ def flag_error_message(argv, exc: BaseException) -> str:
   m = re.search(r"Did you mean \\?\"(\w+)\\?\" instead of \\?\"(\w+)\\?\"", joined)
   if m:
     wrong = m.group(2)
-    flag = next((a.split("=", 1)[0] for a in argv[1:]
-                 if re.search(rf"\.{wrong}(\.|$)", a.split("=", 1)[0])), wrong)
+    flag = next(
+      (a.split("=", 1)[0] for a in argv[1:] if re.search(rf"\.{wrong}(\.|$)", a.split("=", 1)[0])),
+      wrong,
+    )
     return f"{flag}: no such config field (did you mean {m.group(1)!r}?); see configs/base.py"
   text = " ".join(str(exc).split())
-  m = re.match(r"flag (--config=\S+): Error whilst parsing config file: Traceback .*"
-               r"\b(\w+Error): (.*)$", text)
+  m = re.match(
+    r"flag (--config=\S+): Error whilst parsing config file: Traceback .*"
+    r"\b(\w+Error): (.*)$",
+    text,
+  )
   if m:  # get_config raised: its message, not the traceback ml_collections quotes
     return f"{m.group(1)}: {m.group(3)}"
   m = re.match(r"flag (--config\.[\w.]+)=(.*?): (.*)", text)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 
@@ -19,12 +20,23 @@ from sslrec.data import pipeline, sources
 from sslrec.model import augment
 
 # Fields that may change between a run and its continuation in the same workdir.
-RESUMABLE_FIELDS = frozenset({
-    "train.num_steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
-    "train.max_checkpoints", "eval.max_queries", "eval.batch_size", "data.num_threads",
-    "data.prefetch", "eval.exclude_train_items", "train.skip_nonfinite", "train.num_epochs",
+RESUMABLE_FIELDS = frozenset(
+  {
+    "train.num_steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.max_checkpoints",
+    "eval.max_queries",
+    "eval.batch_size",
+    "data.num_threads",
+    "data.prefetch",
+    "eval.exclude_train_items",
+    "train.skip_nonfinite",
+    "train.num_epochs",
     "train.early_stopping_patience",
-})
+  }
+)
 
 # Choice fields whose allowed values are the registries of the modules that own them: a new
 # masking strategy, optimizer or data source is one function plus one registry line there.
@@ -75,130 +87,306 @@ def validate(config: ml_collections.ConfigDict) -> None:
   g = lambda p: _get(config, p)  # noqa: E731
   _check(_is_int(g("seed")), "seed", g("seed"), "an integer")
   _check(0 <= g("seed") < INT_LIMIT, "seed", g("seed"), "an integer in [0, 2**31)")
-  _check(_is_int(g("data.seed")) and 0 <= g("data.seed") < INT_LIMIT, "data.seed", g("data.seed"),
-         "an integer in [0, 2**31)")
+  _check(
+    _is_int(g("data.seed")) and 0 <= g("data.seed") < INT_LIMIT,
+    "data.seed",
+    g("data.seed"),
+    "an integer in [0, 2**31)",
+  )
   _check(g("data.name") in DATA_SOURCES, "data.name", g("data.name"), f"one of {DATA_SOURCES}")
   for f in ("data.num_items", "data.num_queries", "data.num_train_pairs", "data.num_eval_pairs"):
     _check(_is_int(g(f)) and g(f) >= 1, f, g(f), "an integer >= 1")
-  _check(_is_num(g("data.popularity_exponent")) and g("data.popularity_exponent") >= 0,
-         "data.popularity_exponent", g("data.popularity_exponent"), "a number >= 0")
-  _check(_is_num(g("data.feature_noise")) and 0 <= g("data.feature_noise") <= 1,
-         "data.feature_noise", g("data.feature_noise"), "a number in [0, 1]")
-  _check(_is_int(g("data.embed_dim")) and g("data.embed_dim") >= 1, "data.embed_dim",
-         g("data.embed_dim"), "an integer >= 1")
-  _check(_is_int(g("data.num_threads")) and g("data.num_threads") >= 0, "data.num_threads",
-         g("data.num_threads"), "an integer >= 0")
-  _check(_is_int(g("data.prefetch")) and g("data.prefetch") >= 0, "data.prefetch",
-         g("data.prefetch"), "an integer >= 0")
+  _check(
+    _is_num(g("data.popularity_exponent")) and g("data.popularity_exponent") >= 0,
+    "data.popularity_exponent",
+    g("data.popularity_exponent"),
+    "a number >= 0",
+  )
+  _check(
+    _is_num(g("data.feature_noise")) and 0 <= g("data.feature_noise") <= 1,
+    "data.feature_noise",
+    g("data.feature_noise"),
+    "a number in [0, 1]",
+  )
+  _check(
+    _is_int(g("data.embed_dim")) and g("data.embed_dim") >= 1,
+    "data.embed_dim",
+    g("data.embed_dim"),
+    "an integer >= 1",
+  )
+  _check(
+    _is_int(g("data.num_threads")) and g("data.num_threads") >= 0,
+    "data.num_threads",
+    g("data.num_threads"),
+    "an integer >= 0",
+  )
+  _check(
+    _is_int(g("data.prefetch")) and g("data.prefetch") >= 0,
+    "data.prefetch",
+    g("data.prefetch"),
+    "an integer >= 0",
+  )
   _validate_real_data(g)
 
   for f in ("model.query_hidden", "model.item_hidden"):
     v = g(f)
-    _check(isinstance(v, (tuple, list)) and all(_is_int(h) and h >= 1 for h in v), f, v,
-           "a tuple of integers >= 1 (may be empty)")
-  _check(_is_int(g("model.output_dim")) and g("model.output_dim") >= 1, "model.output_dim",
-         g("model.output_dim"), "an integer >= 1")
-  _check(_is_int(g("model.table_row_multiple")) and g("model.table_row_multiple") >= 1,
-         "model.table_row_multiple", g("model.table_row_multiple"), "an integer >= 1")
+    _check(
+      isinstance(v, (tuple, list)) and all(_is_int(h) and h >= 1 for h in v),
+      f,
+      v,
+      "a tuple of integers >= 1 (may be empty)",
+    )
+  _check(
+    _is_int(g("model.output_dim")) and g("model.output_dim") >= 1,
+    "model.output_dim",
+    g("model.output_dim"),
+    "an integer >= 1",
+  )
+  _check(
+    _is_int(g("model.table_row_multiple")) and g("model.table_row_multiple") >= 1,
+    "model.table_row_multiple",
+    g("model.table_row_multiple"),
+    "an integer >= 1",
+  )
   _check(g("model.dtype") in DTYPES, "model.dtype", g("model.dtype"), f"one of {DTYPES}")
-  _check(isinstance(g("model.share_item_tables"), bool), "model.share_item_tables",
-         g("model.share_item_tables"), "True or False")
-  _check(not g("model.share_item_tables") or (g("data.name") != "synthetic" and
-                                              g("data.query_mode") == "item"),
-         "model.share_item_tables", g("model.share_item_tables"),
-         "True only with data.query_mode='item' on movielens / files data (the query is an item)")
+  _check(
+    isinstance(g("model.share_item_tables"), bool),
+    "model.share_item_tables",
+    g("model.share_item_tables"),
+    "True or False",
+  )
+  _check(
+    not g("model.share_item_tables")
+    or (g("data.name") != "synthetic" and g("data.query_mode") == "item"),
+    "model.share_item_tables",
+    g("model.share_item_tables"),
+    "True only with data.query_mode='item' on movielens / files data (the query is an item)",
+  )
 
   for f in ("loss.temperature", "ssl.temperature"):
     _check(_is_num(g(f)) and g(f) > 0, f, g(f), "a number > 0")
-  _check(isinstance(g("loss.logq_correction"), bool), "loss.logq_correction",
-         g("loss.logq_correction"), "True or False")
-  _check(isinstance(g("loss.remove_accidental_hits"), bool), "loss.remove_accidental_hits",
-         g("loss.remove_accidental_hits"), "True or False")
+  _check(
+    isinstance(g("loss.logq_correction"), bool),
+    "loss.logq_correction",
+    g("loss.logq_correction"),
+    "True or False",
+  )
+  _check(
+    isinstance(g("loss.remove_accidental_hits"), bool),
+    "loss.remove_accidental_hits",
+    g("loss.remove_accidental_hits"),
+    "True or False",
+  )
 
-  _check(_is_num(g("ssl.alpha")) and g("ssl.alpha") >= 0, "ssl.alpha", g("ssl.alpha"),
-         "a number >= 0 (0 turns SSL off)")
+  _check(
+    _is_num(g("ssl.alpha")) and g("ssl.alpha") >= 0,
+    "ssl.alpha",
+    g("ssl.alpha"),
+    "a number >= 0 (0 turns SSL off)",
+  )
   _check(g("ssl.masking") in MASKINGS, "ssl.masking", g("ssl.masking"), f"one of {MASKINGS}")
-  _check(_is_num(g("ssl.mask_fraction")) and 0 < g("ssl.mask_fraction") < 1, "ssl.mask_fraction",
-         g("ssl.mask_fraction"), "a number in (0, 1)")
-  _check(_is_num(g("ssl.dropout_rate")) and 0 <= g("ssl.dropout_rate") < 1, "ssl.dropout_rate",
-         g("ssl.dropout_rate"), "a number in [0, 1)")
-  _check(g("ssl.item_sampling") in ITEM_SAMPLINGS, "ssl.item_sampling", g("ssl.item_sampling"),
-         f"one of {ITEM_SAMPLINGS}")
-  _check(_is_int(g("ssl.batch_size")) and g("ssl.batch_size") >= 2, "ssl.batch_size",
-         g("ssl.batch_size"), "an integer >= 2")
-  _check(g("ssl.encoder_sharing") in SSL_SHARING, "ssl.encoder_sharing",
-         g("ssl.encoder_sharing"), f"one of {SSL_SHARING}")
-  _check(_is_num(g("reg.spread_out_weight")) and g("reg.spread_out_weight") >= 0,
-         "reg.spread_out_weight", g("reg.spread_out_weight"), "a number >= 0")
+  _check(
+    _is_num(g("ssl.mask_fraction")) and 0 < g("ssl.mask_fraction") < 1,
+    "ssl.mask_fraction",
+    g("ssl.mask_fraction"),
+    "a number in (0, 1)",
+  )
+  _check(
+    _is_num(g("ssl.dropout_rate")) and 0 <= g("ssl.dropout_rate") < 1,
+    "ssl.dropout_rate",
+    g("ssl.dropout_rate"),
+    "a number in [0, 1)",
+  )
+  _check(
+    g("ssl.item_sampling") in ITEM_SAMPLINGS,
+    "ssl.item_sampling",
+    g("ssl.item_sampling"),
+    f"one of {ITEM_SAMPLINGS}",
+  )
+  _check(
+    _is_int(g("ssl.batch_size")) and g("ssl.batch_size") >= 2,
+    "ssl.batch_size",
+    g("ssl.batch_size"),
+    "an integer >= 2",
+  )
+  _check(
+    g("ssl.encoder_sharing") in SSL_SHARING,
+    "ssl.encoder_sharing",
+    g("ssl.encoder_sharing"),
+    f"one of {SSL_SHARING}",
+  )
+  _check(
+    _is_num(g("reg.spread_out_weight")) and g("reg.spread_out_weight") >= 0,
+    "reg.spread_out_weight",
+    g("reg.spread_out_weight"),
+    "a number >= 0",
+  )
 
-  _check(g("optimizer.name") in OPTIMIZERS, "optimizer.name", g("optimizer.name"),
-         f"one of {OPTIMIZERS}")
-  _check(_is_num(g("optimizer.learning_rate")) and g("optimizer.learning_rate") > 0,
-         "optimizer.learning_rate", g("optimizer.learning_rate"), "a number > 0")
-  _check(_is_int(g("optimizer.warmup_steps")) and g("optimizer.warmup_steps") >= 0,
-         "optimizer.warmup_steps", g("optimizer.warmup_steps"), "an integer >= 0")
-  _check(g("optimizer.embedding_update") in ("dense", "sparse"), "optimizer.embedding_update",
-         g("optimizer.embedding_update"), "one of ('dense', 'sparse')")
-  _check(g("optimizer.embedding_optimizer") in EMBEDDING_OPTIMIZERS,
-         "optimizer.embedding_optimizer", g("optimizer.embedding_optimizer"),
-         f"one of {EMBEDDING_OPTIMIZERS}")
-  _check(_is_num(g("optimizer.embedding_initial_accumulator"))
-         and g("optimizer.embedding_initial_accumulator") >= 0,
-         "optimizer.embedding_initial_accumulator", g("optimizer.embedding_initial_accumulator"),
-         "a number >= 0 (0 = batch-aware: 400 / train.batch_size**2)")
-  _check(_is_num(g("optimizer.embedding_learning_rate")) and g("optimizer.embedding_learning_rate") > 0,
-         "optimizer.embedding_learning_rate", g("optimizer.embedding_learning_rate"), "a number > 0")
-  _check(_is_int(g("optimizer.sparse_min_rows")) and g("optimizer.sparse_min_rows") >= 0,
-         "optimizer.sparse_min_rows", g("optimizer.sparse_min_rows"), "an integer >= 0")
-  _check(_is_num(g("optimizer.grad_clip_norm")) and g("optimizer.grad_clip_norm") >= 0,
-         "optimizer.grad_clip_norm", g("optimizer.grad_clip_norm"), "a number >= 0 (0 = off)")
+  _check(
+    g("optimizer.name") in OPTIMIZERS, "optimizer.name", g("optimizer.name"), f"one of {OPTIMIZERS}"
+  )
+  _check(
+    _is_num(g("optimizer.learning_rate")) and g("optimizer.learning_rate") > 0,
+    "optimizer.learning_rate",
+    g("optimizer.learning_rate"),
+    "a number > 0",
+  )
+  _check(
+    _is_int(g("optimizer.warmup_steps")) and g("optimizer.warmup_steps") >= 0,
+    "optimizer.warmup_steps",
+    g("optimizer.warmup_steps"),
+    "an integer >= 0",
+  )
+  _check(
+    g("optimizer.embedding_update") in ("dense", "sparse"),
+    "optimizer.embedding_update",
+    g("optimizer.embedding_update"),
+    "one of ('dense', 'sparse')",
+  )
+  _check(
+    g("optimizer.embedding_optimizer") in EMBEDDING_OPTIMIZERS,
+    "optimizer.embedding_optimizer",
+    g("optimizer.embedding_optimizer"),
+    f"one of {EMBEDDING_OPTIMIZERS}",
+  )
+  _check(
+    _is_num(g("optimizer.embedding_initial_accumulator"))
+    and g("optimizer.embedding_initial_accumulator") >= 0,
+    "optimizer.embedding_initial_accumulator",
+    g("optimizer.embedding_initial_accumulator"),
+    "a number >= 0 (0 = batch-aware: 400 / train.batch_size**2)",
+  )
+  _check(
+    _is_num(g("optimizer.embedding_learning_rate")) and g("optimizer.embedding_learning_rate") > 0,
+    "optimizer.embedding_learning_rate",
+    g("optimizer.embedding_learning_rate"),
+    "a number > 0",
+  )
+  _check(
+    _is_int(g("optimizer.sparse_min_rows")) and g("optimizer.sparse_min_rows") >= 0,
+    "optimizer.sparse_min_rows",
+    g("optimizer.sparse_min_rows"),
+    "an integer >= 0",
+  )
+  _check(
+    _is_num(g("optimizer.grad_clip_norm")) and g("optimizer.grad_clip_norm") >= 0,
+    "optimizer.grad_clip_norm",
+    g("optimizer.grad_clip_norm"),
+    "a number >= 0 (0 = off)",
+  )
 
-  _check(_is_int(g("train.num_steps")) and g("train.num_steps") >= 1, "train.num_steps",
-         g("train.num_steps"), "an integer >= 1")
-  _check(_is_int(g("train.batch_size")) and g("train.batch_size") >= 2, "train.batch_size",
-         g("train.batch_size"), "an integer >= 2")
-  for f in ("train.log_every", "train.eval_every", "train.checkpoint_every", "train.max_checkpoints"):
+  _check(
+    _is_int(g("train.num_steps")) and g("train.num_steps") >= 1,
+    "train.num_steps",
+    g("train.num_steps"),
+    "an integer >= 1",
+  )
+  _check(
+    _is_int(g("train.batch_size")) and g("train.batch_size") >= 2,
+    "train.batch_size",
+    g("train.batch_size"),
+    "an integer >= 2",
+  )
+  for f in (
+    "train.log_every",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.max_checkpoints",
+  ):
     _check(_is_int(g(f)) and g(f) >= 1, f, g(f), "an integer >= 1")
-  _check(isinstance(g("train.skip_nonfinite"), bool), "train.skip_nonfinite",
-         g("train.skip_nonfinite"), "True or False")
-  _check(_is_num(g("train.num_epochs")) and g("train.num_epochs") >= 0, "train.num_epochs",
-         g("train.num_epochs"), "a number >= 0 (0 = train.num_steps steps)")
-  _check(_is_int(g("train.early_stopping_patience")) and g("train.early_stopping_patience") >= 0,
-         "train.early_stopping_patience", g("train.early_stopping_patience"),
-         "an integer >= 0 (0 = off)")
+  _check(
+    isinstance(g("train.skip_nonfinite"), bool),
+    "train.skip_nonfinite",
+    g("train.skip_nonfinite"),
+    "True or False",
+  )
+  _check(
+    _is_num(g("train.num_epochs")) and g("train.num_epochs") >= 0,
+    "train.num_epochs",
+    g("train.num_epochs"),
+    "a number >= 0 (0 = train.num_steps steps)",
+  )
+  _check(
+    _is_int(g("train.early_stopping_patience")) and g("train.early_stopping_patience") >= 0,
+    "train.early_stopping_patience",
+    g("train.early_stopping_patience"),
+    "an integer >= 0 (0 = off)",
+  )
 
   ks = g("eval.ks")
-  _check(isinstance(ks, (tuple, list)) and len(ks) > 0 and all(_is_int(k) and k >= 1 for k in ks),
-         "eval.ks", ks, "a non-empty tuple of integers >= 1")
-  _check(_is_num(g("eval.head_fraction")) and 0 < g("eval.head_fraction") < 1,
-         "eval.head_fraction", g("eval.head_fraction"), "a number in (0, 1)")
-  _check(_is_int(g("eval.batch_size")) and g("eval.batch_size") >= 1, "eval.batch_size",
-         g("eval.batch_size"), "an integer >= 1")
-  _check(_is_int(g("eval.max_queries")) and g("eval.max_queries") >= 0, "eval.max_queries",
-         g("eval.max_queries"), "an integer >= 0 (0 = all)")
-  _check(isinstance(g("eval.exclude_train_items"), bool), "eval.exclude_train_items",
-         g("eval.exclude_train_items"), "True or False")
+  _check(
+    isinstance(ks, (tuple, list)) and len(ks) > 0 and all(_is_int(k) and k >= 1 for k in ks),
+    "eval.ks",
+    ks,
+    "a non-empty tuple of integers >= 1",
+  )
+  _check(
+    _is_num(g("eval.head_fraction")) and 0 < g("eval.head_fraction") < 1,
+    "eval.head_fraction",
+    g("eval.head_fraction"),
+    "a number in (0, 1)",
+  )
+  _check(
+    _is_int(g("eval.batch_size")) and g("eval.batch_size") >= 1,
+    "eval.batch_size",
+    g("eval.batch_size"),
+    "an integer >= 1",
+  )
+  _check(
+    _is_int(g("eval.max_queries")) and g("eval.max_queries") >= 0,
+    "eval.max_queries",
+    g("eval.max_queries"),
+    "an integer >= 0 (0 = all)",
+  )
+  _check(
+    isinstance(g("eval.exclude_train_items"), bool),
+    "eval.exclude_train_items",
+    g("eval.exclude_train_items"),
+    "True or False",
+  )
   refs = g("eval.references")
-  _check(isinstance(refs, (tuple, list)) and all(r in REFERENCES for r in refs)
-         and len(set(refs)) == len(refs), "eval.references", refs,
-         f"a tuple of distinct names from {REFERENCES}")
+  _check(
+    isinstance(refs, (tuple, list))
+    and all(r in REFERENCES for r in refs)
+    and len(set(refs)) == len(refs),
+    "eval.references",
+    refs,
+    f"a tuple of distinct names from {REFERENCES}",
+  )
   metrics = selectable_metrics(ks)
-  _check(g("train.select_metric") in metrics, "train.select_metric", g("train.select_metric"),
-         f"a validation metric the evaluation computes: one of {metrics}")
+  _check(
+    g("train.select_metric") in metrics,
+    "train.select_metric",
+    g("train.select_metric"),
+    f"a validation metric the evaluation computes: one of {metrics}",
+  )
 
   shape, axes = g("mesh.shape"), g("mesh.axes")
-  _check(isinstance(shape, (tuple, list)) and all(_is_int(s) and (s >= 1 or s == -1) for s in shape)
-         and sum(s == -1 for s in shape) <= 1, "mesh.shape", shape,
-         "a tuple of positive integers with at most one -1")
-  _check(isinstance(axes, (tuple, list)) and len(axes) == len(shape) and "data" in axes,
-         "mesh.axes", axes, f"{len(shape)} axis names including 'data'")
+  _check(
+    isinstance(shape, (tuple, list))
+    and all(_is_int(s) and (s >= 1 or s == -1) for s in shape)
+    and sum(s == -1 for s in shape) <= 1,
+    "mesh.shape",
+    shape,
+    "a tuple of positive integers with at most one -1",
+  )
+  _check(
+    isinstance(axes, (tuple, list)) and len(axes) == len(shape) and "data" in axes,
+    "mesh.axes",
+    axes,
+    f"{len(shape)} axis names including 'data'",
+  )
   _check_numbers(config)
 
 
 def selectable_metrics(ks) -> tuple[str, ...]:
   """The validation metrics a run can select its checkpoint by (higher is better)."""
-  return tuple(f"{m}@{k}{part}" for m in ("recall", "ndcg", "map") for k in ks
-               for part in (("", "/head", "/tail") if m != "map" else ("",)))
+  return tuple(
+    f"{m}@{k}{part}"
+    for m in ("recall", "ndcg", "map")
+    for k in ks
+    for part in (("", "/head", "/tail") if m != "map" else ("",))
+  )
 
 
 def num_steps(config, num_train: int) -> int:
@@ -228,45 +416,98 @@ def _validate_real_data(g) -> None:
   """The data.* fields of the file readers (checked whatever the source, as every field is)."""
   _check(isinstance(g("data.path"), str), "data.path", g("data.path"), "a folder path (string)")
   if g("data.name") in ("movielens", "files"):
-    _check(bool(g("data.path")), "data.path", g("data.path"),
-           f"the data folder (required for data.name={g('data.name')!r})")
+    _check(
+      bool(g("data.path")),
+      "data.path",
+      g("data.path"),
+      f"the data folder (required for data.name={g('data.name')!r})",
+    )
   _check(_is_num(g("data.min_rating")), "data.min_rating", g("data.min_rating"), "a number")
   _check(g("data.split") in SPLITS, "data.split", g("data.split"), f"one of {SPLITS}")
-  _check(_is_num(g("data.eval_fraction")) and 0 < g("data.eval_fraction") < 1,
-         "data.eval_fraction", g("data.eval_fraction"), "a number in (0, 1)")
-  _check(_is_num(g("data.valid_fraction")) and 0 < g("data.valid_fraction")
-         and g("data.eval_fraction") + g("data.valid_fraction") < 1, "data.valid_fraction",
-         g("data.valid_fraction"),
-         f"a number in (0, {1 - g('data.eval_fraction'):g}) (with data.eval_fraction, below 1: "
-         "training keeps the rest)")
-  _check(_is_int(g("data.history_length")) and g("data.history_length") >= 0,
-         "data.history_length", g("data.history_length"), "an integer >= 0 (0 = no history)")
-  _check(g("data.query_mode") in QUERY_MODES, "data.query_mode", g("data.query_mode"),
-         f"one of {QUERY_MODES}")
-  _check(g("data.unknown_items") in UNKNOWN_ITEMS, "data.unknown_items", g("data.unknown_items"),
-         f"one of {UNKNOWN_ITEMS}")
-  _check(_is_num(g("data.train_fraction")) and 0 < g("data.train_fraction") <= 1,
-         "data.train_fraction", g("data.train_fraction"), "a number in (0, 1]")
-  for f in ("interactions", "item_table", "query_table", "query_key", "item_key", "timestamp",
-            "weight", "item_name", "csv_separator"):
-    _check(isinstance(g(f"data.files.{f}"), str), f"data.files.{f}", g(f"data.files.{f}"),
-           "a string")
+  _check(
+    _is_num(g("data.eval_fraction")) and 0 < g("data.eval_fraction") < 1,
+    "data.eval_fraction",
+    g("data.eval_fraction"),
+    "a number in (0, 1)",
+  )
+  _check(
+    _is_num(g("data.valid_fraction"))
+    and 0 < g("data.valid_fraction")
+    and g("data.eval_fraction") + g("data.valid_fraction") < 1,
+    "data.valid_fraction",
+    g("data.valid_fraction"),
+    f"a number in (0, {1 - g('data.eval_fraction'):g}) (with data.eval_fraction, below 1: "
+    "training keeps the rest)",
+  )
+  _check(
+    _is_int(g("data.history_length")) and g("data.history_length") >= 0,
+    "data.history_length",
+    g("data.history_length"),
+    "an integer >= 0 (0 = no history)",
+  )
+  _check(
+    g("data.query_mode") in QUERY_MODES,
+    "data.query_mode",
+    g("data.query_mode"),
+    f"one of {QUERY_MODES}",
+  )
+  _check(
+    g("data.unknown_items") in UNKNOWN_ITEMS,
+    "data.unknown_items",
+    g("data.unknown_items"),
+    f"one of {UNKNOWN_ITEMS}",
+  )
+  _check(
+    _is_num(g("data.train_fraction")) and 0 < g("data.train_fraction") <= 1,
+    "data.train_fraction",
+    g("data.train_fraction"),
+    "a number in (0, 1]",
+  )
+  for f in (
+    "interactions",
+    "item_table",
+    "query_table",
+    "query_key",
+    "item_key",
+    "timestamp",
+    "weight",
+    "item_name",
+    "csv_separator",
+  ):
+    _check(
+      isinstance(g(f"data.files.{f}"), str), f"data.files.{f}", g(f"data.files.{f}"), "a string"
+    )
   for f in ("item_features", "query_features"):
-    _check(isinstance(g(f"data.files.{f}"), (Mapping, ml_collections.ConfigDict)),
-           f"data.files.{f}", g(f"data.files.{f}"),
-           "a mapping {feature name: {kind, column, buckets, max_len, separator}}")
+    _check(
+      isinstance(g(f"data.files.{f}"), (Mapping, ml_collections.ConfigDict)),
+      f"data.files.{f}",
+      g(f"data.files.{f}"),
+      "a mapping {feature name: {kind, column, buckets, max_len, separator}}",
+    )
 
 
 def validate_against_data(config, *, num_items: int, num_train: int, item_feature_names) -> None:
   """Checks that depend on the loaded data (sizes)."""
-  _check(config.train.batch_size <= num_train, "train.batch_size", config.train.batch_size,
-         f"at most the number of training pairs ({num_train})")
+  _check(
+    config.train.batch_size <= num_train,
+    "train.batch_size",
+    config.train.batch_size,
+    f"at most the number of training pairs ({num_train})",
+  )
   if config.ssl.alpha > 0 or config.reg.spread_out_weight > 0:
     pool = num_items if config.ssl.item_sampling == "uniform" else num_train
-    _check(config.ssl.batch_size <= pool, "ssl.batch_size", config.ssl.batch_size,
-           f"at most the size of the SSL item pool ({pool})")
-  _check(max(config.eval.ks) <= num_items, "eval.ks", tuple(config.eval.ks),
-         f"cut-offs at most the catalogue size ({num_items})")
+    _check(
+      config.ssl.batch_size <= pool,
+      "ssl.batch_size",
+      config.ssl.batch_size,
+      f"at most the size of the SSL item pool ({pool})",
+    )
+  _check(
+    max(config.eval.ks) <= num_items,
+    "eval.ks",
+    tuple(config.eval.ks),
+    f"cut-offs at most the catalogue size ({num_items})",
+  )
   del item_feature_names
 
 

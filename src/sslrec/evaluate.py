@@ -59,11 +59,13 @@ def _chunks(n: int, size: int):
 
 def _pad_rows(batch: dict, size: int) -> dict:
   """Pads every array's leading dim up to ``size`` by repeating row 0 (static shapes)."""
+
   def pad(x):
     if x.shape[0] == size:
       return x
     extra = np.repeat(x[:1], size - x.shape[0], axis=0)
     return np.concatenate([x, extra], axis=0)
+
   return {k: pad(v) for k, v in batch.items()}
 
 
@@ -97,8 +99,17 @@ def item_embeddings(params, model, dataset: table_lib.Dataset, mesh, batch_size:
   return embed_table(lambda b: fn(params, b), dataset.items, dataset.num_items, batch_size)
 
 
-def retrieve(params, model, queries: dict, num_queries: int, item_emb: np.ndarray, mesh, *,
-             k: int, batch_size: int) -> np.ndarray:
+def retrieve(
+  params,
+  model,
+  queries: dict,
+  num_queries: int,
+  item_emb: np.ndarray,
+  mesh,
+  *,
+  k: int,
+  batch_size: int,
+) -> np.ndarray:
   """Top-``k`` catalogue rows for each query row: ``int32 [num_queries, k]``.
 
   The catalogue's embeddings are row-sharded over every device; each device scores its rows
@@ -183,6 +194,7 @@ def make_excluding_top_k(mesh, k: int, num_valid: int, chunk: int | None = None)
         v, i = jnp.concatenate([bv, v], 1), jnp.concatenate([bi, i], 1)
         top, j = jax.lax.top_k(v, k)
         return (top, jnp.take_along_axis(i, j, axis=1)), None
+
       init = (jnp.full((q.shape[0], k), -jnp.inf, q.dtype), jnp.zeros((q.shape[0], k), jnp.int32))
       (v, i), _ = jax.lax.scan(body, init, (xs, jnp.arange(rows // chunk, dtype=jnp.int32)))
     v = jax.lax.all_gather(v, axes, axis=1, tiled=True)
@@ -190,8 +202,9 @@ def make_excluding_top_k(mesh, k: int, num_valid: int, chunk: int | None = None)
     top_v, j = jax.lax.top_k(v, k)
     return top_v, jnp.take_along_axis(i, j, axis=1)
 
-  fn = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axes, None), P(), P()),
-                     out_specs=(P(), P()), check_vma=False)
+  fn = jax.shard_map(
+    local, mesh=mesh, in_specs=(P(), P(axes, None), P(), P()), out_specs=(P(), P()), check_vma=False
+  )
   return jax.jit(fn)
 
 
@@ -239,9 +252,19 @@ def _map(query: np.ndarray, rank: np.ndarray, k: int, num_queries: int) -> float
   return float(np.mean(ap[present] / np.minimum(npos[present], k)))
 
 
-def rank_metrics(rank: np.ndarray, query: np.ndarray, target: np.ndarray, first: np.ndarray, *,
-                 num_queries: int, ks, head: np.ndarray, cold: np.ndarray, decile: np.ndarray,
-                 prefix: str = "") -> dict[str, float]:
+def rank_metrics(
+  rank: np.ndarray,
+  query: np.ndarray,
+  target: np.ndarray,
+  first: np.ndarray,
+  *,
+  num_queries: int,
+  ks,
+  head: np.ndarray,
+  cold: np.ndarray,
+  decile: np.ndarray,
+  prefix: str = "",
+) -> dict[str, float]:
   """The metrics of the module docstring from per-pair ranks.
 
   Args:
@@ -298,10 +321,21 @@ class Evaluator:
     references: names from ``references.REFERENCES``; neighbors: ItemKNN's per-item neighbours.
   """
 
-  def __init__(self, model, dataset: table_lib.Dataset, item_freq: np.ndarray, head: np.ndarray,
-               *, mesh, ks, batch_size: int = 1024, max_pairs: int = 0,
-               exclude_train_items: bool = True,
-               references: tuple[str, ...] = ("popularity", "itemknn"), neighbors: int = 100):
+  def __init__(
+    self,
+    model,
+    dataset: table_lib.Dataset,
+    item_freq: np.ndarray,
+    head: np.ndarray,
+    *,
+    mesh,
+    ks,
+    batch_size: int = 1024,
+    max_pairs: int = 0,
+    exclude_train_items: bool = True,
+    references: tuple[str, ...] = ("popularity", "itemknn"),
+    neighbors: int = 100,
+  ):
     self.ks = tuple(int(k) for k in ks)
     if not self.ks or min(self.ks) < 1:
       raise ValueError(f"ks={ks}: need at least one K >= 1")
@@ -343,10 +377,12 @@ class Evaluator:
     self._padded_excluded = [self._pad_excluded(s, e) for s, e in self.bounds]
 
     rep = parallel.replicated(mesh)
-    self._item_fn = jax.jit(lambda p, b: model.apply(p, b, method=model.item_tower),
-                            out_shardings=rep)
-    self._query_fn = jax.jit(lambda p, b: model.apply(p, b, method=model.query_tower),
-                             out_shardings=rep)
+    self._item_fn = jax.jit(
+      lambda p, b: model.apply(p, b, method=model.item_tower), out_shardings=rep
+    )
+    self._query_fn = jax.jit(
+      lambda p, b: model.apply(p, b, method=model.query_tower), out_shardings=rep
+    )
     self._item_chunk = EVAL_ITEM_CHUNK if n_items > EVAL_ITEM_CHUNK * mesh.size else None
     self._top_k = make_excluding_top_k(mesh, min(self.k, n_items), n_items, self._item_chunk)
     self._reference_metrics = None
@@ -364,15 +400,16 @@ class Evaluator:
     size = max(MIN_EXCLUDED, 1 << max(int(q.size) - 1, 0).bit_length())
     ex_q = np.full(size, self.chunk, np.int32)
     ex_i = np.zeros(size, np.int32)
-    ex_q[:q.size], ex_i[:q.size] = q, i
+    ex_q[: q.size], ex_i[: q.size] = q, i
     return ex_q, ex_i
 
   # -- the model ------------------------------------------------------------------------------
 
   def _model_tops(self, params):
     """Yields ``(start, end, top int32 [end - start, K])`` per query chunk (-1: no item)."""
-    item_emb = embed_table(lambda b: self._item_fn(params, b), self.dataset.items,
-                           self.num_items, self.batch_size)
+    item_emb = embed_table(
+      lambda b: self._item_fn(params, b), self.dataset.items, self.num_items, self.batch_size
+    )
     items, _ = parallel.shard_rows(item_emb.astype(np.float32), self.mesh, self._item_chunk or 1)
     for (start, end), (ex_q, ex_i) in zip(self.bounds, self._padded_excluded, strict=True):
       batch = _pad_rows(table_lib.take(self.queries, np.arange(start, end)), self.chunk)
@@ -406,8 +443,13 @@ class Evaluator:
       history = references_lib.history_matrix(hq, hi, end - start, self.num_items)
       rows, cols, scores = ref.candidates(self.query_rows[start:end], history, self.k)
       eq, ei = self._rows_of(self.excluded, start, end)
-      yield start, end, references_lib.top_k(rows, cols, scores, end - start, eq, ei,
-                                             self.pop_order, self.pop_rank, self.k)
+      yield (
+        start,
+        end,
+        references_lib.top_k(
+          rows, cols, scores, end - start, eq, ei, self.pop_order, self.pop_rank, self.k
+        ),
+      )
 
   def reference_top_k(self, name: str) -> np.ndarray:
     """``int32 [Q, K]``: reference ``name``'s top-K lists (fits it again; for inspection)."""
@@ -441,9 +483,18 @@ class Evaluator:
       valid = top >= 0
       pos = np.broadcast_to(np.arange(top.shape[1]), top.shape)[valid]
       np.minimum.at(first, top[valid], pos)
-    return rank_metrics(rank, self.pair_query, self.target, first, num_queries=self.num_queries,
-                        ks=self.ks, head=self.head, cold=self.cold, decile=self.decile,
-                        prefix=prefix)
+    return rank_metrics(
+      rank,
+      self.pair_query,
+      self.target,
+      first,
+      num_queries=self.num_queries,
+      ks=self.ks,
+      head=self.head,
+      cold=self.cold,
+      decile=self.decile,
+      prefix=prefix,
+    )
 
   def __call__(self, params) -> dict[str, float]:
     """The model's metrics, the references' (cached) and the eval counts."""
@@ -457,12 +508,31 @@ class Evaluator:
     return out
 
 
-def evaluate(params, model, dataset: table_lib.Dataset, item_freq: np.ndarray, head: np.ndarray,
-             *, mesh, ks, batch_size: int = 1024, max_pairs: int = 0,
-             exclude_train_items: bool = True) -> dict[str, float]:
+def evaluate(
+  params,
+  model,
+  dataset: table_lib.Dataset,
+  item_freq: np.ndarray,
+  head: np.ndarray,
+  *,
+  mesh,
+  ks,
+  batch_size: int = 1024,
+  max_pairs: int = 0,
+  exclude_train_items: bool = True,
+) -> dict[str, float]:
   """One-off evaluation: ``Evaluator(...)(params)`` with the default references."""
-  return Evaluator(model, dataset, item_freq, head, mesh=mesh, ks=ks, batch_size=batch_size,
-                   max_pairs=max_pairs, exclude_train_items=exclude_train_items)(params)
+  return Evaluator(
+    model,
+    dataset,
+    item_freq,
+    head,
+    mesh=mesh,
+    ks=ks,
+    batch_size=batch_size,
+    max_pairs=max_pairs,
+    exclude_train_items=exclude_train_items,
+  )(params)
 
 
 def format_table(metrics: dict[str, float], ks) -> str:
@@ -471,12 +541,14 @@ def format_table(metrics: dict[str, float], ks) -> str:
   cold = ("/cold",) if any(k.endswith("/cold") for k in metrics) else ()
   parts = [(f"R@{k}{s}", f"recall@{k}{s}") for k in ks for s in ("", "/head", "/tail") + cold]
   parts += [(f"N@{k}", f"ndcg@{k}") for k in ks]
-  lines = ["| " + " | ".join(["recommender"] + [c for c, _ in parts]) + " |",
-           "|" + "---|" * (len(parts) + 1)]
-  rows = [("model", "")] + [(r, f"{r}/") for r in references_lib.REFERENCES
-                            if any(k.startswith(f"{r}/") for k in metrics)]
+  lines = [
+    "| " + " | ".join(["recommender"] + [c for c, _ in parts]) + " |",
+    "|" + "---|" * (len(parts) + 1),
+  ]
+  rows = [("model", "")] + [
+    (r, f"{r}/") for r in references_lib.REFERENCES if any(k.startswith(f"{r}/") for k in metrics)
+  ]
   for name, prefix in rows:
     vals = [metrics.get(prefix + key, float("nan")) for _, key in parts]
     lines.append("| " + " | ".join([name] + [f"{v:.4f}" for v in vals]) + " |")
   return "\n".join(lines)
-

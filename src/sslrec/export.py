@@ -28,7 +28,8 @@ import platform
 import shutil
 import tempfile
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -46,8 +47,16 @@ DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")  # the query tower is lowered for eac
 EMBED_BATCH = 4096  # catalogue rows embedded per item-tower call
 CHECK_ROWS = 64  # dataset query rows the exported tower is checked on against the model
 CHECK_TOLERANCE = 1e-5  # max |exported - model| accepted by that check
-VERSIONED_PACKAGES = ("sslrec", "jax", "jaxlib", "flax", "orbax-checkpoint", "numpy",
-                      "ml_collections", "flatbuffers")
+VERSIONED_PACKAGES = (
+  "sslrec",
+  "jax",
+  "jaxlib",
+  "flax",
+  "orbax-checkpoint",
+  "numpy",
+  "ml_collections",
+  "flatbuffers",
+)
 
 
 class ExportError(ValueError):
@@ -61,12 +70,14 @@ class ExportError(ValueError):
 def open_checkpoints(workdir: str) -> ocp.CheckpointManager:
   """A read-only orbax manager of the run's checkpoints (a context manager: close it)."""
   return ocp.CheckpointManager(
-      checkpointing.directory(workdir),
-      options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+    checkpointing.directory(workdir),
+    options=ocp.CheckpointManagerOptions(create=False, read_only=True),
+  )
 
 
-def load_config(workdir: str, step: int, defaults: ml_collections.ConfigDict | None = None
-                ) -> ml_collections.ConfigDict:
+def load_config(
+  workdir: str, step: int, defaults: ml_collections.ConfigDict | None = None
+) -> ml_collections.ConfigDict:
   """The config the checkpoint at ``step`` was saved with (its ``config`` item, else the run's
   ``config.json``).
 
@@ -126,13 +137,18 @@ def restore_params(workdir: str, step: int, model, dataset):
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
   manager = open_checkpoints(workdir)
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args, partial_restore=True)))
+    restored = manager.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+      ),
+    )
     params = restored["state"]["params"]
   except Exception as e:  # noqa: BLE001 -- orbax raises many types; all mean "cannot restore"
     raise ExportError(
-        f"{workdir}: the parameters of checkpoint {step} cannot be read "
-        f"({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
+      f"{workdir}: the parameters of checkpoint {step} cannot be read "
+      f"({type(e).__name__}: {' '.join(str(e).split())[:300]})"
+    ) from None
   finally:
     manager.close()
   got = dict(jax.tree_util.tree_flatten_with_path(params)[0])
@@ -141,8 +157,9 @@ def restore_params(workdir: str, step: int, model, dataset):
     if leaf is None or leaf.shape != a.shape or leaf.dtype != a.dtype:
       found = "missing" if leaf is None else f"{leaf.dtype}{list(leaf.shape)}"
       raise ExportError(
-          f"{workdir}: checkpoint {step} does not hold the model its config describes: "
-          f"parameter {_path_str(path)} is {found}, the model has {a.dtype}{list(a.shape)}")
+        f"{workdir}: checkpoint {step} does not hold the model its config describes: "
+        f"parameter {_path_str(path)} is {found}, the model has {a.dtype}{list(a.shape)}"
+      )
   return params
 
 
@@ -157,8 +174,12 @@ def eval_record(workdir: str, step: int) -> dict | None:
           record = json.loads(line)
         except ValueError:
           continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) \
-            and record["step"] <= step and (best is None or record["step"] >= best["step"]):
+        if (
+          isinstance(record, dict)
+          and isinstance(record.get("step"), int)
+          and record["step"] <= step
+          and (best is None or record["step"] >= best["step"])
+        ):
           best = record
   return best
 
@@ -181,19 +202,21 @@ def query_tower_fn(model, params):
   shapes = [(x.shape, x.dtype) for x in leaves]
 
   def full(leaf_list, features):
-    return model.apply(jax.tree_util.tree_unflatten(treedef, leaf_list), features,
-                       method=model.query_tower)
+    return model.apply(
+      jax.tree_util.tree_unflatten(treedef, leaf_list), features, method=model.query_tower
+    )
 
   example = {f.name: jnp.zeros((1,) + f.shape, f.dtype) for f in model.query_spec.features}
   jaxpr = jax.make_jaxpr(full)(leaves, example).jaxpr
   used_vars = {v for eqn in jaxpr.eqns for v in eqn.invars if not hasattr(v, "val")}
   used_vars |= {v for v in jaxpr.outvars if not hasattr(v, "val")}
-  used = [i for i, v in enumerate(jaxpr.invars[:len(leaves)]) if v in used_vars]
+  used = [i for i, v in enumerate(jaxpr.invars[: len(leaves)]) if v in used_vars]
   used_names = {names[i] for i in used}
 
   def fn(used_params, features):
-    leaf_list = [used_params[n] if n in used_names else jnp.zeros(s, d)
-                 for n, (s, d) in zip(names, shapes)]
+    leaf_list = [
+      used_params[n] if n in used_names else jnp.zeros(s, d) for n, (s, d) in zip(names, shapes)
+    ]
     return full(leaf_list, features)
 
   return fn, {names[i]: np.asarray(leaves[i]) for i in used}
@@ -203,8 +226,9 @@ def export_query_tower(model, params, platforms: Sequence[str] = DEFAULT_PLATFOR
   """``(serialized bytes, used params)`` of the query tower with a symbolic batch dimension."""
   fn, used = query_tower_fn(model, params)
   (b,) = jax.export.symbolic_shape("b")
-  features = {f.name: jax.ShapeDtypeStruct((b,) + f.shape, f.dtype)
-              for f in model.query_spec.features}
+  features = {
+    f.name: jax.ShapeDtypeStruct((b,) + f.shape, f.dtype) for f in model.query_spec.features
+  }
   params_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in used.items()}
   exported = jax.export.export(jax.jit(fn), platforms=tuple(platforms))(params_spec, features)
   return bytes(exported.serialize()), used
@@ -223,11 +247,15 @@ def _check_out(out: str, overwrite: bool) -> bool:
   if not os.listdir(out):
     return False
   if not overwrite:
-    raise ExportError(f"--out={out} exists and is not empty; choose another directory or pass "
-                      "--overwrite to replace the export in it")
+    raise ExportError(
+      f"--out={out} exists and is not empty; choose another directory or pass "
+      "--overwrite to replace the export in it"
+    )
   if not os.path.isfile(os.path.join(out, serving.MANIFEST)):
-    raise ExportError(f"--out={out} is not empty and is not an sslrec export (no "
-                      f"{serving.MANIFEST}); refusing to replace it even with --overwrite")
+    raise ExportError(
+      f"--out={out} is not empty and is not an sslrec export (no "
+      f"{serving.MANIFEST}); refusing to replace it even with --overwrite"
+    )
   return True
 
 
@@ -242,8 +270,13 @@ def _versions() -> dict[str, str]:
 
 
 def _feature_json(f) -> dict[str, Any]:
-  d = {"name": f.name, "kind": f.kind, "vocab_size": f.vocab_size, "max_len": f.max_len,
-       "dense_dim": f.dense_dim}
+  d = {
+    "name": f.name,
+    "kind": f.kind,
+    "vocab_size": f.vocab_size,
+    "max_len": f.max_len,
+    "dense_dim": f.dense_dim,
+  }
   if getattr(f, "hashed", False):
     d["hashed"] = True
   return d
@@ -274,8 +307,9 @@ def _json_value(v):
   return str(v)
 
 
-def item_embeddings(model, params, dataset: table_lib.Dataset, batch_size: int = EMBED_BATCH
-                    ) -> np.ndarray:
+def item_embeddings(
+  model, params, dataset: table_lib.Dataset, batch_size: int = EMBED_BATCH
+) -> np.ndarray:
   """``float32 [N, D]`` item-tower outputs for every catalogue row (fixed-size chunks)."""
   fn = jax.jit(lambda p, b: model.apply(p, b, method=model.item_tower))
   n = dataset.num_items
@@ -288,9 +322,16 @@ def item_embeddings(model, params, dataset: table_lib.Dataset, batch_size: int =
   return np.concatenate(out).astype(np.float32)
 
 
-def export(workdir: str, out: str, *, step: int | None = None, overwrite: bool = False,
-           defaults: ml_collections.ConfigDict | None = None,
-           platforms: Sequence[str] = DEFAULT_PLATFORMS, log=print) -> dict[str, Any]:
+def export(
+  workdir: str,
+  out: str,
+  *,
+  step: int | None = None,
+  overwrite: bool = False,
+  defaults: ml_collections.ConfigDict | None = None,
+  platforms: Sequence[str] = DEFAULT_PLATFORMS,
+  log=print,
+) -> dict[str, Any]:
   """Exports checkpoint ``step`` (default: the latest) of the run in ``workdir`` to ``out``.
 
   Returns a summary: step, num_items, files, the exported tower's max deviation from the model.
@@ -305,8 +346,10 @@ def export(workdir: str, out: str, *, step: int | None = None, overwrite: bool =
   if step is None:
     step = steps[-1]
   elif step not in steps:
-    raise ExportError(f"--step={step}: no checkpoint at that step in {workdir}; available: "
-                      f"{', '.join(map(str, steps))}")
+    raise ExportError(
+      f"--step={step}: no checkpoint at that step in {workdir}; available: "
+      f"{', '.join(map(str, steps))}"
+    )
   _check_out(os.path.abspath(out), overwrite)  # before the slow part; checked again when writing
 
   t0 = time.time()
@@ -314,17 +357,39 @@ def export(workdir: str, out: str, *, step: int | None = None, overwrite: bool =
   dataset = sources.load(config).validate()
   model = step_lib.create_model(config, dataset)
   params = restore_params(workdir, step, model, dataset)
-  log(f"restored step {step} of {workdir} ({dataset.name}: {dataset.num_items} items) in "
-      f"{time.time() - t0:.1f}s")
-  return write_export(out, model=model, params=params, dataset=dataset, config=config, step=step,
-                      workdir=workdir, eval_metrics=eval_record(workdir, step),
-                      overwrite=overwrite, platforms=platforms, log=log)
+  log(
+    f"restored step {step} of {workdir} ({dataset.name}: {dataset.num_items} items) in "
+    f"{time.time() - t0:.1f}s"
+  )
+  return write_export(
+    out,
+    model=model,
+    params=params,
+    dataset=dataset,
+    config=config,
+    step=step,
+    workdir=workdir,
+    eval_metrics=eval_record(workdir, step),
+    overwrite=overwrite,
+    platforms=platforms,
+    log=log,
+  )
 
 
-def write_export(out: str, *, model, params, dataset: table_lib.Dataset,
-                 config: ml_collections.ConfigDict, step: int, workdir: str | None = None,
-                 eval_metrics: dict | None = None, overwrite: bool = False,
-                 platforms: Sequence[str] = DEFAULT_PLATFORMS, log=print) -> dict[str, Any]:
+def write_export(
+  out: str,
+  *,
+  model,
+  params,
+  dataset: table_lib.Dataset,
+  config: ml_collections.ConfigDict,
+  step: int,
+  workdir: str | None = None,
+  eval_metrics: dict | None = None,
+  overwrite: bool = False,
+  platforms: Sequence[str] = DEFAULT_PLATFORMS,
+  log=print,
+) -> dict[str, Any]:
   """Writes the export of ``model`` with ``params`` (the layout in the module docstring).
 
   The directory is assembled under a temporary name next to ``out``, read back through
@@ -336,13 +401,16 @@ def write_export(out: str, *, model, params, dataset: table_lib.Dataset,
   t0 = time.time()
   items = item_embeddings(model, params, dataset)
   blob, query_params = export_query_tower(model, params, platforms)
-  vocabularies = {name: [_json_value(v) for v in values]
-                  for name, values in (dataset.vocabularies or {}).items()
-                  if name in dataset.query_spec.names}
+  vocabularies = {
+    name: [_json_value(v) for v in values]
+    for name, values in (dataset.vocabularies or {}).items()
+    if name in dataset.query_spec.names
+  }
   schema = {
-      "query": [_query_feature_json(f, vocabularies.get(f.name))
-                for f in dataset.query_spec.features],
-      "item": [_feature_json(f) for f in dataset.item_spec.features],
+    "query": [
+      _query_feature_json(f, vocabularies.get(f.name)) for f in dataset.query_spec.features
+    ],
+    "item": [_feature_json(f) for f in dataset.item_spec.features],
   }
 
   parent = os.path.dirname(out)
@@ -357,8 +425,11 @@ def write_export(out: str, *, model, params, dataset: table_lib.Dataset,
     np.save(p(serving.ITEM_KEYS), _item_keys(dataset), allow_pickle=False)
     files = [serving.ITEM_EMBEDDINGS, serving.ITEM_KEYS]
     if dataset.item_names is not None:
-      np.save(p(serving.ITEM_NAMES), np.asarray([str(x) for x in dataset.item_names.tolist()]),
-              allow_pickle=False)
+      np.save(
+        p(serving.ITEM_NAMES),
+        np.asarray([str(x) for x in dataset.item_names.tolist()]),
+        allow_pickle=False,
+      )
       files.append(serving.ITEM_NAMES)
     with open(p(serving.QUERY_TOWER), "wb") as f:
       f.write(blob)
@@ -369,21 +440,23 @@ def write_export(out: str, *, model, params, dataset: table_lib.Dataset,
       json.dump(vocabularies, f)
     files += [serving.QUERY_TOWER, serving.QUERY_PARAMS, serving.SCHEMA, serving.VOCABULARIES]
     manifest = {
-        "format": serving.FORMAT,
-        "format_version": serving.FORMAT_VERSION,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "workdir": os.path.abspath(workdir) if workdir else None,
-        "step": int(step),
-        "dataset": dataset.name,
-        "num_items": int(items.shape[0]),
-        "embedding_dim": int(items.shape[1]),
-        "query_features": list(dataset.query_spec.names),
-        "platforms": list(platforms),
-        "eval": eval_metrics,
-        "config": json.loads(config.to_json()),
-        "versions": _versions(),
-        "files": {name: {"sha256": serving.sha256_file(p(name)), "bytes": os.path.getsize(p(name))}
-                  for name in files},
+      "format": serving.FORMAT,
+      "format_version": serving.FORMAT_VERSION,
+      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "workdir": os.path.abspath(workdir) if workdir else None,
+      "step": int(step),
+      "dataset": dataset.name,
+      "num_items": int(items.shape[0]),
+      "embedding_dim": int(items.shape[1]),
+      "query_features": list(dataset.query_spec.names),
+      "platforms": list(platforms),
+      "eval": eval_metrics,
+      "config": json.loads(config.to_json()),
+      "versions": _versions(),
+      "files": {
+        name: {"sha256": serving.sha256_file(p(name)), "bytes": os.path.getsize(p(name))}
+        for name in files
+      },
     }
     with open(p(serving.MANIFEST), "w") as f:
       json.dump(manifest, f, indent=2)
@@ -395,8 +468,10 @@ def write_export(out: str, *, model, params, dataset: table_lib.Dataset,
     want = np.asarray(model.apply(params, batch, method=model.query_tower))
     deviation = float(np.abs(retriever.embed_batch(batch) - want).max())
     if not deviation <= CHECK_TOLERANCE:
-      raise ExportError(f"the exported query tower deviates from the model by {deviation:.3g} "
-                        f"(> {CHECK_TOLERANCE}); not writing {out}")
+      raise ExportError(
+        f"the exported query tower deviates from the model by {deviation:.3g} "
+        f"(> {CHECK_TOLERANCE}); not writing {out}"
+      )
 
     if replace:
       old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
@@ -410,10 +485,17 @@ def write_export(out: str, *, model, params, dataset: table_lib.Dataset,
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  log(f"exported {items.shape[0]} item embeddings (dim {items.shape[1]}) and the query tower "
-      f"({len(blob) / 1024:.0f} KiB, platforms {', '.join(platforms)}) to {out} in "
-      f"{time.time() - t0:.1f}s; exported tower vs model: max |diff| {deviation:.2g}"
-      + (" (replaced the previous export)" if replace else ""))
-  return {"step": int(step), "out": out, "num_items": int(items.shape[0]),
-          "files": sorted(files + [serving.MANIFEST]), "max_abs_diff": deviation,
-          "replaced": replace}
+  log(
+    f"exported {items.shape[0]} item embeddings (dim {items.shape[1]}) and the query tower "
+    f"({len(blob) / 1024:.0f} KiB, platforms {', '.join(platforms)}) to {out} in "
+    f"{time.time() - t0:.1f}s; exported tower vs model: max |diff| {deviation:.2g}"
+    + (" (replaced the previous export)" if replace else "")
+  )
+  return {
+    "step": int(step),
+    "out": out,
+    "num_items": int(items.shape[0]),
+    "files": sorted(files + [serving.MANIFEST]),
+    "max_abs_diff": deviation,
+    "replaced": replace,
+  }

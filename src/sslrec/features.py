@@ -16,7 +16,7 @@ A *batch* of a tower's inputs is a ``dict[str, array]`` keyed by feature name, w
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -151,18 +151,21 @@ class TowerSpec:
     missing = [n for n in self.names if n not in table]
     if missing:
       raise SchemaError(
-          f"{source}: missing features {missing} for tower {self.name!r}; found {sorted(table)}")
+        f"{source}: missing features {missing} for tower {self.name!r}; found {sorted(table)}"
+      )
     num_rows = None
     for f in self.features:
       a = np.asarray(table[f.name])
       if a.shape[1:] != f.shape:
         raise SchemaError(
-            f"{source}: feature {f.name!r} has per-row shape {a.shape[1:]}, expected {f.shape}")
+          f"{source}: feature {f.name!r} has per-row shape {a.shape[1:]}, expected {f.shape}"
+        )
       if num_rows is None:
         num_rows = a.shape[0]
       elif a.shape[0] != num_rows:
         raise SchemaError(
-            f"{source}: feature {f.name!r} has {a.shape[0]} rows, other features {num_rows}")
+          f"{source}: feature {f.name!r} has {a.shape[0]} rows, other features {num_rows}"
+        )
       if f.kind == "dense":
         if not np.all(np.isfinite(a)):
           raise SchemaError(f"{source}: dense feature {f.name!r} has non-finite values")
@@ -171,6 +174,7 @@ class TowerSpec:
           raise SchemaError(f"{source}: feature {f.name!r} has dtype {a.dtype}, expected integer")
         if a.size and (a.min() < PAD or a.max() >= f.max_value):
           raise SchemaError(
-              f"{source}: feature {f.name!r} has values in [{a.min()}, {a.max()}]; allowed "
-              f"[0, {f.max_value}) and {PAD} for missing/padding")
+            f"{source}: feature {f.name!r} has values in [{a.min()}, {a.max()}]; allowed "
+            f"[0, {f.max_value}) and {PAD} for missing/padding"
+          )
     return int(num_rows or 0)

@@ -24,8 +24,6 @@ All losses compute in float32 whatever the input dtype and return a scalar.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 
@@ -72,12 +70,12 @@ def _diagonal_cross_entropy(logits: jax.Array) -> jax.Array:
 
 
 def batch_softmax_loss(
-    query_emb: jax.Array,
-    item_emb: jax.Array,
-    *,
-    temperature,
-    log_q: Optional[jax.Array] = None,
-    item_ids: Optional[jax.Array] = None,
+  query_emb: jax.Array,
+  item_emb: jax.Array,
+  *,
+  temperature,
+  log_q: jax.Array | None = None,
+  item_ids: jax.Array | None = None,
 ) -> jax.Array:
   """Batch softmax (in-batch negatives) retrieval loss, L_main of the paper.
 

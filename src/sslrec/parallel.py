@@ -25,7 +25,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sslrec import errors
 
@@ -34,8 +35,14 @@ class DistributedError(RuntimeError):
   """The distributed runtime could not be started; the message says why."""
 
 
-def initialize_distributed(*, coordinator_address: str | None, num_processes: int | None,
-                           process_id: int | None, multihost: bool, timeout_s: int = 300) -> None:
+def initialize_distributed(
+  *,
+  coordinator_address: str | None,
+  num_processes: int | None,
+  process_id: int | None,
+  multihost: bool,
+  timeout_s: int = 300,
+) -> None:
   """Starts JAX's distributed runtime (no-op for a single-process run).
 
   ``coordinator_address`` (with ``num_processes`` and ``process_id``) for an explicit cluster, or
@@ -44,8 +51,9 @@ def initialize_distributed(*, coordinator_address: str | None, num_processes: in
   """
   if coordinator_address is None and not multihost:
     if num_processes not in (None, 1) or process_id not in (None, 0):
-      raise DistributedError("--num_processes/--process_id need --coordinator_address "
-                             "(or --multihost)")
+      raise DistributedError(
+        "--num_processes/--process_id need --coordinator_address (or --multihost)"
+      )
     return
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if coordinator_address is not None:
@@ -53,14 +61,16 @@ def initialize_distributed(*, coordinator_address: str | None, num_processes: in
       raise DistributedError(f"--num_processes={num_processes}: must be an integer >= 1")
     if process_id is None or not 0 <= process_id < num_processes:
       raise DistributedError(
-          f"--process_id={process_id} is out of range; allowed 0..{num_processes - 1} for "
-          f"--num_processes={num_processes}")
+        f"--process_id={process_id} is out of range; allowed 0..{num_processes - 1} for "
+        f"--num_processes={num_processes}"
+      )
     if ":" not in coordinator_address:
       raise DistributedError(f"--coordinator_address={coordinator_address}: expected HOST:PORT")
     if process_id != 0:
       _wait_for_coordinator(coordinator_address, timeout_s)
-    kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,
-                  process_id=process_id)
+    kwargs = dict(
+      coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
   else:
     kwargs = {}
   try:
@@ -68,8 +78,9 @@ def initialize_distributed(*, coordinator_address: str | None, num_processes: in
   except Exception as e:  # noqa: BLE001 -- the runtime raises several types; all mean "no cluster"
     where = f"the coordinator at {coordinator_address}" if coordinator_address else "the cluster"
     first = " ".join(str(e).split())[:300]
-    raise DistributedError(f"could not join {where} within {timeout_s}s ({type(e).__name__}: "
-                           f"{first})") from None
+    raise DistributedError(
+      f"could not join {where} within {timeout_s}s ({type(e).__name__}: {first})"
+    ) from None
 
 
 def _wait_for_coordinator(address: str, timeout_s: int) -> None:
@@ -86,8 +97,10 @@ def _wait_for_coordinator(address: str, timeout_s: int) -> None:
         return
     except OSError as e:
       if time.monotonic() >= deadline:
-        raise DistributedError(f"could not join the coordinator at {address} within {timeout_s}s "
-                               f"({e.strerror or e}); is process 0 running?") from None
+        raise DistributedError(
+          f"could not join the coordinator at {address} within {timeout_s}s "
+          f"({e.strerror or e}); is process 0 running?"
+        ) from None
       time.sleep(0.5)
 
 
@@ -99,14 +112,15 @@ def make_mesh(shape, axes, devices=None) -> Mesh:
   if -1 in shape:
     rest = math.prod(s for s in shape if s != -1)
     if n % rest:
-      raise errors.ConfigError(
-          f"config.mesh.shape={tuple(shape)} does not divide the {n} devices")
+      raise errors.ConfigError(f"config.mesh.shape={tuple(shape)} does not divide the {n} devices")
     shape[shape.index(-1)] = n // rest
   if math.prod(shape) != n:
     raise errors.ConfigError(
-        f"config.mesh.shape={tuple(shape)} needs {math.prod(shape)} devices; {n} are available")
-  return jax.make_mesh(tuple(shape), tuple(axes), axis_types=(AxisType.Auto,) * len(shape),
-                       devices=devices)
+      f"config.mesh.shape={tuple(shape)} needs {math.prod(shape)} devices; {n} are available"
+    )
+  return jax.make_mesh(
+    tuple(shape), tuple(axes), axis_types=(AxisType.Auto,) * len(shape), devices=devices
+  )
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:
@@ -139,8 +153,9 @@ def check_table_rows(mesh: Mesh, row_multiple: int) -> None:
   shards = num_table_shards(mesh)
   if row_multiple % shards:
     raise errors.ConfigError(
-        f"config.model.table_row_multiple={row_multiple} is not divisible by the {shards} "
-        "embedding-table shards of this mesh; use a multiple of it")
+      f"config.model.table_row_multiple={row_multiple} is not divisible by the {shards} "
+      "embedding-table shards of this mesh; use a multiple of it"
+    )
 
 
 def _is_table(path) -> bool:
@@ -158,6 +173,7 @@ def state_shardings(state, mesh: Mesh):
     if _is_table(path) and nd >= 1:
       return NamedSharding(mesh, P(axes, *([None] * (nd - 1))))
     return rep
+
   return jax.tree_util.tree_map_with_path(rule, state)
 
 
@@ -174,14 +190,15 @@ def check_memory(abstract_state, mesh: Mesh, *, dense_update: bool, fraction: fl
   physical memory. Raises ConfigError with the bytes needed.
   """
   shardings = state_shardings(abstract_state, mesh)
+
   def per_device(x, s):
     n = math.prod(x.shape) * np.dtype(x.dtype).itemsize
     return n // (num_table_shards(mesh) if s.spec and s.spec[0] is not None else 1)
+
   sizes = jax.tree.map(per_device, abstract_state, shardings)
   need = sum(jax.tree.leaves(sizes))
   if dense_update:
-    need += sum(jax.tree.leaves(jax.tree.map(per_device, abstract_state.params,
-                                             shardings.params)))
+    need += sum(jax.tree.leaves(jax.tree.map(per_device, abstract_state.params, shardings.params)))
   dev = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
   try:
     stats = dev.memory_stats()
@@ -195,20 +212,23 @@ def check_memory(abstract_state, mesh: Mesh, *, dense_update: bool, fraction: fl
     limit, where = _host_memory_bytes(), "this host's memory"
   if need > fraction * limit:
     raise errors.ConfigError(
-        f"the embedding tables and optimizer state need {need / 2**30:.2f} GiB on {where} "
-        f"({limit / 2**30:.2f} GiB, at most {fraction:.0%} usable); reduce vocabulary / hash "
-        "sizes or embedding dims, use sparse updates, or shard over more devices")
+      f"the embedding tables and optimizer state need {need / 2**30:.2f} GiB on {where} "
+      f"({limit / 2**30:.2f} GiB, at most {fraction:.0%} usable); reduce vocabulary / hash "
+      "sizes or embedding dims, use sparse updates, or shard over more devices"
+    )
 
 
 def local_batch_size(global_batch: int, mesh: Mesh, field: str) -> int:
   """The per-process share of a global batch; checks divisibility."""
   if global_batch % data_size(mesh):
     raise errors.ConfigError(
-        f"config.{field}={global_batch} is not divisible by the mesh's 'data' axis "
-        f"({data_size(mesh)} devices)")
+      f"config.{field}={global_batch} is not divisible by the mesh's 'data' axis "
+      f"({data_size(mesh)} devices)"
+    )
   if global_batch % jax.process_count():
     raise errors.ConfigError(
-        f"config.{field}={global_batch} is not divisible by the {jax.process_count()} processes")
+      f"config.{field}={global_batch} is not divisible by the {jax.process_count()} processes"
+    )
   return global_batch // jax.process_count()
 
 
@@ -216,7 +236,8 @@ def to_global(batch, mesh: Mesh):
   """Per-process numpy batch pytree -> global ``jax.Array``s sharded on 'data'."""
   sharding = data_sharding(mesh)
   return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch
+  )
 
 
 def all_devices_rows(mesh: Mesh) -> NamedSharding:
@@ -224,16 +245,16 @@ def all_devices_rows(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(tuple(mesh.axis_names), None))
 
 
-def shard_rows(host_array: np.ndarray, mesh: Mesh, row_multiple: int = 1
-               ) -> tuple[jax.Array, int]:
+def shard_rows(host_array: np.ndarray, mesh: Mesh, row_multiple: int = 1) -> tuple[jax.Array, int]:
   """A host array ``[N, D]`` (same on every process) -> rows over all devices, zero-padded so each
   device holds a multiple of ``row_multiple`` rows. Returns ``(array [N_pad, D], N)``."""
   n = host_array.shape[0]
   block = mesh.size * row_multiple
   pad = (-n) % block
   if pad:
-    host_array = np.concatenate([host_array, np.zeros((pad,) + host_array.shape[1:],
-                                                      host_array.dtype)])
+    host_array = np.concatenate(
+      [host_array, np.zeros((pad,) + host_array.shape[1:], host_array.dtype)]
+    )
   sharding = all_devices_rows(mesh)
   arr = jax.make_array_from_callback(host_array.shape, sharding, lambda idx: host_array[idx])
   return arr, n
@@ -262,6 +283,7 @@ def make_sharded_top_k(mesh: Mesh, k: int, num_valid: int, chunk: int | None = N
       v, i = block_top_k(q, x, base + jnp.arange(rows))
     else:
       xs = x.reshape(rows // chunk, chunk, x.shape[1])
+
       def body(carry, xc_c):
         bv, bi = carry
         xc, c = xc_c
@@ -269,6 +291,7 @@ def make_sharded_top_k(mesh: Mesh, k: int, num_valid: int, chunk: int | None = N
         v, i = jnp.concatenate([bv, v], 1), jnp.concatenate([bi, i], 1)
         top, j = jax.lax.top_k(v, k)
         return (top, jnp.take_along_axis(i, j, axis=1)), None
+
       init = (jnp.full((q.shape[0], k), -jnp.inf, q.dtype), jnp.zeros((q.shape[0], k), jnp.int32))
       (v, i), _ = jax.lax.scan(body, init, (xs, jnp.arange(rows // chunk)))
     v = jax.lax.all_gather(v, axes, axis=1, tiled=True)
@@ -276,6 +299,7 @@ def make_sharded_top_k(mesh: Mesh, k: int, num_valid: int, chunk: int | None = N
     top_v, j = jax.lax.top_k(v, k)
     return top_v, jnp.take_along_axis(i, j, axis=1)
 
-  fn = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axes, None)), out_specs=(P(), P()),
-                     check_vma=False)
+  fn = jax.shard_map(
+    local, mesh=mesh, in_specs=(P(), P(axes, None)), out_specs=(P(), P()), check_vma=False
+  )
   return jax.jit(fn)

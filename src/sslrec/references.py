@@ -50,8 +50,9 @@ def popularity_order(item_freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return order, rank
 
 
-def interaction_matrix(query: np.ndarray, item: np.ndarray, num_items: int
-                       ) -> tuple[np.ndarray, sp.csr_matrix]:
+def interaction_matrix(
+  query: np.ndarray, item: np.ndarray, num_items: int
+) -> tuple[np.ndarray, sp.csr_matrix]:
   """Binary user x item matrix of ``(query row [P], item [P])`` pairs.
 
   Returns ``(keys [U], R)``: the distinct query rows (sorted; row u of ``R`` is ``keys[u]``) and
@@ -59,8 +60,9 @@ def interaction_matrix(query: np.ndarray, item: np.ndarray, num_items: int
   counted once).
   """
   keys, user = np.unique(np.asarray(query), return_inverse=True)
-  r = sp.csr_matrix((np.ones(user.size, np.float32), (user, np.asarray(item))),
-                    shape=(keys.size, num_items))
+  r = sp.csr_matrix(
+    (np.ones(user.size, np.float32), (user, np.asarray(item))), shape=(keys.size, num_items)
+  )
   r.sum_duplicates()
   r.data[:] = 1.0
   return keys, r
@@ -139,13 +141,22 @@ def cosine_neighbors(r: sp.csr_matrix, neighbors: int = 100) -> sp.csr_matrix:
     cols_out.append(cols[keep])
     vals_out.append(sim[keep].astype(np.float32))
   cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)
-  return sp.csr_matrix((cat(vals_out, np.float32), (cat(rows_out, np.int64),
-                                                    cat(cols_out, np.int64))), shape=(n, n))
+  return sp.csr_matrix(
+    (cat(vals_out, np.float32), (cat(rows_out, np.int64), cat(cols_out, np.int64))), shape=(n, n)
+  )
 
 
-def top_k(rows: np.ndarray, cols: np.ndarray, scores: np.ndarray, num_rows: int,
-          excluded_rows: np.ndarray, excluded_items: np.ndarray, pop_order: np.ndarray,
-          pop_rank: np.ndarray, k: int) -> np.ndarray:
+def top_k(
+  rows: np.ndarray,
+  cols: np.ndarray,
+  scores: np.ndarray,
+  num_rows: int,
+  excluded_rows: np.ndarray,
+  excluded_items: np.ndarray,
+  pop_order: np.ndarray,
+  pop_rank: np.ndarray,
+  k: int,
+) -> np.ndarray:
   """Top-``k`` lists of a chunk of ``num_rows`` queries: ``int32 [num_rows, k]`` (-1 past the end
   when fewer than ``k`` items remain).
 
@@ -189,8 +200,9 @@ def top_k(rows: np.ndarray, cols: np.ndarray, scores: np.ndarray, num_rows: int,
   return out.astype(np.int32)
 
 
-def history_matrix(rows: np.ndarray, items: np.ndarray, num_rows: int, num_items: int
-                   ) -> sp.csr_matrix:
+def history_matrix(
+  rows: np.ndarray, items: np.ndarray, num_rows: int, num_items: int
+) -> sp.csr_matrix:
   """Binary ``float32 CSR [num_rows, num_items]`` of ``(row, item)`` history pairs."""
   h = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, items)), shape=(num_rows, num_items))
   h.sum_duplicates()
@@ -268,16 +280,25 @@ class ALS:
 
   name = "als"
 
-  def __init__(self, keys: np.ndarray, r: sp.csr_matrix, *, factors: int = 64,
-               iterations: int = 15, regularization: float = 1.0, seed: int = 0):
+  def __init__(
+    self,
+    keys: np.ndarray,
+    r: sp.csr_matrix,
+    *,
+    factors: int = 64,
+    iterations: int = 15,
+    regularization: float = 1.0,
+    seed: int = 0,
+  ):
     # Lazy: `implicit` (and its dependency threadpoolctl) is an optional extra (sslrec[refs]);
     # only this reference needs it.
     from implicit.cpu.als import AlternatingLeastSquares
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(1, "blas"):  # implicit parallelises itself; BLAS threads fight it
-      model = AlternatingLeastSquares(factors=factors, iterations=iterations,
-                                      regularization=regularization, random_state=seed)
+      model = AlternatingLeastSquares(
+        factors=factors, iterations=iterations, regularization=regularization, random_state=seed
+      )
       model.fit(sp.csr_matrix(r, dtype=np.float32), show_progress=False)
     self.keys = np.asarray(keys)
     self.user_factors = np.asarray(model.user_factors, np.float32)  # [U, F]
@@ -293,11 +314,14 @@ class ALS:
     out_r, out_c, out_v = [], [], []
     step = max(1, SCORE_ENTRIES_PER_BLOCK // n)
     for lo in range(0, rows.size, step):
-      sel = rows[lo:lo + step]
+      sel = rows[lo : lo + step]
       s = self.user_factors[pos[sel]] @ self.item_factors.T  # [b, N]
       m = int(min(n, limit[sel].max()))
-      part = (np.argpartition(-s, m - 1, axis=1)[:, :m] if m < n
-              else np.broadcast_to(np.arange(n), s.shape))
+      part = (
+        np.argpartition(-s, m - 1, axis=1)[:, :m]
+        if m < n
+        else np.broadcast_to(np.arange(n), s.shape)
+      )
       rr, cc = np.repeat(sel, m), part.reshape(-1).astype(np.int64)
       vv = s[np.repeat(np.arange(sel.size), m), cc]
       keep = top_per_row(rr, cc, vv, limit)

@@ -29,7 +29,8 @@ Optimizers (``optimizer.embedding_optimizer``):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -81,8 +82,9 @@ class RowwiseAdagrad:
   def init(self, table: Array) -> dict:
     return {"acc": jnp.full(table.shape[:1], self.initial_accumulator_value, jnp.float32)}
 
-  def update(self, table: Array, state: dict, uniq: Array, grads: Array, count: Array
-             ) -> tuple[Array, dict]:
+  def update(
+    self, table: Array, state: dict, uniq: Array, grads: Array, count: Array
+  ) -> tuple[Array, dict]:
     """Updates the rows ``uniq`` of ``table`` with their gradients ``grads [U, D]``."""
     del count
     acc = state["acc"].at[uniq].get(mode="fill", fill_value=1.0)
@@ -90,8 +92,7 @@ class RowwiseAdagrad:
     acc = acc + jnp.mean(g * g, axis=-1)
     rows = gather_rows(table, uniq).astype(jnp.float32)
     rows = rows - self.learning_rate * g / (jnp.sqrt(acc)[:, None] + self.eps)
-    return (scatter_rows(table, uniq, rows),
-            {"acc": state["acc"].at[uniq].set(acc, mode="drop")})
+    return (scatter_rows(table, uniq, rows), {"acc": state["acc"].at[uniq].set(acc, mode="drop")})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,19 +106,24 @@ class LazyAdam:
   def init(self, table: Array) -> dict:
     return {"mu": jnp.zeros(table.shape, jnp.float32), "nu": jnp.zeros(table.shape, jnp.float32)}
 
-  def update(self, table: Array, state: dict, uniq: Array, grads: Array, count: Array
-             ) -> tuple[Array, dict]:
+  def update(
+    self, table: Array, state: dict, uniq: Array, grads: Array, count: Array
+  ) -> tuple[Array, dict]:
     g = grads.astype(jnp.float32)
     mu = self.b1 * state["mu"].at[uniq].get(mode="fill", fill_value=0) + (1 - self.b1) * g
     nu = self.b2 * state["nu"].at[uniq].get(mode="fill", fill_value=0) + (1 - self.b2) * g * g
     t = count.astype(jnp.float32) + 1.0
-    mu_hat = mu / (1 - self.b1 ** t)
-    nu_hat = nu / (1 - self.b2 ** t)
+    mu_hat = mu / (1 - self.b1**t)
+    nu_hat = nu / (1 - self.b2**t)
     rows = gather_rows(table, uniq).astype(jnp.float32)
     rows = rows - self.learning_rate * mu_hat / (jnp.sqrt(nu_hat) + self.eps)
-    return (scatter_rows(table, uniq, rows),
-            {"mu": state["mu"].at[uniq].set(mu, mode="drop"),
-             "nu": state["nu"].at[uniq].set(nu, mode="drop")})
+    return (
+      scatter_rows(table, uniq, rows),
+      {
+        "mu": state["mu"].at[uniq].set(mu, mode="drop"),
+        "nu": state["nu"].at[uniq].set(nu, mode="drop"),
+      },
+    )
 
 
 # The row-wise optimizers by ``optimizer.embedding_optimizer`` name (configuration reads the
@@ -138,14 +144,16 @@ def batch_aware_accumulator(batch_size: int, scale: float = 400.0) -> float:
   return scale / float(batch_size) ** 2
 
 
-def make_optimizer(name: str, learning_rate: float, min_rows: int = 0,
-                   initial_accumulator_value: float = 0.1):
+def make_optimizer(
+  name: str, learning_rate: float, min_rows: int = 0, initial_accumulator_value: float = 0.1
+):
   """The row-wise optimizer ``name``; ``initial_accumulator_value``: rowwise_adagrad's start."""
   if name not in OPTIMIZERS:
     raise ValueError(f"embedding optimizer {name!r}; allowed: {tuple(OPTIMIZERS)}")
   if name == "rowwise_adagrad":
-    return RowwiseAdagrad(learning_rate, min_rows=min_rows,
-                          initial_accumulator_value=initial_accumulator_value)
+    return RowwiseAdagrad(
+      learning_rate, min_rows=min_rows, initial_accumulator_value=initial_accumulator_value
+    )
   return OPTIMIZERS[name](learning_rate, min_rows=min_rows)
 
 
@@ -213,8 +221,9 @@ class Plan:
         self._local[c.name][tname] = loc
       for c in calls:
         if c.ids_from is not None and c.scope == scope and tname in raw[c.name]:
-          self._local[c.name][tname] = jnp.where(raw[c.name][tname] >= 0,
-                                                 self._local[c.ids_from.name][tname], -1)
+          self._local[c.name][tname] = jnp.where(
+            raw[c.name][tname] >= 0, self._local[c.ids_from.name][tname], -1
+          )
       self.uniq[(scope, tname)] = uniq
 
   def gather(self, tables: Mapping[TableKey, Array]) -> dict[TableKey, Array]:
@@ -226,20 +235,31 @@ class Plan:
     along the batch axis, for one encoder pass): ``{table: (positions, rows [U, D])}``."""
     scope = calls[0].scope
     local = [self._local[c.name] for c in calls]
-    return {t: (loc if len(calls) == 1 else jnp.concatenate([l[t] for l in local], axis=0),
-                rows[(scope, t)])
-            for t, loc in local[0].items()}
+    return {
+      t: (
+        loc if len(calls) == 1 else jnp.concatenate([l[t] for l in local], axis=0),
+        rows[(scope, t)],
+      )
+      for t, loc in local[0].items()
+    }
 
-  def apply(self, opt, tables: Mapping[TableKey, Array], emb_state: Mapping[str, Any],
-            row_grads: Mapping[TableKey, Array], step: Array, scale: Array | float = 1.0
-            ) -> tuple[dict[TableKey, Array], dict[str, Any]]:
+  def apply(
+    self,
+    opt,
+    tables: Mapping[TableKey, Array],
+    emb_state: Mapping[str, Any],
+    row_grads: Mapping[TableKey, Array],
+    step: Array,
+    scale: Array | float = 1.0,
+  ) -> tuple[dict[TableKey, Array], dict[str, Any]]:
     """The row-wise optimizer ``opt`` on the touched rows (gradients times ``scale``); returns
     the new tables and their optimizer state (``{"<scope>/<table>": ...}``)."""
     new_tables, new_state = dict(tables), dict(emb_state)
     for key, uniq in self.uniq.items():
       skey = state_key(key)
-      new_tables[key], new_state[skey] = opt.update(tables[key], emb_state[skey], uniq,
-                                                    row_grads[key] * scale, step)
+      new_tables[key], new_state[skey] = opt.update(
+        tables[key], emb_state[skey], uniq, row_grads[key] * scale, step
+      )
     return new_tables, new_state
 
 

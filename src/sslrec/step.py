@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import jax
@@ -48,14 +49,14 @@ def uses_item_stream(config: ml_collections.ConfigDict) -> bool:
 
 def create_model(config: ml_collections.ConfigDict, dataset) -> towers.TwoTower:
   return towers.TwoTower(
-      query_spec=dataset.query_spec,
-      item_spec=dataset.item_spec,
-      query_hidden=tuple(config.model.query_hidden),
-      item_hidden=tuple(config.model.item_hidden),
-      output_dim=config.model.output_dim,
-      ssl_sharing=config.ssl.encoder_sharing,
-      dtype=jnp.dtype(config.model.dtype),
-      table_row_multiple=config.model.table_row_multiple,
+    query_spec=dataset.query_spec,
+    item_spec=dataset.item_spec,
+    query_hidden=tuple(config.model.query_hidden),
+    item_hidden=tuple(config.model.item_hidden),
+    output_dim=config.model.output_dim,
+    ssl_sharing=config.ssl.encoder_sharing,
+    dtype=jnp.dtype(config.model.dtype),
+    table_row_multiple=config.model.table_row_multiple,
   )
 
 
@@ -69,8 +70,8 @@ def learning_rate(config) -> optax.Schedule:
 # The optax optimizers of the dense parameters by ``optimizer.name`` (configuration reads the
 # allowed names from here): a new one is one line.
 OPTIMIZERS: dict[str, Callable[[optax.Schedule], optax.GradientTransformation]] = {
-    "adagrad": lambda lr: optax.adagrad(lr, initial_accumulator_value=0.1),
-    "adam": optax.adam,
+  "adagrad": lambda lr: optax.adagrad(lr, initial_accumulator_value=0.1),
+  "adam": optax.adam,
 }
 
 
@@ -84,10 +85,13 @@ def create_embedding_optimizer(config: ml_collections.ConfigDict):
   oc = config.optimizer
   if oc.embedding_update != "sparse":
     return None
-  return sparse.make_optimizer(oc.embedding_optimizer, oc.embedding_learning_rate,
-                               min_rows=oc.sparse_min_rows,
-                               initial_accumulator_value=oc.embedding_initial_accumulator or
-                               sparse.batch_aware_accumulator(config.train.batch_size))
+  return sparse.make_optimizer(
+    oc.embedding_optimizer,
+    oc.embedding_learning_rate,
+    min_rows=oc.sparse_min_rows,
+    initial_accumulator_value=oc.embedding_initial_accumulator
+    or sparse.batch_aware_accumulator(config.train.batch_size),
+  )
 
 
 def example_inputs(dataset, n: int = 2):
@@ -96,15 +100,20 @@ def example_inputs(dataset, n: int = 2):
   return table_lib.take(dataset.queries, rows), table_lib.take(dataset.items, rows)
 
 
-def create_train_state(rng: Array, model: towers.TwoTower, tx: optax.GradientTransformation,
-                       dataset, emb_opt=None) -> TrainState:
+def create_train_state(
+  rng: Array, model: towers.TwoTower, tx: optax.GradientTransformation, dataset, emb_opt=None
+) -> TrainState:
   query, item = example_inputs(dataset)
   params = model.init(rng, query, item)
   if emb_opt is None:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
   dense, tables = sparse.split_tables(params, emb_opt.min_rows)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(dense),
-                    emb_state=sparse.init_state(emb_opt, tables))
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=tx.init(dense),
+    emb_state=sparse.init_state(emb_opt, tables),
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,10 +131,12 @@ def make_views(rng, items, *, model, config, mi) -> Views:
   """The two augmented views of the SSL item batch."""
   mask_rng, view_rng = jax.random.split(rng)
   k = model.item_spec.num_features
-  mask = augment.make_mask(mask_rng, config.ssl.masking, k, mi=mi,
-                           fraction=config.ssl.mask_fraction)
-  v1, m1, v2, m2 = augment.two_views(view_rng, items["item"], model.item_spec, mask,
-                                     config.ssl.dropout_rate)
+  mask = augment.make_mask(
+    mask_rng, config.ssl.masking, k, mi=mi, fraction=config.ssl.mask_fraction
+  )
+  v1, m1, v2, m2 = augment.two_views(
+    view_rng, items["item"], model.item_spec, mask, config.ssl.dropout_rate
+  )
   return Views(v1, m1, v2, m2, mask)
 
 
@@ -140,8 +151,9 @@ class StepCalls:
   view2: sparse.TowerCall | None
 
   def all(self) -> list[sparse.TowerCall]:
-    return [c for c in (self.query, self.item, self.ssl_items, self.view1, self.view2)
-            if c is not None]
+    return [
+      c for c in (self.query, self.item, self.ssl_items, self.view1, self.view2) if c is not None
+    ]
 
 
 def step_calls(pairs, items, views: Views | None, model, config) -> StepCalls:
@@ -149,15 +161,25 @@ def step_calls(pairs, items, views: Views | None, model, config) -> StepCalls:
   item = functools.partial(sparse.TowerCall, scope="item_input", spec=model.item_spec)
   ssl_items = item("ssl_items", items["item"]) if uses_item_stream(config) else None
   return StepCalls(
-      query=sparse.TowerCall("query", pairs["query"], model.query_input_name, query_spec),
-      item=item("item", pairs["item"]),
-      ssl_items=ssl_items,
-      view1=None if views is None else item("view1", views.v1, ids_from=ssl_items),
-      view2=None if views is None else item("view2", views.v2, ids_from=ssl_items))
+    query=sparse.TowerCall("query", pairs["query"], model.query_input_name, query_spec),
+    item=item("item", pairs["item"]),
+    ssl_items=ssl_items,
+    view1=None if views is None else item("view1", views.v1, ids_from=ssl_items),
+    view2=None if views is None else item("view2", views.v2, ids_from=ssl_items),
+  )
 
 
-def loss_fn(params, pairs, items, views: Views | None, rows=None, *, model: towers.TwoTower,
-            config, plan: sparse.Plan | None = None) -> tuple[Array, dict]:
+def loss_fn(
+  params,
+  pairs,
+  items,
+  views: Views | None,
+  rows=None,
+  *,
+  model: towers.TwoTower,
+  config,
+  plan: sparse.Plan | None = None,
+) -> tuple[Array, dict]:
   """The joint loss of one step and its parts.
 
   ``views``: ``make_views``'s output (SSL on) or None. Sparse updates: ``rows`` are the gathered
@@ -171,19 +193,28 @@ def loss_fn(params, pairs, items, views: Views | None, rows=None, *, model: towe
   q = model.apply(params, pairs["query"], ids=ids(calls.query), method=model.query_tower)
   x = model.apply(params, pairs["item"], ids=ids(calls.item), method=model.item_tower)
   main = losses.batch_softmax_loss(
-      q, x, temperature=config.loss.temperature,
-      log_q=pairs["log_q"] if config.loss.logq_correction else None,
-      item_ids=pairs["item_id"] if config.loss.remove_accidental_hits else None)
+    q,
+    x,
+    temperature=config.loss.temperature,
+    log_q=pairs["log_q"] if config.loss.logq_correction else None,
+    item_ids=pairs["item_id"] if config.loss.remove_accidental_hits else None,
+  )
   total = main
   metrics = {"loss/main": main}
   if config.ssl.alpha > 0:
     # Both views in one encoder pass of 2N rows (per-row feature masks): half the dispatches.
     n = jax.tree.leaves(views.v1)[0].shape[0]
     both = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=0), views.v1, views.v2)
-    rows_mask = jnp.concatenate([jnp.broadcast_to(views.m1, (n,) + views.m1.shape),
-                                 jnp.broadcast_to(views.m2, (n,) + views.m2.shape)], axis=0)
-    z = model.apply(params, both, rows_mask, ids=ids(calls.view1, calls.view2),
-                    method=model.ssl_encoder)
+    rows_mask = jnp.concatenate(
+      [
+        jnp.broadcast_to(views.m1, (n,) + views.m1.shape),
+        jnp.broadcast_to(views.m2, (n,) + views.m2.shape),
+      ],
+      axis=0,
+    )
+    z = model.apply(
+      params, both, rows_mask, ids=ids(calls.view1, calls.view2), method=model.ssl_encoder
+    )
     ssl = losses.ssl_loss(z[:n], z[n:], temperature=config.ssl.temperature)
     total = total + config.ssl.alpha * ssl
     metrics["loss/ssl"] = ssl
@@ -205,8 +236,9 @@ def _clip(grads, max_norm: float):
   return jax.tree.map(lambda g: g * scale, grads), norm
 
 
-def train_step(state: TrainState, pairs, items, rng: Array, *, model, tx, config, mi,
-               emb_opt=None) -> tuple[TrainState, dict]:
+def train_step(
+  state: TrainState, pairs, items, rng: Array, *, model, tx, config, mi, emb_opt=None
+) -> tuple[TrainState, dict]:
   """One optimisation step on a global pair batch and a global SSL item batch.
 
   Dense updates: gradients of every parameter, one optax update. Sparse updates (``emb_opt``):
@@ -217,8 +249,9 @@ def train_step(state: TrainState, pairs, items, rng: Array, *, model, tx, config
   ``step`` advances).
   """
   step_rng = jax.random.fold_in(rng, state.step)
-  views = make_views(step_rng, items, model=model, config=config, mi=mi) \
-      if config.ssl.alpha > 0 else None
+  views = (
+    make_views(step_rng, items, model=model, config=config, mi=mi) if config.ssl.alpha > 0 else None
+  )
   calls = step_calls(pairs, items, views, model, config)
   oov = sum(embeddings.oov_count(c.spec, c.batch) for c in calls.all())
   loss = functools.partial(loss_fn, model=model, config=config)
@@ -227,8 +260,9 @@ def train_step(state: TrainState, pairs, items, rng: Array, *, model, tx, config
     (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params, pairs, items, views)
     grads, metrics["grad_norm"] = _clip(grads, clip)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                              opt_state=opt_state)
+    new_state = state.replace(
+      step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
+    )
   else:
     dense, tables = sparse.split_tables(state.params, emb_opt.min_rows)
     plan = sparse.Plan(tables, calls.all())
@@ -238,23 +272,33 @@ def train_step(state: TrainState, pairs, items, rng: Array, *, model, tx, config
     updates, opt_state = tx.update(dense_grads, state.opt_state, dense)
     warm = jnp.minimum(1.0, (state.step + 1) / max(config.optimizer.warmup_steps, 1))
     tables, emb_state = plan.apply(emb_opt, tables, state.emb_state, row_grads, state.step, warm)
-    new_state = state.replace(step=state.step + 1,
-                              params=sparse.merge_tables(optax.apply_updates(dense, updates), tables),
-                              opt_state=opt_state, emb_state=emb_state)
+    new_state = state.replace(
+      step=state.step + 1,
+      params=sparse.merge_tables(optax.apply_updates(dense, updates), tables),
+      opt_state=opt_state,
+      emb_state=emb_state,
+    )
   metrics["data/oov_ids"] = oov.astype(jnp.float32)
   if config.train.skip_nonfinite:  # a non-finite loss or gradient: keep params and optimizer state
     ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-    new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state,
-                             state.replace(step=new_state.step))
+    new_state = jax.tree.map(
+      lambda new, old: jnp.where(ok, new, old), new_state, state.replace(step=new_state.step)
+    )
   return new_state, metrics
 
 
-def compile_train_step(model, tx, config, mi: np.ndarray, mesh, state_sharding, emb_opt=None
-                       ) -> Callable[..., tuple[TrainState, dict]]:
+def compile_train_step(
+  model, tx, config, mi: np.ndarray, mesh, state_sharding, emb_opt=None
+) -> Callable[..., tuple[TrainState, dict]]:
   """``train_step`` jit-compiled with explicit in/out shardings (state donated)."""
   data = parallel.data_sharding(mesh)
   rep = parallel.replicated(mesh)
-  step = functools.partial(train_step, model=model, tx=tx, config=config,
-                           mi=jnp.asarray(mi, jnp.float32), emb_opt=emb_opt)
-  return jax.jit(step, in_shardings=(state_sharding, data, data, rep),
-                 out_shardings=(state_sharding, rep), donate_argnums=(0,))
+  step = functools.partial(
+    train_step, model=model, tx=tx, config=config, mi=jnp.asarray(mi, jnp.float32), emb_opt=emb_opt
+  )
+  return jax.jit(
+    step,
+    in_shardings=(state_sharding, data, data, rep),
+    out_shardings=(state_sharding, rep),
+    donate_argnums=(0,),
+  )

@@ -25,7 +25,6 @@ from sslrec.run import checkpointing, reliability
 from sslrec.run import workdir as workdir_lib
 
 
-
 def _log(msg: str):
   if jax.process_index() == 0:
     print(msg, flush=True)
@@ -52,12 +51,16 @@ class Run:
     self.config = config
     self.dataset = (sources.load(config) if dataset is None else dataset).validate()
     configuration.validate_against_data(
-        config, num_items=self.dataset.num_items, num_train=self.dataset.num_train,
-        item_feature_names=self.dataset.item_spec.names)
+      config,
+      num_items=self.dataset.num_items,
+      num_train=self.dataset.num_train,
+      item_feature_names=self.dataset.item_spec.names,
+    )
     if self.dataset.valid_item is None:
       raise table_lib.DataError(
-          f"{self.dataset.name}: no validation split (periodic evaluations, checkpoint selection "
-          "and early stopping run on it; the test split is scored once, at the end)")
+        f"{self.dataset.name}: no validation split (periodic evaluations, checkpoint selection "
+        "and early stopping run on it; the test split is scored once, at the end)"
+      )
     self.num_steps = configuration.num_steps(config, self.dataset.num_train)
     self.stats = stats.corpus_stats(self.dataset, head_fraction=config.eval.head_fraction)
     self.mesh = parallel.make_mesh(config.mesh.shape, config.mesh.axes, devices)
@@ -65,15 +68,21 @@ class Run:
     pair_bs = parallel.local_batch_size(config.train.batch_size, self.mesh, "train.batch_size")
     self.uses_items = step_lib.uses_item_stream(config)
     pair_seed, item_seed = stream_seeds(config.seed)
-    shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count(),
-                 num_threads=config.data.num_threads, prefetch=config.data.prefetch)
-    self.pair_data = pipeline.pair_stream(self.dataset, self.stats.log_q, batch_size=pair_bs,
-                                          seed=pair_seed, **shard)
+    shard = dict(
+      shard_index=jax.process_index(),
+      shard_count=jax.process_count(),
+      num_threads=config.data.num_threads,
+      prefetch=config.data.prefetch,
+    )
+    self.pair_data = pipeline.pair_stream(
+      self.dataset, self.stats.log_q, batch_size=pair_bs, seed=pair_seed, **shard
+    )
     self.item_data = None
     if self.uses_items:
       item_bs = parallel.local_batch_size(config.ssl.batch_size, self.mesh, "ssl.batch_size")
-      self.item_data = pipeline.item_stream(self.dataset, sampling=config.ssl.item_sampling,
-                                            batch_size=item_bs, seed=item_seed, **shard)
+      self.item_data = pipeline.item_stream(
+        self.dataset, sampling=config.ssl.item_sampling, batch_size=item_bs, seed=item_seed, **shard
+      )
     self.model = step_lib.create_model(config, self.dataset)
     self.tx = step_lib.create_optimizer(config)
     self.emb_opt = step_lib.create_embedding_optimizer(config)
@@ -83,8 +92,9 @@ class Run:
     parallel.check_memory(abstract, self.mesh, dense_update=self.emb_opt is None)
     self.state_sharding = parallel.state_shardings(abstract, self.mesh)
     self.state = jax.jit(init, out_shardings=self.state_sharding)(init_rng)
-    self.step_fn = step_lib.compile_train_step(self.model, self.tx, config, self.stats.mi, self.mesh,
-                                      self.state_sharding, self.emb_opt)
+    self.step_fn = step_lib.compile_train_step(
+      self.model, self.tx, config, self.stats.mi, self.mesh, self.state_sharding, self.emb_opt
+    )
     self.pair_iter = iter(self.pair_data)
     self.item_iter = iter(self.item_data) if self.item_data is not None else None
     self._evaluators: dict[str, evaluate_lib.Evaluator] = {}
@@ -110,9 +120,16 @@ class Run:
     if split not in self._evaluators:
       c = self.config
       self._evaluators[split] = evaluate_lib.Evaluator(
-          self.model, self.dataset.for_split(split), self.stats.item_freq, self.stats.head,
-          mesh=self.mesh, ks=c.eval.ks, batch_size=c.eval.batch_size,
-          max_pairs=c.eval.max_queries, references=tuple(c.eval.references))
+        self.model,
+        self.dataset.for_split(split),
+        self.stats.item_freq,
+        self.stats.head,
+        mesh=self.mesh,
+        ks=c.eval.ks,
+        batch_size=c.eval.batch_size,
+        max_pairs=c.eval.max_queries,
+        references=tuple(c.eval.references),
+      )
     return self._evaluators[split](self.state.params if params is None else params)
 
   # Checkpoints: train state + both iterators' positions + config + corpus statistics + the loop's
@@ -125,8 +142,9 @@ class Run:
       items["item_iter"] = it(self.item_iter)
     if save:
       items["config"] = ocp.args.JsonSave(configuration.to_dict(self.config))
-      items["stats"] = ocp.args.StandardSave({"mi": np.asarray(self.stats.mi),
-                                              "item_freq": np.asarray(self.stats.item_freq)})
+      items["stats"] = ocp.args.StandardSave(
+        {"mi": np.asarray(self.stats.mi), "item_freq": np.asarray(self.stats.item_freq)}
+      )
       if loop is not None:
         items["loop"] = ocp.args.JsonSave(loop)
     elif restore_loop:
@@ -143,12 +161,14 @@ class Run:
     got = jax.tree_util.tree_structure(restored["state"])
     if want != got:
       raise checkpointing.CheckpointMismatch("the saved train state has another structure")
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(self.state),
-                            jax.tree_util.tree_leaves(restored["state"])):
+    for (path, a), b in zip(
+      jax.tree_util.tree_leaves_with_path(self.state), jax.tree_util.tree_leaves(restored["state"])
+    ):
       if a.shape != b.shape or a.dtype != b.dtype:
         raise checkpointing.CheckpointMismatch(
-            f"{jax.tree_util.keystr(path)}: saved {b.dtype}{list(b.shape)}, this run "
-            f"{a.dtype}{list(a.shape)}")
+          f"{jax.tree_util.keystr(path)}: saved {b.dtype}{list(b.shape)}, this run "
+          f"{a.dtype}{list(a.shape)}"
+        )
     self.state = restored["state"]
     return dict(restored["loop"]) if has_loop else {}
 
@@ -167,8 +187,9 @@ def batch_ids(dataset, config, step: int) -> dict[str, np.ndarray]:
   out = {"pair_rows": rows, "query_rows": d.train_query[rows], "item_ids": d.train_item[rows]}
   if step_lib.uses_item_stream(c):
     pool = pipeline.item_pool(d, c.ssl.item_sampling)
-    out["ssl_item_ids"] = pool[pipeline.EpochBatches(len(pool), c.ssl.batch_size,
-                                                     item_seed)[step - 1]]
+    out["ssl_item_ids"] = pool[
+      pipeline.EpochBatches(len(pool), c.ssl.batch_size, item_seed)[step - 1]
+    ]
   if d.item_keys is not None:
     keys = np.asarray(d.item_keys)
     out["item_keys"] = keys[out["item_ids"]]
@@ -229,17 +250,20 @@ def _warn_if_flat(scalars: dict, config) -> bool:
   flat = np.log(config.train.batch_size)
   if main is None or not config.loss.logq_correction or main < 0.95 * flat:
     return False
-  _log(f"warning: loss/main {main:.3f} is still near log(train.batch_size) = {flat:.3f}, the "
-       "loss of a model that learned nothing beyond popularity; the towers are not "
-       "personalising: raise optimizer.embedding_learning_rate (or lower "
-       "optimizer.embedding_initial_accumulator), train longer, or check the query features")
+  _log(
+    f"warning: loss/main {main:.3f} is still near log(train.batch_size) = {flat:.3f}, the "
+    "loss of a model that learned nothing beyond popularity; the towers are not "
+    "personalising: raise optimizer.embedding_learning_rate (or lower "
+    "optimizer.embedding_initial_accumulator), train longer, or check the query features"
+  )
   return True
 
 
 def _format_eval(split: str, step: int, metrics: dict, config) -> str:
   keys = [f"recall@{k}" for k in config.eval.ks] + [config.train.select_metric]
   return f"eval ({split}) step {step}: " + ", ".join(
-      f"{k} {metrics[k]:.4f}" for k in dict.fromkeys(keys) if k in metrics)
+    f"{k} {metrics[k]:.4f}" for k in dict.fromkeys(keys) if k in metrics
+  )
 
 
 class _Selection:
@@ -274,12 +298,17 @@ class _Selection:
     return improved
 
   def state(self) -> dict:
-    return {"best_step": self.best_step, "best_value": self.best_value,
-            "bad_evals": self.bad_evals, "stopped_early": self.stopped_early}
+    return {
+      "best_step": self.best_step,
+      "best_value": self.best_value,
+      "bad_evals": self.bad_evals,
+      "stopped_early": self.stopped_early,
+    }
 
 
-def _handle_nonfinite(run: Run, bad, window: _Window, *, workdir: str, last_saved, skip: bool,
-                      is_main: bool):
+def _handle_nonfinite(
+  run: Run, bad, window: _Window, *, workdir: str, last_saved, skip: bool, is_main: bool
+):
   """Stops the run on the first non-finite step (NonFiniteError), or, with
   ``train.skip_nonfinite``, counts and reports the skipped steps."""
   max_reports = 10  # skipped steps whose batch ids are written
@@ -287,22 +316,30 @@ def _handle_nonfinite(run: Run, bad, window: _Window, *, workdir: str, last_save
     path = os.path.join(workdir, f"nonfinite_step_{step}.json")
     write = is_main and (not skip or window.skipped < max_reports)
     if write:
-      reliability.write_nonfinite_report(workdir, step, scalars,
-                                         batch_ids(run.dataset, run.config, step), last_saved)
+      reliability.write_nonfinite_report(
+        workdir, step, scalars, batch_ids(run.dataset, run.config, step), last_saved
+      )
     if not skip:
-      kept = (f"checkpoint {last_saved} is the last good one" if last_saved
-              else "no checkpoint was saved before it")
+      kept = (
+        f"checkpoint {last_saved} is the last good one"
+        if last_saved
+        else "no checkpoint was saved before it"
+      )
       raise reliability.NonFiniteError(
-          f"non-finite loss or gradient at step {step} ({reliability.format_parts(scalars)}); "
-          f"stopped, {kept}; the batch's ids are in {path}. Lower optimizer.learning_rate, "
-          "or set train.skip_nonfinite=True to skip such steps")
+        f"non-finite loss or gradient at step {step} ({reliability.format_parts(scalars)}); "
+        f"stopped, {kept}; the batch's ids are in {path}. Lower optimizer.learning_rate, "
+        "or set train.skip_nonfinite=True to skip such steps"
+      )
     window.skipped += 1
-    _log(f"step {step}: non-finite loss or gradient ({reliability.format_parts(scalars)}); "
-         f"update skipped ({window.skipped} so far)" + (f"; batch ids in {path}" if write else ""))
+    _log(
+      f"step {step}: non-finite loss or gradient ({reliability.format_parts(scalars)}); "
+      f"update skipped ({window.skipped} so far)" + (f"; batch ids in {path}" if write else "")
+    )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       allow_config_change: bool = False) -> dict[str, float]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
+) -> dict[str, float]:
   """Trains (resuming from the workdir's latest good checkpoint), evaluates; returns final eval.
 
   SIGTERM / SIGINT: saves a checkpoint at the next step boundary (the same on every process) and
@@ -313,8 +350,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   configuration.validate(config)
   # Checks only: config.json is written once the data has loaded (a run that fails on its data
   # leaves no config behind that a corrected rerun would be compared against).
-  workdir_lib.prepare(workdir, configuration.to_dict(config),
-                      allow_config_change=allow_config_change)
+  workdir_lib.prepare(
+    workdir, configuration.to_dict(config), allow_config_change=allow_config_change
+  )
   workdir_lib.check_free_space(workdir, 0, 0)  # a full disk, before the data is even loaded
   stop = reliability.StopRequest()  # from here on, SIGTERM / SIGINT wait for a step boundary
   try:
@@ -328,14 +366,18 @@ def _train(config, workdir: str, stop) -> dict[str, float]:
   t0 = time.time()
   run = Run(config)
   d = run.dataset
-  _log(f"data: {d.name}: {d.num_items} items ({d.item_spec.num_features} features), "
-       f"{d.num_train} train pairs, {d.num_eval} eval pairs; built in {time.time() - t0:.1f}s; "
-       f"mesh {dict(run.mesh.shape)}")
+  _log(
+    f"data: {d.name}: {d.num_items} items ({d.item_spec.num_features} features), "
+    f"{d.num_train} train pairs, {d.num_eval} eval pairs; built in {time.time() - t0:.1f}s; "
+    f"mesh {dict(run.mesh.shape)}"
+  )
   if is_main:
     workdir_lib.save_config(workdir, configuration.to_dict(config))
   space = workdir_lib.check_free_space(
-      workdir, checkpointing.estimate_bytes((run.state, run.stats.mi, run.stats.item_freq)),
-      config.train.max_checkpoints)
+    workdir,
+    checkpointing.estimate_bytes((run.state, run.stats.mi, run.stats.item_freq)),
+    config.train.max_checkpoints,
+  )
   if space:
     _log(space)
   stop.bind(run.mesh)
@@ -344,16 +386,16 @@ def _train(config, workdir: str, stop) -> dict[str, float]:
   sealer = checkpointing.Sealer(manager, enabled=is_main)
   writer = None
   try:
-    resumed = checkpointing.restore_latest(manager, lambda step: run.restore(manager, step),
-                                           workdir=workdir, log=_log)
+    resumed = checkpointing.restore_latest(
+      manager, lambda step: run.restore(manager, step), workdir=workdir, log=_log
+    )
     start, loop = resumed if resumed is not None else (0, {})
     if resumed is not None:
       _log(f"resumed from checkpoint at step {start}")
     if is_main:
       dropped = workdir_lib.truncate_logs(workdir, start)
       if dropped:
-        _log(f"dropped {dropped} metrics / eval lines the interrupted run wrote after step "
-             f"{start}")
+        _log(f"dropped {dropped} metrics / eval lines the interrupted run wrote after step {start}")
     writer = workdir_lib.MetricsWriter(workdir, enabled=is_main, purge_step=start + 1)
     num_steps = run.num_steps
     tc = config.train
@@ -379,8 +421,15 @@ def _train(config, workdir: str, stop) -> dict[str, float]:
       if log_now or eval_now or save_now:  # never log, evaluate or save a non-finite state
         bad = window.check()
         if bad:
-          _handle_nonfinite(run, bad, window, workdir=workdir, last_saved=last_saved,
-                            skip=tc.skip_nonfinite, is_main=is_main)
+          _handle_nonfinite(
+            run,
+            bad,
+            window,
+            workdir=workdir,
+            last_saved=last_saved,
+            skip=tc.skip_nonfinite,
+            is_main=is_main,
+          )
       if log_now:
         scalars = window.means()
         if tc.skip_nonfinite:
@@ -392,24 +441,34 @@ def _train(config, workdir: str, stop) -> dict[str, float]:
         if not warned_flat and step >= num_steps // 4:
           warned_flat = _warn_if_flat(scalars, config)
         eta = (num_steps - step) / max(scalars["steps_per_sec"], 1e-9)
-        parts = ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in sorted(scalars.items())
-                          if k.startswith("loss/"))
+        parts = ", ".join(
+          f"{k.split('/')[1]} {v:.4f}" for k, v in sorted(scalars.items()) if k.startswith("loss/")
+        )
         skipped = f" | {window.skipped} skipped" if window.skipped else ""
-        _log(f"step {step}/{num_steps} | loss {scalars.get('loss', float('nan')):.4f} "
-             f"({parts}) | {scalars['examples_per_sec']:,.0f} ex/s | eta {_fmt_duration(eta)}"
-             f"{skipped}")
+        _log(
+          f"step {step}/{num_steps} | loss {scalars.get('loss', float('nan')):.4f} "
+          f"({parts}) | {scalars['examples_per_sec']:,.0f} ex/s | eta {_fmt_duration(eta)}"
+          f"{skipped}"
+        )
         t_window, n_window = time.time(), 0
       if eval_now:
         valid = run.evaluate("valid")
         writer.write("eval.jsonl", step, valid, tags={"split": "valid"})
         if selection.update(step, valid):
           _save_best(best_manager, step, run.state.params)
-        _log(_format_eval("valid", step, valid, config)
-             + (f" | best {selection.best_value:.4f} at step {selection.best_step}"
-                if selection.best_step is not None else ""))
+        _log(
+          _format_eval("valid", step, valid, config)
+          + (
+            f" | best {selection.best_value:.4f} at step {selection.best_step}"
+            if selection.best_step is not None
+            else ""
+          )
+        )
         if selection.stopped_early:
-          _log(f"early stopping at step {step}: {tc.select_metric} has not improved for "
-               f"{selection.bad_evals} validations (train.early_stopping_patience)")
+          _log(
+            f"early stopping at step {step}: {tc.select_metric} has not improved for "
+            f"{selection.bad_evals} validations (train.early_stopping_patience)"
+          )
           save_now = True
         t_window = time.time()
       if save_now:
@@ -423,8 +482,9 @@ def _train(config, workdir: str, stop) -> dict[str, float]:
         reliability.kill_now()
       if stopping:
         sealer.flush()
-        raise reliability.Stopped(step, stop.signal_name,
-                                  os.path.join(checkpointing.directory(workdir), str(step)))
+        raise reliability.Stopped(
+          step, stop.signal_name, os.path.join(checkpointing.directory(workdir), str(step))
+        )
       if selection.stopped_early:
         break
     last_step = int(jax.device_get(run.state.step))
@@ -439,10 +499,13 @@ def _train(config, workdir: str, stop) -> dict[str, float]:
       params = best_manager.restore(selected, args=checkpointing.best_args(params, save=False))
       params = params["params"]
     last_eval = run.evaluate("test", params)
-    writer.write("eval.jsonl", last_step, last_eval,
-                 tags={"split": "test", "selected_step": int(selected)})
-    _log(_format_eval("test", last_step, last_eval, config)
-         + f" | checkpoint of step {selected}, selected by validation {tc.select_metric}")
+    writer.write(
+      "eval.jsonl", last_step, last_eval, tags={"split": "test", "selected_step": int(selected)}
+    )
+    _log(
+      _format_eval("test", last_step, last_eval, config)
+      + f" | checkpoint of step {selected}, selected by validation {tc.select_metric}"
+    )
   finally:
     try:
       sealer.flush()  # an in-flight save completes (and is sealed) whatever stopped the loop
@@ -451,7 +514,9 @@ def _train(config, workdir: str, stop) -> dict[str, float]:
       best_manager.close()
       if writer is not None:
         writer.close()
-  _log(f"done: {max(last_step - start, 0)} steps in {_fmt_duration(time.time() - t_start)}; "
-       f"test split, checkpoint of step {selected}:\n"
-       + evaluate_lib.format_table(last_eval, config.eval.ks))
+  _log(
+    f"done: {max(last_step - start, 0)} steps in {_fmt_duration(time.time() - t_start)}; "
+    f"test split, checkpoint of step {selected}:\n"
+    + evaluate_lib.format_table(last_eval, config.eval.ks)
+  )
   return last_eval

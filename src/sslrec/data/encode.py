@@ -12,8 +12,10 @@ Ids come from a **vocabulary built from the training rows** (``fit`` mask): the 
 values seen there get ids ``1..V`` and every other value the **OOV id 0** (vocabulary entry
 ``None``), or, when ``buckets > 0``, from **hash buckets**: the feature then holds the 31-bit
 fingerprint ``crc32(str(value)) & 0x7fffffff`` (no vocabulary) and its spec says ``hashed``: the
-model takes bucket ``fingerprint % buckets`` (and, with ``second_hash``, a second bucket). A missing value is ``-1`` (the model's default embedding). Dense columns are
-standardised with the training rows' mean and standard deviation; missing values become 0 (the mean).
+model takes bucket ``fingerprint % buckets`` (and, with ``second_hash``, a second bucket). A
+missing value is ``-1`` (the model's default embedding). Dense columns are
+standardised with the training rows' mean and standard deviation; missing values become 0 (the
+mean).
 Everything is vectorised over rows; Python loops only run over distinct values when hashing.
 """
 
@@ -28,7 +30,12 @@ from sslrec import features as features_lib
 
 PAD = features_lib.PAD
 OOV = 0  # id of every value absent from a feature's vocabulary
-KINDS = ("id", "multi", "dense", "history")  # 'history': the query's recent items (built from the log)
+KINDS = (
+  "id",
+  "multi",
+  "dense",
+  "history",
+)  # 'history': the query's recent items (built from the log)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,8 +117,9 @@ class Vocabulary:
     return [None] + self.values.tolist()
 
 
-def _ids(values: np.ndarray, fit_values: np.ndarray, buckets: int
-         ) -> tuple[np.ndarray, int, list | None]:
+def _ids(
+  values: np.ndarray, fit_values: np.ndarray, buckets: int
+) -> tuple[np.ndarray, int, list | None]:
   if buckets > 0:
     return hash_ids(values, buckets), int(buckets), None
   vocab = Vocabulary(fit_values)
@@ -132,8 +140,9 @@ def pad_bag(ids: np.ndarray, rows: np.ndarray, num_rows: int, max_len: int) -> n
   return out
 
 
-def encode(decl: Decl, raw, fit: np.ndarray, embed_dim: int
-           ) -> tuple[np.ndarray, features_lib.FeatureSpec, list | None]:
+def encode(
+  decl: Decl, raw, fit: np.ndarray, embed_dim: int
+) -> tuple[np.ndarray, features_lib.FeatureSpec, list | None]:
   """One feature's array, spec and vocabulary (None for hashed and dense features).
 
   Args:
@@ -155,15 +164,35 @@ def encode(decl: Decl, raw, fit: np.ndarray, embed_dim: int
     values = raw.values
     ids, size, vocab = _ids(values, values[raw.present & fit], decl.buckets)
     ids = np.where(raw.present, ids, PAD).astype(np.int32)
-    return ids, f(decl.name, "id", vocab_size=size, embed_dim=embed_dim, hashed=decl.buckets > 0,
-                  second_hash=decl.second_hash), vocab
+    return (
+      ids,
+      f(
+        decl.name,
+        "id",
+        vocab_size=size,
+        embed_dim=embed_dim,
+        hashed=decl.buckets > 0,
+        second_hash=decl.second_hash,
+      ),
+      vocab,
+    )
   if decl.kind == "multi":
     fit_values = raw.values[fit[raw.rows]] if raw.values.size else raw.values
     ids, size, vocab = _ids(raw.values, fit_values, decl.buckets)
     arr = pad_bag(ids, raw.rows, raw.num_rows, decl.max_len)
-    return arr, f(decl.name, "multi", vocab_size=size, max_len=decl.max_len,
-                  embed_dim=embed_dim, hashed=decl.buckets > 0,
-                  second_hash=decl.second_hash), vocab
+    return (
+      arr,
+      f(
+        decl.name,
+        "multi",
+        vocab_size=size,
+        max_len=decl.max_len,
+        embed_dim=embed_dim,
+        hashed=decl.buckets > 0,
+        second_hash=decl.second_hash,
+      ),
+      vocab,
+    )
   raise ValueError(f"encode: feature {decl.name!r} of kind {decl.kind!r}")
 
 
@@ -174,8 +203,10 @@ def split_strings(values: np.ndarray, present: np.ndarray, separator: str) -> Ba
   n = values.shape[0]
   cells, inverse = np.unique(np.where(present, values, ""), return_inverse=True)
   inverse = inverse.ravel()
-  parts = [[p.strip() for p in str(c).split(separator)] if separator else [str(c).strip()]
-           for c in cells.tolist()]
+  parts = [
+    [p.strip() for p in str(c).split(separator)] if separator else [str(c).strip()]
+    for c in cells.tolist()
+  ]
   parts = [[p for p in ps if p] for ps in parts]
   counts = np.array([len(p) for p in parts], np.int64)
   flat = np.array([p for ps in parts for p in ps] or [""], dtype=str)[: counts.sum()]

@@ -10,11 +10,13 @@ The tables and the feature schema are declared in the config (``config.data.file
 * items: one row per catalogue item (the item key and its feature columns).
 * queries (optional): one row per query key. Without it the only query column is the key itself.
 
-Each declared feature is ``{kind, column, buckets, max_len, separator, second_hash}``: kind 'id' | 'multi' |
+Each declared feature is ``{kind, column, buckets, max_len, separator, second_hash}``: kind 'id' |
+'multi' |
 'dense' (| 'history' for queries: the key's latest items, built from the interactions);
 ``column`` defaults to the feature name (a 'dense' feature may list several, comma-separated);
 ``buckets`` 0 builds a vocabulary from the training period with an OOV id, > 0 hashes into that
-many buckets (``second_hash``: a second bucket's embedding is added, see features.py); ``max_len`` values are kept per row of a 'multi' / 'history' feature; a 'multi'
+many buckets (``second_hash``: a second bucket's embedding is added, see features.py); ``max_len``
+values are kept per row of a 'multi' / 'history' feature; a 'multi'
 string column holds ``separator``-joined values (Parquet list columns need none).
 
 With ``data.query_mode='item'`` the interactions' query key is an item key (e.g. a page linking to
@@ -33,8 +35,7 @@ import os
 import numpy as np
 
 from sslrec import errors
-from sslrec.data import encode
-from sslrec.data import interactions
+from sslrec.data import encode, interactions
 from sslrec.data import table as table_lib
 
 DataError = table_lib.DataError
@@ -87,20 +88,37 @@ def parse_schema(node, field: str, *, history_ok: bool) -> list[Feature]:
     separator = spec.get("separator", DEFAULT_SEPARATOR)
     second_hash = spec.get("second_hash", False)
     for key, value, ok, allowed in (
-        ("second_hash", second_hash, isinstance(second_hash, bool) and (not second_hash or (
-            isinstance(buckets, int) and buckets > 0)), "True or False; True needs buckets > 0"),
-        ("buckets", buckets, isinstance(buckets, int) and buckets >= 0,
-         "an integer >= 0 (0 = vocabulary with an OOV id)"),
-        ("max_len", max_len, isinstance(max_len, int) and max_len >= 1, "an integer >= 1"),
-        ("column", column, isinstance(column, str) and bool(column), "a column name"),
-        ("separator", separator, isinstance(separator, str), "a string")):
+      (
+        "second_hash",
+        second_hash,
+        isinstance(second_hash, bool)
+        and (not second_hash or (isinstance(buckets, int) and buckets > 0)),
+        "True or False; True needs buckets > 0",
+      ),
+      (
+        "buckets",
+        buckets,
+        isinstance(buckets, int) and buckets >= 0,
+        "an integer >= 0 (0 = vocabulary with an OOV id)",
+      ),
+      ("max_len", max_len, isinstance(max_len, int) and max_len >= 1, "an integer >= 1"),
+      ("column", column, isinstance(column, str) and bool(column), "a column name"),
+      ("separator", separator, isinstance(separator, str), "a string"),
+    ):
       if not ok:
         raise ConfigError(f"{where}.{key}={value!r} is invalid; allowed: {allowed}")
     columns = tuple(c.strip() for c in column.split(",")) if kind == "dense" else (column,)
     if kind == "history":
       columns = ()
-    out.append(Feature(encode.Decl(name, kind, buckets, max_len if kind in ("multi", "history")
-                                   else 1, second_hash), columns, separator))
+    out.append(
+      Feature(
+        encode.Decl(
+          name, kind, buckets, max_len if kind in ("multi", "history") else 1, second_hash
+        ),
+        columns,
+        separator,
+      )
+    )
   if sum(f.decl.kind == "history" for f in out) > 1:
     raise ConfigError(f"config.{field}: at most one feature of kind 'history'")
   return out
@@ -142,9 +160,11 @@ def _read_csv(path: str, wanted: dict[str, str], separator: str) -> dict[str, Co
         if not row or (len(row) == 1 and not row[0].strip()):
           continue
         if len(row) != len(header):
-          raise DataError(f"{path}:{reader.line_num}: expected {len(header)} fields "
-                          f"({separator!r}-separated), found {len(row)}: "
-                          f"{_shown(separator.join(row))}")
+          raise DataError(
+            f"{path}:{reader.line_num}: expected {len(header)} fields "
+            f"({separator!r}-separated), found {len(row)}: "
+            f"{_shown(separator.join(row))}"
+          )
         for c, j in zip(cols, index):
           c.append(row[j].strip())
         lines.append(reader.line_num)
@@ -178,8 +198,9 @@ def _read_parquet(path: str, wanted: dict[str, str]) -> dict[str, Column]:
     arr = tab.column(name).combine_chunks()
     present = ~np.asarray(arr.is_null().to_numpy(zero_copy_only=False), bool)
     if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
-      lengths = np.asarray(arr.value_lengths().fill_null(0).to_numpy(zero_copy_only=False),
-                           np.int64)
+      lengths = np.asarray(
+        arr.value_lengths().fill_null(0).to_numpy(zero_copy_only=False), np.int64
+      )
       values = _plain(arr.flatten(), pa)
       out[name] = Column(values, present, rows=np.repeat(np.arange(len(arr)), lengths))
     else:
@@ -190,12 +211,16 @@ def _read_parquet(path: str, wanted: dict[str, str]) -> dict[str, Column]:
 def _plain(arr, pa) -> np.ndarray:
   """An arrow array -> numpy (strings as str, times as int64, nulls as '' / 0)."""
   if pa.types.is_timestamp(arr.type) or pa.types.is_date(arr.type):
-    arr = arr.cast(pa.int64()) if pa.types.is_timestamp(arr.type) else arr.cast(
-        pa.timestamp("s")).cast(pa.int64())
+    arr = (
+      arr.cast(pa.int64())
+      if pa.types.is_timestamp(arr.type)
+      else arr.cast(pa.timestamp("s")).cast(pa.int64())
+    )
   if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
     return np.array(arr.fill_null("").to_pylist(), dtype=str)
-  if pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type) or pa.types.is_boolean(
-      arr.type):
+  if (
+    pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type) or pa.types.is_boolean(arr.type)
+  ):
     return np.asarray(arr.fill_null(0).to_numpy(zero_copy_only=False))
   return np.array([str(v) if v is not None else "" for v in arr.to_pylist()], dtype=str)
 
@@ -222,8 +247,9 @@ def _line_text(path: str, lineno: int) -> str:
   return ""
 
 
-def numbers(path: str, name: str, col: Column, *, times: bool = False,
-            required: bool = False) -> np.ndarray:
+def numbers(
+  path: str, name: str, col: Column, *, times: bool = False, required: bool = False
+) -> np.ndarray:
   """A column as float64 (``times``: or ISO-8601 date-times, as int64 seconds); DataError with
   file:line and the offending text at the first value that is neither (or, ``required``, empty);
   missing values are NaN otherwise."""
@@ -268,8 +294,9 @@ def _raw(path: str, feature: Feature, cols: dict[str, Column]):
   col = cols[feature.columns[0]]
   if col.rows is not None:  # a Parquet list column
     if d.kind == "id":
-      raise DataError(f"{path}: column {feature.columns[0]!r} holds lists; feature {d.name!r} "
-                      "needs kind 'multi'")
+      raise DataError(
+        f"{path}: column {feature.columns[0]!r} holds lists; feature {d.name!r} needs kind 'multi'"
+      )
     return encode.Bag(col.values, col.rows, col.present.size)
   if d.kind == "id":
     return encode.Single(col.values, col.present)
@@ -288,6 +315,19 @@ def _unique_keys(path: str, what: str, col: Column) -> np.ndarray:
     row, value = dup
     raise DataError(f"{_where(path, col, row)}: {what} {value!r} appears twice")
   return col.values
+
+
+def _key_rows(table_keys, column, policy: str, what: str, table_path: str, source: str):
+  """``(rows [E], known bool [E])``: the row of each key of an interactions ``column`` in the
+  table whose distinct keys are ``table_keys`` (-1 where absent or missing); unknown keys are
+  dropped with a warning or refused (``interactions.known``)."""
+  table_keys, keys = _same_type(table_keys, column.values)
+  rows = interactions.index_of(table_keys, keys)
+  rows[~column.present] = -1
+  known = interactions.known(
+    rows, keys, policy, what=what, table=os.path.basename(table_path), source=source
+  )
+  return rows, known
 
 
 def _same_type(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -311,14 +351,21 @@ def load(config) -> table_lib.Dataset:
     raise DataError(f"{base}: no such folder (config.data.path)")
   item_schema = parse_schema(fc.item_features, "data.files.item_features", history_ok=False)
   if not item_schema:
-    raise ConfigError("config.data.files.item_features is empty; declare the item features, e.g. "
-                      "{'item_id': {'kind': 'id'}} (see configs/files.py)")
+    raise ConfigError(
+      "config.data.files.item_features is empty; declare the item features, e.g. "
+      "{'item_id': {'kind': 'id'}} (see configs/files.py)"
+    )
   item_mode = d.query_mode == "item"
-  query_schema = [] if item_mode else parse_schema(
-      fc.query_features, "data.files.query_features", history_ok=True)
+  query_schema = (
+    []
+    if item_mode
+    else parse_schema(fc.query_features, "data.files.query_features", history_ok=True)
+  )
   if not item_mode and not query_schema:
-    raise ConfigError("config.data.files.query_features is empty; declare the query features, "
-                      f"e.g. {{'user': {{'kind': 'id', 'column': {fc.query_key!r}}}}}")
+    raise ConfigError(
+      "config.data.files.query_features is empty; declare the query features, "
+      f"e.g. {{'user': {{'kind': 'id', 'column': {fc.query_key!r}}}}}"
+    )
 
   # Interactions.
   inter_path = path_of(fc.interactions)
@@ -330,8 +377,11 @@ def load(config) -> table_lib.Dataset:
   num = inter[fc.item_key].present.size
   if num == 0:
     raise DataError(f"{inter_path}: no interactions")
-  time = numbers(inter_path, fc.timestamp, inter[fc.timestamp], times=True, required=True) \
-      if fc.timestamp else np.arange(num)
+  time = (
+    numbers(inter_path, fc.timestamp, inter[fc.timestamp], times=True, required=True)
+    if fc.timestamp
+    else np.arange(num)
+  )
   positive = np.ones(num, bool)
   if fc.weight:
     positive = numbers(inter_path, fc.weight, inter[fc.weight], required=True) >= d.min_rating
@@ -348,24 +398,23 @@ def load(config) -> table_lib.Dataset:
   item_keys = _unique_keys(items_path, "item key", item_cols[fc.item_key])
   if item_keys.size == 0:
     raise DataError(f"{items_path}: no items")
-  table_keys, keys = _same_type(item_keys, inter[fc.item_key].values)
-  item_row = interactions.index_of(table_keys, keys)
-  item_row[~inter[fc.item_key].present] = -1
-  keep = interactions.known(item_row, keys, d.unknown_items, what="item keys",
-                            table=os.path.basename(items_path), source=inter_path)
-  items = interactions.Table(tuple(f.decl for f in item_schema),
-                             {f.decl.name: _raw(items_path, f, item_cols) for f in item_schema},
-                             item_keys.size)
+  item_row, keep = _key_rows(
+    item_keys, inter[fc.item_key], d.unknown_items, "item keys", items_path, inter_path
+  )
+  items = interactions.Table(
+    tuple(f.decl for f in item_schema),
+    {f.decl.name: _raw(items_path, f, item_cols) for f in item_schema},
+    item_keys.size,
+  )
 
   # Queries.
   queries = None
   qcol = inter[fc.query_key]
   if item_mode:
-    table_keys, keys = _same_type(item_keys, qcol.values)
-    key_row = interactions.index_of(table_keys, keys)
-    key_row[~qcol.present] = -1
-    keep &= interactions.known(key_row, keys, d.unknown_items, what="query item keys",
-                               table=os.path.basename(items_path), source=inter_path)
+    key_row, known = _key_rows(
+      item_keys, qcol, d.unknown_items, "query item keys", items_path, inter_path
+    )
+    keep &= known
   else:
     if fc.query_table:
       q_path = path_of(fc.query_table)
@@ -375,39 +424,58 @@ def load(config) -> table_lib.Dataset:
           wanted.setdefault(c, f"config.data.files.query_features.{f.decl.name}")
       q_cols = read_table(q_path, wanted, separator=fc.csv_separator)
       q_keys = _unique_keys(q_path, "query key", q_cols[fc.query_key])
-      table_keys, keys = _same_type(q_keys, qcol.values)
-      key_row = interactions.index_of(table_keys, keys)
-      key_row[~qcol.present] = -1
-      keep &= interactions.known(key_row, keys, d.unknown_items, what="query keys",
-                                 table=os.path.basename(q_path), source=inter_path)
+      key_row, known = _key_rows(q_keys, qcol, d.unknown_items, "query keys", q_path, inter_path)
+      keep &= known
     else:  # the distinct query keys of the interactions are the query table
       q_path = inter_path
       present = qcol.present
       q_keys, key_row = np.unique(qcol.values, return_inverse=True)
       key_row = np.where(present, key_row.ravel(), -1)
-      keep &= interactions.known(key_row, qcol.values, d.unknown_items, what="empty query keys",
-                                 table="the interactions", source=inter_path)
+      keep &= interactions.known(
+        key_row,
+        qcol.values,
+        d.unknown_items,
+        what="empty query keys",
+        table="the interactions",
+        source=inter_path,
+      )
       q_cols = {fc.query_key: Column(q_keys, np.ones(q_keys.size, bool))}
       for f in query_schema:
         for c in f.columns:
           if c not in q_cols:
-            raise DataError(f"{inter_path}: no column {c!r} (config.data.files.query_features."
-                            f"{f.decl.name}): without a query table (config.data.files.query_table="
-                            f"'') the only query column is the query key {fc.query_key!r}")
+            raise DataError(
+              f"{inter_path}: no column {c!r} (config.data.files.query_features."
+              f"{f.decl.name}): without a query table (config.data.files.query_table="
+              f"'') the only query column is the query key {fc.query_key!r}"
+            )
     queries = interactions.Table(
-        tuple(f.decl for f in query_schema),
-        {f.decl.name: _raw(q_path, f, q_cols) for f in query_schema if f.decl.kind != "history"},
-        q_keys.size)
+      tuple(f.decl for f in query_schema),
+      {f.decl.name: _raw(q_path, f, q_cols) for f in query_schema if f.decl.kind != "history"},
+      q_keys.size,
+    )
 
-  lg = interactions.Log(key=key_row[keep], item=item_row[keep], time=time[keep],
-                        positive=positive[keep])
+  lg = interactions.Log(
+    key=key_row[keep], item=item_row[keep], time=time[keep], positive=positive[keep]
+  )
   names = item_cols[fc.item_name].values.astype(object) if fc.item_name else None
-  describe = (f"{inter_path}, data.split={d.split!r}, data.eval_fraction={d.eval_fraction}, "
-              f"data.valid_fraction={d.valid_fraction}"
-              + (f", data.min_rating={d.min_rating}" if fc.weight else ""))
+  describe = (
+    f"{inter_path}, data.split={d.split!r}, data.eval_fraction={d.eval_fraction}, "
+    f"data.valid_fraction={d.valid_fraction}"
+    + (f", data.min_rating={d.min_rating}" if fc.weight else "")
+  )
   return interactions.build(
-      "files", lg, items, queries, mode="item" if item_mode else "user", split=d.split,
-      eval_fraction=d.eval_fraction, valid_fraction=d.valid_fraction, seed=d.seed,
-      embed_dim=d.embed_dim,
-      item_keys=item_keys, item_names=names, share_tables=config.model.share_item_tables,
-      describe=describe)
+    "files",
+    lg,
+    items,
+    queries,
+    mode="item" if item_mode else "user",
+    split=d.split,
+    eval_fraction=d.eval_fraction,
+    valid_fraction=d.valid_fraction,
+    seed=d.seed,
+    embed_dim=d.embed_dim,
+    item_keys=item_keys,
+    item_names=names,
+    share_tables=config.model.share_item_tables,
+    describe=describe,
+  )

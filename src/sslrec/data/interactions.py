@@ -127,8 +127,9 @@ def first_duplicate(keys: np.ndarray):
   return row, keys[row].item() if hasattr(keys[row], "item") else keys[row]
 
 
-def known(rows: np.ndarray, keys: np.ndarray, policy: str, *, what: str, table: str,
-          source: str) -> np.ndarray:
+def known(
+  rows: np.ndarray, keys: np.ndarray, policy: str, *, what: str, table: str, source: str
+) -> np.ndarray:
   """``bool [E]``: the interactions whose key was found (``rows >= 0``).
 
   Interactions with an unknown key are counted and reported: dropped with a warning
@@ -138,8 +139,10 @@ def known(rows: np.ndarray, keys: np.ndarray, policy: str, *, what: str, table: 
   bad = int((~ok).sum())
   if bad:
     examples = ", ".join(str(v) for v in np.unique(np.asarray(keys)[~ok])[:5].tolist())
-    msg = (f"{source}: {bad} of {rows.size} interactions have {what} absent from {table} "
-           f"(e.g. {examples})")
+    msg = (
+      f"{source}: {bad} of {rows.size} interactions have {what} absent from {table} "
+      f"(e.g. {examples})"
+    )
     if policy == "error":
       raise table_lib.DataError(f"{msg}; config.data.unknown_items='drop' drops them")
     log.warning("%s; dropped (config.data.unknown_items='drop')", msg)
@@ -178,10 +181,12 @@ def split_log(lg: Log, how: str, eval_fraction: float, valid_fraction: float = 0
   is_test = held_out(eval_fraction)
   is_held = held_out(eval_fraction + valid_fraction) | is_test if valid_fraction > 0 else is_test
   period = np.where(is_test, TEST, np.where(is_held, VALID, TRAIN)).astype(np.int8)
-  num_before = {p: np.bincount(seg, period < p, minlength=first.size).astype(np.int64)
-                for p in (VALID, TEST)}
-  return Split(order, key, item, time, positive, period, key_start, tie_start, key[first], first,
-               num_before)
+  num_before = {
+    p: np.bincount(seg, period < p, minlength=first.size).astype(np.int64) for p in (VALID, TEST)
+  }
+  return Split(
+    order, key, item, time, positive, period, key_start, tie_start, key[first], first, num_before
+  )
 
 
 def _history(end: np.ndarray, low: np.ndarray, event_ids: np.ndarray, length: int) -> np.ndarray:
@@ -207,10 +212,23 @@ def _concat(a: dict, b: dict) -> dict:
   return {k: np.concatenate([a[k], b[k]], axis=0) for k in a}
 
 
-def build(name: str, lg: Log, items: Table, queries: Table | None, *, mode: str, split: str,
-          eval_fraction: float, seed: int, embed_dim: int, item_keys: np.ndarray,
-          item_names: np.ndarray | None = None, share_tables: bool = False,
-          describe: str = "", valid_fraction: float = 0.0) -> table_lib.Dataset:
+def build(
+  name: str,
+  lg: Log,
+  items: Table,
+  queries: Table | None,
+  *,
+  mode: str,
+  split: str,
+  eval_fraction: float,
+  seed: int,
+  embed_dim: int,
+  item_keys: np.ndarray,
+  item_names: np.ndarray | None = None,
+  share_tables: bool = False,
+  describe: str = "",
+  valid_fraction: float = 0.0,
+) -> table_lib.Dataset:
   """The Dataset of a log (see the module docstring).
 
   Args:
@@ -246,7 +264,8 @@ def build(name: str, lg: Log, items: Table, queries: Table | None, *, mode: str,
   for p in periods:
     if held[p].size == 0:
       raise table_lib.DataError(
-          f"{name}: the {period_name[p]} period has no positive interactions{where}")
+        f"{name}: the {period_name[p]} period has no positive interactions{where}"
+      )
   train_period = s.period == TRAIN
 
   # Items: vocabularies from the training period's items (and query items in 'item' mode).
@@ -264,8 +283,9 @@ def build(name: str, lg: Log, items: Table, queries: Table | None, *, mode: str,
   if mode == "user":
     fit_q = np.zeros(queries.num_rows, bool)
     fit_q[s.key[train_period]] = True
-    static = Table(tuple(d for d in queries.decls if d.kind != "history"), queries.raw,
-                   queries.num_rows)
+    static = Table(
+      tuple(d for d in queries.decls if d.kind != "history"), queries.raw, queries.num_rows
+    )
     q_arrays, q_specs, q_vocabs = _encode_table(static, fit_q, embed_dim)
     vocabs.update(q_vocabs)
     hist = [d for d in queries.decls if d.kind == "history"]
@@ -281,14 +301,23 @@ def build(name: str, lg: Log, items: Table, queries: Table | None, *, mode: str,
       # One context per training pair, then one per held-out key at the start of each period.
       ks = [held_keys[p] for p in periods]
       ctx_key = np.concatenate([s.key[train_pos]] + [s.keys[k] for k in ks])
-      end = np.concatenate([s.tie_start[train_pos]]
-                           + [s.first[k] + s.num_before[p][k] for p, k in zip(periods, ks)])
+      end = np.concatenate(
+        [s.tie_start[train_pos]] + [s.first[k] + s.num_before[p][k] for p, k in zip(periods, ks)]
+      )
       low = np.concatenate([s.key_start[train_pos]] + [s.first[k] for k in ks])
       q_arrays = table_lib.take(q_arrays, ctx_key)
       q_arrays[h.name] = _history(end, low, event_ids, h.max_len)
-      q_specs.append(features_lib.FeatureSpec(h.name, "multi", vocab_size=int(hist_size),
-                                              max_len=h.max_len, embed_dim=embed_dim,
-                                              hashed=h.buckets > 0, second_hash=h.second_hash))
+      q_specs.append(
+        features_lib.FeatureSpec(
+          h.name,
+          "multi",
+          vocab_size=int(hist_size),
+          max_len=h.max_len,
+          embed_dim=embed_dim,
+          hashed=h.buckets > 0,
+          second_hash=h.second_hash,
+        )
+      )
       if hist_vocab is not None:
         vocabs[h.name] = hist_vocab
       train_ctx = np.arange(train_pos.size)
@@ -303,8 +332,9 @@ def build(name: str, lg: Log, items: Table, queries: Table | None, *, mode: str,
     query_spec = features_lib.TowerSpec("query", tuple(q_specs))
   else:
     q_arrays = dict(item_arrays)
-    query_spec = features_lib.TowerSpec("query", item_spec.features,
-                                        share_tables_with="item" if share_tables else "")
+    query_spec = features_lib.TowerSpec(
+      "query", item_spec.features, share_tables_with="item" if share_tables else ""
+    )
     if mode == "item":
       train_ctx = s.key[train_pos]
       for p in periods:
@@ -316,7 +346,8 @@ def build(name: str, lg: Log, items: Table, queries: Table | None, *, mode: str,
       train_pos, train_ctx = train_pos[has_prev], s.item[prev[has_prev]]
       if train_pos.size == 0:
         raise table_lib.DataError(
-            f"{name}: no training pair has an earlier item to be its query{where}")
+          f"{name}: no training pair has an earlier item to be its query{where}"
+        )
       offset = items.num_rows
       for p in periods:
         k = held_keys[p][s.num_before[p][held_keys[p]] > 0]
@@ -335,25 +366,44 @@ def build(name: str, lg: Log, items: Table, queries: Table | None, *, mode: str,
       pos, ctx = pos[keep], ctx[keep]
       if pos.size == 0:
         raise table_lib.DataError(
-            f"{name}: no {period_name[p]} pair has an earlier item to be its query{where}")
+          f"{name}: no {period_name[p]} pair has an earlier item to be its query{where}"
+        )
     perm = np.random.default_rng(seed if p == TEST else [seed, p]).permutation(pos.size)
     pos, ctx = pos[perm], ctx[perm]
     # Seen items of every held-out context: its key's items before its period.
     before = s.period < p
     seen_ctx = ctx_of_key[p][seg[before]]
     seen = np.unique(np.stack([seen_ctx, s.item[before]], axis=1)[seen_ctx >= 0], axis=0)
-    out[p] = (ctx.astype(np.int32), s.item[pos].astype(np.int32), seen[:, 0].astype(np.int32),
-              seen[:, 1].astype(np.int32))
+    out[p] = (
+      ctx.astype(np.int32),
+      s.item[pos].astype(np.int32),
+      seen[:, 0].astype(np.int32),
+      seen[:, 1].astype(np.int32),
+    )
   if dropped:
-    log.warning("%s: %d positive interactions have no earlier item to be their query; not used",
-                name, dropped)
+    log.warning(
+      "%s: %d positive interactions have no earlier item to be their query; not used", name, dropped
+    )
   test_q, test_i, test_sq, test_si = out[TEST]
-  valid = dict(zip(("valid_query", "valid_item", "valid_seen_query", "valid_seen_item"),
-                   out[VALID])) if VALID in out else {}
+  valid = (
+    dict(zip(("valid_query", "valid_item", "valid_seen_query", "valid_seen_item"), out[VALID]))
+    if VALID in out
+    else {}
+  )
   return table_lib.Dataset(
-      name=name, item_spec=item_spec, query_spec=query_spec, items=item_arrays, queries=q_arrays,
-      train_query=np.asarray(train_ctx, np.int32), train_item=s.item[train_pos].astype(np.int32),
-      eval_query=test_q, eval_item=test_i, item_keys=np.asarray(item_keys),
-      item_names=item_names, vocabularies=vocabs, eval_seen_query=test_sq,
-      eval_seen_item=test_si, **valid,
+    name=name,
+    item_spec=item_spec,
+    query_spec=query_spec,
+    items=item_arrays,
+    queries=q_arrays,
+    train_query=np.asarray(train_ctx, np.int32),
+    train_item=s.item[train_pos].astype(np.int32),
+    eval_query=test_q,
+    eval_item=test_i,
+    item_keys=np.asarray(item_keys),
+    item_names=item_names,
+    vocabularies=vocabs,
+    eval_seen_query=test_sq,
+    eval_seen_item=test_si,
+    **valid,
   ).validate()

@@ -1,6 +1,7 @@
 """MovieLens in its original GroupLens layouts (ML-100k, ML-1M), detected from the folder's files.
 
-* ML-100k: ``u.data`` (user \\t item \\t rating \\t timestamp), ``u.item`` (``|``-separated, latin-1:
+* ML-100k: ``u.data`` (user \\t item \\t rating \\t timestamp), ``u.item`` (``|``-separated,
+latin-1:
   movie id, title, release date, video release date, IMDb URL, 19 genre flags), ``u.user``
   (``|``-separated: user id, age, gender, occupation, zip code).
 * ML-1M: ``ratings.dat`` (UserID::MovieID::Rating::Timestamp), ``movies.dat``
@@ -28,17 +29,34 @@ import re
 
 import numpy as np
 
-from sslrec.data import encode
-from sslrec.data import interactions
+from sslrec.data import encode, interactions
 from sslrec.data import table as table_lib
 
 LAYOUTS = {
-    "100k": ("u.data", "u.item", "u.user"),
-    "1m": ("ratings.dat", "movies.dat", "users.dat"),
+  "100k": ("u.data", "u.item", "u.user"),
+  "1m": ("ratings.dat", "movies.dat", "users.dat"),
 }
-GENRES_100K = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
-               "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
-               "Romance", "Sci-Fi", "Thriller", "War", "Western")
+GENRES_100K = (
+  "unknown",
+  "Action",
+  "Adventure",
+  "Animation",
+  "Children's",
+  "Comedy",
+  "Crime",
+  "Documentary",
+  "Drama",
+  "Fantasy",
+  "Film-Noir",
+  "Horror",
+  "Musical",
+  "Mystery",
+  "Romance",
+  "Sci-Fi",
+  "Thriller",
+  "War",
+  "Western",
+)
 AGE_GROUPS = (1, 18, 25, 35, 45, 50, 56)  # ML-1M's age codes: lower bound of each group
 TITLE_MAX_WORDS = 8  # title words kept per movie
 GENRES_MAX_LEN = 6  # genres kept per movie (the most any MovieLens movie has)
@@ -51,8 +69,10 @@ DataError = table_lib.DataError
 
 
 def expected_files() -> str:
-  return ("a MovieLens folder holds the ML-100k layout (u.data, u.item, u.user) or the ML-1M "
-          "layout (ratings.dat, movies.dat, users.dat)")
+  return (
+    "a MovieLens folder holds the ML-100k layout (u.data, u.item, u.user) or the ML-1M "
+    "layout (ratings.dat, movies.dat, users.dat)"
+  )
 
 
 def detect_layout(path: str) -> str:
@@ -65,12 +85,16 @@ def detect_layout(path: str) -> str:
     if os.path.exists(os.path.join(path, names[0])):
       for name in names[1:]:
         if not os.path.isfile(os.path.join(path, name)):
-          raise DataError(f"{os.path.join(path, name)}: no such file; the ML-{layout} layout needs "
-                          f"{', '.join(names)} ({expected_files()})")
+          raise DataError(
+            f"{os.path.join(path, name)}: no such file; the ML-{layout} layout needs "
+            f"{', '.join(names)} ({expected_files()})"
+          )
       return layout
   found = sorted(os.listdir(path))
-  raise DataError(f"{path}: no MovieLens ratings file (u.data or ratings.dat); {expected_files()}; "
-                  f"found {found[:10]}{' ...' if len(found) > 10 else ''}")
+  raise DataError(
+    f"{path}: no MovieLens ratings file (u.data or ratings.dat); {expected_files()}; "
+    f"found {found[:10]}{' ...' if len(found) > 10 else ''}"
+  )
 
 
 def _read_bytes(path: str) -> bytes:
@@ -95,8 +119,10 @@ def _parse_lines(path: str, data: bytes, sep: str, names, floats) -> dict[str, n
       continue
     fields = line.split(sep)
     if len(fields) != len(names):
-      raise DataError(f"{path}:{lineno}: expected {len(names)} fields ({', '.join(names)}) "
-                      f"separated by {sep!r}, found {len(fields)}: {_shown(line)}")
+      raise DataError(
+        f"{path}:{lineno}: expected {len(names)} fields ({', '.join(names)}) "
+        f"separated by {sep!r}, found {len(fields)}: {_shown(line)}"
+      )
     row = []
     for name, field in zip(names, fields):
       if name in floats:
@@ -104,12 +130,15 @@ def _parse_lines(path: str, data: bytes, sep: str, names, floats) -> dict[str, n
           row.append(float(field))
         except ValueError:
           raise DataError(
-              f"{path}:{lineno}: {name} {field!r} is not a number: {_shown(line)}") from None
+            f"{path}:{lineno}: {name} {field!r} is not a number: {_shown(line)}"
+          ) from None
       else:
         row.append(_int(path, lineno, line, name, field))
     rows.append(row)
-  return {name: np.array([r[j] for r in rows], np.float64 if name in floats else np.int64)
-          for j, name in enumerate(names)}
+  return {
+    name: np.array([r[j] for r in rows], np.float64 if name in floats else np.int64)
+    for j, name in enumerate(names)
+  }
 
 
 def read_numeric(path: str, sep: str, names: tuple[str, ...], floats=()) -> dict[str, np.ndarray]:
@@ -127,11 +156,15 @@ def read_numeric(path: str, sep: str, names: tuple[str, ...], floats=()) -> dict
   starts = np.concatenate([[0], newlines + 1])
   ends = np.concatenate([newlines, [buf.size]])
   nonempty = ends > starts
-  tabs = np.bincount(np.searchsorted(newlines, np.flatnonzero(buf == ord("\t"))),
-                     minlength=starts.size)
+  tabs = np.bincount(
+    np.searchsorted(newlines, np.flatnonzero(buf == ord("\t"))), minlength=starts.size
+  )
   # No stray separator character, no spaces: then split() yields exactly the fields.
-  ok = bool(np.all(tabs[nonempty] == len(names) - 1)) and ord(" ") not in buf and (
-      sep == "\t" or ord(sep[0]) not in buf)
+  ok = (
+    bool(np.all(tabs[nonempty] == len(names) - 1))
+    and ord(" ") not in buf
+    and (sep == "\t" or ord(sep[0]) not in buf)
+  )
   if ok:
     tokens = text.split()
     ok = len(tokens) == len(names) * int(nonempty.sum())
@@ -139,8 +172,10 @@ def read_numeric(path: str, sep: str, names: tuple[str, ...], floats=()) -> dict
     fields = np.array(tokens).reshape(-1, len(names)) if tokens else np.zeros((0, len(names)), "S1")
     del tokens
     try:
-      return {name: fields[:, j].astype(np.float64 if name in floats else np.int64)
-              for j, name in enumerate(names)}
+      return {
+        name: fields[:, j].astype(np.float64 if name in floats else np.int64)
+        for j, name in enumerate(names)
+      }
     except (ValueError, OverflowError):  # not numbers, or beyond int64: named line by line
       pass
   return _parse_lines(path, data, sep, names, floats)
@@ -156,8 +191,10 @@ def _lines(path: str):
 def _fields(path: str, lineno: int, line: str, sep: str, names: tuple[str, ...]) -> list[str]:
   fields = line.split(sep)
   if len(fields) != len(names):
-    raise DataError(f"{path}:{lineno}: expected {len(names)} fields ({', '.join(names)}) "
-                    f"separated by {sep!r}, found {len(fields)}: {_shown(line)}")
+    raise DataError(
+      f"{path}:{lineno}: expected {len(names)} fields ({', '.join(names)}) "
+      f"separated by {sep!r}, found {len(fields)}: {_shown(line)}"
+    )
   return fields
 
 
@@ -168,10 +205,14 @@ def _int(path: str, lineno: int, line: str, name: str, value: str) -> int:
   try:
     v = int(value)
   except ValueError:
-    raise DataError(f"{path}:{lineno}: {name} {value!r} is not an integer: {_shown(line)}") from None
+    raise DataError(
+      f"{path}:{lineno}: {name} {value!r} is not an integer: {_shown(line)}"
+    ) from None
   if not _INT64[0] <= v <= _INT64[1]:
-    raise DataError(f"{path}:{lineno}: {name} {value} is out of range (ids must fit in 64-bit "
-                    f"integers, [{_INT64[0]}, {_INT64[1]}]): {_shown(line)}")
+    raise DataError(
+      f"{path}:{lineno}: {name} {value} is out of range (ids must fit in 64-bit "
+      f"integers, [{_INT64[0]}, {_INT64[1]}]): {_shown(line)}"
+    )
   return v
 
 
@@ -200,7 +241,8 @@ def _read_movies(path: str, layout: str):
   for lineno, line in _lines(path):
     if layout == "100k":
       names = ("movie id", "title", "release date", "video release date", "IMDb URL") + tuple(
-          f"genre flag {g}" for g in GENRES_100K)
+        f"genre flag {g}" for g in GENRES_100K
+      )
       f = _fields(path, lineno, line, "|", names)
       flags = f[5:]
       bad = [x for x in flags if x.strip() not in ("0", "1")]
@@ -266,14 +308,28 @@ def _single(values: np.ndarray, present: np.ndarray | None = None) -> encode.Sin
   return encode.Single(values, present)
 
 
-def load(path: str, *, min_rating: float = 4.0, split: str = "global", eval_fraction: float = 0.2,
-         valid_fraction: float = 0.0, history_length: int = 20, query_mode: str = "user", unknown_items: str = "drop",
-         share_tables: bool = False, seed: int = 0, embed_dim: int = 32) -> table_lib.Dataset:
+def load(
+  path: str,
+  *,
+  min_rating: float = 4.0,
+  split: str = "global",
+  eval_fraction: float = 0.2,
+  valid_fraction: float = 0.0,
+  history_length: int = 20,
+  query_mode: str = "user",
+  unknown_items: str = "drop",
+  share_tables: bool = False,
+  seed: int = 0,
+  embed_dim: int = 32,
+) -> table_lib.Dataset:
   """The MovieLens folder at ``path`` as a Dataset (fields as in ``configs/base.py``'s data.*)."""
   layout = detect_layout(path)
   ratings_file, movies_file, users_file = (os.path.join(path, n) for n in LAYOUTS[layout])
-  sep, names = ("\t", ("user id", "item id", "rating", "timestamp")) if layout == "100k" else (
-      "::", ("UserID", "MovieID", "Rating", "Timestamp"))
+  sep, names = (
+    ("\t", ("user id", "item id", "rating", "timestamp"))
+    if layout == "100k"
+    else ("::", ("UserID", "MovieID", "Rating", "Timestamp"))
+  )
   cols = read_numeric(ratings_file, sep, names, floats=(names[2],))
   user_key, movie_key, rating, time = (cols[n] for n in names)
   movie_ids, titles, genres, years = _read_movies(movies_file, layout)
@@ -285,39 +341,77 @@ def load(path: str, *, min_rating: float = 4.0, split: str = "global", eval_frac
 
   item = interactions.index_of(movie_ids, movie_key)
   user = interactions.index_of(users["user"], user_key)
-  keep = interactions.known(item, movie_key, unknown_items, what="movie ids",
-                            table=os.path.basename(movies_file), source=ratings_file)
-  keep &= interactions.known(user, user_key, unknown_items, what="user ids",
-                             table=os.path.basename(users_file), source=ratings_file)
-  lg = interactions.Log(key=user[keep], item=item[keep], time=time[keep],
-                        positive=rating[keep] >= min_rating)
+  keep = interactions.known(
+    item,
+    movie_key,
+    unknown_items,
+    what="movie ids",
+    table=os.path.basename(movies_file),
+    source=ratings_file,
+  )
+  keep &= interactions.known(
+    user,
+    user_key,
+    unknown_items,
+    what="user ids",
+    table=os.path.basename(users_file),
+    source=ratings_file,
+  )
+  lg = interactions.Log(
+    key=user[keep], item=item[keep], time=time[keep], positive=rating[keep] >= min_rating
+  )
 
   d = encode.Decl
-  item_decls = (d("movie_id", "id"), d("title_words", "multi", max_len=TITLE_MAX_WORDS),
-                d("genres", "multi", max_len=GENRES_MAX_LEN), d("year", "id"))
+  item_decls = (
+    d("movie_id", "id"),
+    d("title_words", "multi", max_len=TITLE_MAX_WORDS),
+    d("genres", "multi", max_len=GENRES_MAX_LEN),
+    d("year", "id"),
+  )
   year_bucket = np.where(years >= 0, years // YEAR_BUCKET * YEAR_BUCKET, -1)
   item_raw = {
-      "movie_id": _single(movie_ids),
-      "title_words": _bag([_title_words(t) for t in titles]),
-      "genres": _bag(genres),
-      "year": _single(year_bucket, years >= 0),
+    "movie_id": _single(movie_ids),
+    "title_words": _bag([_title_words(t) for t in titles]),
+    "genres": _bag(genres),
+    "year": _single(year_bucket, years >= 0),
   }
   items = interactions.Table(item_decls, item_raw, movie_ids.size)
   queries = None
   if query_mode == "user":
-    query_decls = (d("user_id", "id"), d("gender", "id"), d("age", "id"), d("occupation", "id"),
-                   d("zip", "id"))
+    query_decls = (
+      d("user_id", "id"),
+      d("gender", "id"),
+      d("age", "id"),
+      d("occupation", "id"),
+      d("zip", "id"),
+    )
     if history_length > 0:
       query_decls += (d("history", "history", max_len=history_length),)
-    query_raw = {"user_id": _single(users["user"]), "gender": _single(users["gender"]),
-                 "age": _single(users["age"]), "occupation": _single(users["occupation"]),
-                 "zip": _single(users["zip"])}
+    query_raw = {
+      "user_id": _single(users["user"]),
+      "gender": _single(users["gender"]),
+      "age": _single(users["age"]),
+      "occupation": _single(users["occupation"]),
+      "zip": _single(users["zip"]),
+    }
     queries = interactions.Table(query_decls, query_raw, users["user"].size)
-  describe = (f"{path}, data.min_rating={min_rating}, data.split={split!r}, "
-              f"data.eval_fraction={eval_fraction}, data.valid_fraction={valid_fraction}")
+  describe = (
+    f"{path}, data.min_rating={min_rating}, data.split={split!r}, "
+    f"data.eval_fraction={eval_fraction}, data.valid_fraction={valid_fraction}"
+  )
   return interactions.build(
-      f"movielens-{layout}", lg, items, queries,
-      mode="user" if query_mode == "user" else "previous_item", split=split,
-      eval_fraction=eval_fraction, valid_fraction=valid_fraction, seed=seed, embed_dim=embed_dim,
-      item_keys=movie_ids,
-      item_names=np.array(titles, dtype=object), share_tables=share_tables, describe=describe)
+    f"movielens-{layout}",
+    lg,
+    items,
+    queries,
+    mode="user" if query_mode == "user" else "previous_item",
+    split=split,
+    eval_fraction=eval_fraction,
+    valid_fraction=valid_fraction,
+    seed=seed,
+    embed_dim=embed_dim,
+    item_keys=movie_ids,
+    item_names=np.array(titles, dtype=object),
+    share_tables=share_tables,
+    describe=describe,
+  )

@@ -40,10 +40,10 @@ class _GatherPairs:
     q = self.train_query[idx]
     i = self.train_item[idx]
     return {
-        "query": table_lib.take(self.queries, q),
-        "item": table_lib.take(self.items, i),
-        "item_id": i.astype(np.int32),
-        "log_q": self.log_q[i],
+      "query": table_lib.take(self.queries, q),
+      "item": table_lib.take(self.items, i),
+      "item_id": i.astype(np.int32),
+      "log_q": self.log_q[i],
     }
 
 
@@ -72,14 +72,23 @@ class EpochBatches:
   differ from epoch to epoch.
   """
 
-  def __init__(self, size: int, global_batch: int, seed: int, shard_index: int = 0,
-               shard_count: int = 1, max_epochs: int = 10**9):
+  def __init__(
+    self,
+    size: int,
+    global_batch: int,
+    seed: int,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    max_epochs: int = 10**9,
+  ):
     if size < global_batch:
       raise table_lib.DataError(
-          f"stream has {size} examples, fewer than its global batch size {global_batch}")
+        f"stream has {size} examples, fewer than its global batch size {global_batch}"
+      )
     if global_batch % shard_count:
       raise table_lib.DataError(
-          f"global batch {global_batch} is not divisible by {shard_count} processes")
+        f"global batch {global_batch} is not divisible by {shard_count} processes"
+      )
     self.size = size
     self.global_batch = global_batch
     self.batch_size = global_batch // shard_count
@@ -102,31 +111,55 @@ class EpochBatches:
   def __getitem__(self, i: int) -> np.ndarray:
     epoch, b = divmod(int(i), self.batches_per_epoch)
     start = b * self.global_batch + self.offset
-    return self._perm(epoch)[start:start + self.batch_size]
+    return self._perm(epoch)[start : start + self.batch_size]
 
 
-def _stream(size: int, gather, *, batch_size: int, seed: int, shard_index: int, shard_count: int,
-            num_threads: int, prefetch: int) -> grain.IterDataset:
+def _stream(
+  size: int,
+  gather,
+  *,
+  batch_size: int,
+  seed: int,
+  shard_index: int,
+  shard_count: int,
+  num_threads: int,
+  prefetch: int,
+) -> grain.IterDataset:
   source = EpochBatches(size, batch_size * shard_count, seed, shard_index, shard_count)
   ds = grain.MapDataset.source(source).map(gather)
   read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
   return ds.to_iter_dataset(read)
 
 
-def pair_stream(dataset: table_lib.Dataset, log_q: np.ndarray, *, batch_size: int, seed: int,
-                shard_index: int = 0, shard_count: int = 1, num_threads: int = 2,
-                prefetch: int = 4) -> grain.IterDataset:
+def pair_stream(
+  dataset: table_lib.Dataset,
+  log_q: np.ndarray,
+  *,
+  batch_size: int,
+  seed: int,
+  shard_index: int = 0,
+  shard_count: int = 1,
+  num_threads: int = 2,
+  prefetch: int = 4,
+) -> grain.IterDataset:
   """The D_train stream of (query, item) pair batches of ``batch_size`` (per process)."""
-  return _stream(dataset.num_train, _GatherPairs(dataset, log_q), batch_size=batch_size,
-                 seed=seed, shard_index=shard_index, shard_count=shard_count,
-                 num_threads=num_threads, prefetch=prefetch)
+  return _stream(
+    dataset.num_train,
+    _GatherPairs(dataset, log_q),
+    batch_size=batch_size,
+    seed=seed,
+    shard_index=shard_index,
+    shard_count=shard_count,
+    num_threads=num_threads,
+    prefetch=prefetch,
+  )
 
 
 # The SSL item pools by ``ssl.item_sampling`` name: the catalogue ('uniform', the paper's D_item)
 # or D_train's item column ('train', the ablation that follows the power-law marginal).
 ITEM_POOLS = {
-    "uniform": lambda dataset: np.arange(dataset.num_items, dtype=np.int32),
-    "train": lambda dataset: dataset.train_item.astype(np.int32),
+  "uniform": lambda dataset: np.arange(dataset.num_items, dtype=np.int32),
+  "train": lambda dataset: dataset.train_item.astype(np.int32),
 }
 
 
@@ -137,11 +170,26 @@ def item_pool(dataset: table_lib.Dataset, sampling: str) -> np.ndarray:
   return ITEM_POOLS[sampling](dataset)
 
 
-def item_stream(dataset: table_lib.Dataset, *, sampling: str, batch_size: int, seed: int,
-                shard_index: int = 0, shard_count: int = 1, num_threads: int = 2,
-                prefetch: int = 4) -> grain.IterDataset:
+def item_stream(
+  dataset: table_lib.Dataset,
+  *,
+  sampling: str,
+  batch_size: int,
+  seed: int,
+  shard_index: int = 0,
+  shard_count: int = 1,
+  num_threads: int = 2,
+  prefetch: int = 4,
+) -> grain.IterDataset:
   """The D_item stream of item batches of ``batch_size`` (per process)."""
   pool = item_pool(dataset, sampling)
-  return _stream(len(pool), _GatherItems(dataset, pool), batch_size=batch_size, seed=seed,
-                 shard_index=shard_index, shard_count=shard_count, num_threads=num_threads,
-                 prefetch=prefetch)
+  return _stream(
+    len(pool),
+    _GatherItems(dataset, pool),
+    batch_size=batch_size,
+    seed=seed,
+    shard_index=shard_index,
+    shard_count=shard_count,
+    num_threads=num_threads,
+    prefetch=prefetch,
+  )

@@ -14,18 +14,32 @@ from sslrec.data import table as table_lib
 def _synthetic(config: ml_collections.ConfigDict) -> table_lib.Dataset:
   d = config.data
   return synthetic.generate(
-      d.seed, num_items=d.num_items, num_queries=d.num_queries,
-      num_train_pairs=d.num_train_pairs, num_eval_pairs=d.num_eval_pairs,
-      popularity_exponent=d.popularity_exponent, feature_noise=d.feature_noise,
-      embed_dim=d.embed_dim)
+    d.seed,
+    num_items=d.num_items,
+    num_queries=d.num_queries,
+    num_train_pairs=d.num_train_pairs,
+    num_eval_pairs=d.num_eval_pairs,
+    popularity_exponent=d.popularity_exponent,
+    feature_noise=d.feature_noise,
+    embed_dim=d.embed_dim,
+  )
 
 
 def _movielens(config: ml_collections.ConfigDict) -> table_lib.Dataset:
   d = config.data
   return movielens.load(
-      d.path, min_rating=d.min_rating, split=d.split, eval_fraction=d.eval_fraction,
-      valid_fraction=d.valid_fraction, history_length=d.history_length, query_mode=d.query_mode, unknown_items=d.unknown_items,
-      share_tables=config.model.share_item_tables, seed=d.seed, embed_dim=d.embed_dim)
+    d.path,
+    min_rating=d.min_rating,
+    split=d.split,
+    eval_fraction=d.eval_fraction,
+    valid_fraction=d.valid_fraction,
+    history_length=d.history_length,
+    query_mode=d.query_mode,
+    unknown_items=d.unknown_items,
+    share_tables=config.model.share_item_tables,
+    seed=d.seed,
+    embed_dim=d.embed_dim,
+  )
 
 
 # The data sources by ``data.name`` (configuration reads the allowed names from here): a new
@@ -65,18 +79,26 @@ def subsample_train(dataset: table_lib.Dataset, fraction: float, seed: int) -> t
   size = max(1, int(round(fraction * n)))
   if size >= n:
     return dataset
-  rng = np.random.default_rng(np.random.SeedSequence([seed, 0x7f4a1c]))
+  rng = np.random.default_rng(np.random.SeedSequence([seed, 0x7F4A1C]))
   keep = np.sort(rng.choice(n, size=size, replace=False))
+
   # Pin the exclusions to the full training period before the pairs they derive from go.
   def pinned(query, seen_q, seen_i):
     if seen_q is None and query is not None:
       derived = np.isin(dataset.train_query, np.unique(query))
-      return dataset.train_query[derived].astype(np.int32), dataset.train_item[derived].astype(np.int32)
+      return dataset.train_query[derived].astype(np.int32), dataset.train_item[derived].astype(
+        np.int32
+      )
     return seen_q, seen_i
 
   eval_q, eval_i = pinned(dataset.eval_query, dataset.eval_seen_query, dataset.eval_seen_item)
   valid_q, valid_i = pinned(dataset.valid_query, dataset.valid_seen_query, dataset.valid_seen_item)
   return dataclasses.replace(
-      dataset, train_query=dataset.train_query[keep], train_item=dataset.train_item[keep],
-      eval_seen_query=eval_q, eval_seen_item=eval_i, valid_seen_query=valid_q,
-      valid_seen_item=valid_i).validate()
+    dataset,
+    train_query=dataset.train_query[keep],
+    train_item=dataset.train_item[keep],
+    eval_seen_query=eval_q,
+    eval_seen_item=eval_i,
+    valid_seen_query=valid_q,
+    valid_seen_item=valid_i,
+  ).validate()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -31,15 +31,18 @@ def item_frequencies(train_item: np.ndarray, num_items: int) -> np.ndarray:
     ``int64 [num_items]``.
   """
   train_item = np.asarray(train_item)
-  if train_item.ndim != 1 or not (np.issubdtype(train_item.dtype, np.integer) or
-                                  train_item.size == 0):
+  if train_item.ndim != 1 or not (
+    np.issubdtype(train_item.dtype, np.integer) or train_item.size == 0
+  ):
     raise table.DataError(
-        f"item_frequencies: train_item must be a 1-D integer array, got shape "
-        f"{train_item.shape} dtype {train_item.dtype}")
+      f"item_frequencies: train_item must be a 1-D integer array, got shape "
+      f"{train_item.shape} dtype {train_item.dtype}"
+    )
   if train_item.size and (train_item.min() < 0 or train_item.max() >= num_items):
     raise table.DataError(
-        f"item_frequencies: item indices in [{train_item.min()}, {train_item.max()}], "
-        f"allowed [0, {num_items})")
+      f"item_frequencies: item indices in [{train_item.min()}, {train_item.max()}], "
+      f"allowed [0, {num_items})"
+    )
   return np.bincount(train_item.astype(np.int64), minlength=num_items).astype(np.int64)
 
 
@@ -97,8 +100,9 @@ def _check_freq(freq: np.ndarray, where: str) -> np.ndarray:
   return freq
 
 
-def _encode(x: np.ndarray, f: features_lib.FeatureSpec,
-            dense_bins: int) -> tuple[np.ndarray, np.ndarray, int]:
+def _encode(
+  x: np.ndarray, f: features_lib.FeatureSpec, dense_bins: int
+) -> tuple[np.ndarray, np.ndarray, int]:
   """A feature as weighted values per item, for MI.
 
   Returns:
@@ -132,8 +136,15 @@ def _entropy_of_masses(mass: np.ndarray, total: float) -> float:
   return float(-(p * np.log(p)).sum())
 
 
-def _joint_entropy(vi: np.ndarray, wi: np.ndarray, vj: np.ndarray, wj: np.ndarray, card_j: int,
-                   joint_size: int, max_bincount_size: int) -> float:
+def _joint_entropy(
+  vi: np.ndarray,
+  wi: np.ndarray,
+  vj: np.ndarray,
+  wj: np.ndarray,
+  card_j: int,
+  joint_size: int,
+  max_bincount_size: int,
+) -> float:
   """Entropy of the weighted joint of two encoded features (see ``mutual_information``)."""
   n, li = vi.shape
   lj = vj.shape[1]
@@ -166,9 +177,13 @@ def _joint_entropy(vi: np.ndarray, wi: np.ndarray, vj: np.ndarray, wj: np.ndarra
   return _entropy_of_masses(mass, n)
 
 
-def mutual_information(items: Mapping[str, np.ndarray], spec: features_lib.TowerSpec, *,
-                       dense_bins: int = DENSE_BINS,
-                       max_bincount_size: int = MAX_BINCOUNT_SIZE) -> np.ndarray:
+def mutual_information(
+  items: Mapping[str, np.ndarray],
+  spec: features_lib.TowerSpec,
+  *,
+  dense_bins: int = DENSE_BINS,
+  max_bincount_size: int = MAX_BINCOUNT_SIZE,
+) -> np.ndarray:
   """Pairwise mutual information (natural log) between the item features of ``spec``.
 
       MI(V_i, V_j) = sum_{v_i, v_j} P(v_i, v_j) log( P(v_i, v_j) / (P(v_i) P(v_j)) )
@@ -212,8 +227,10 @@ def mutual_information(items: Mapping[str, np.ndarray], spec: features_lib.Tower
   if n == 0:
     return mi
   encoded = [_encode(np.asarray(items[f.name]), f, dense_bins) for f in spec.features]
-  entropy = [_joint_entropy(v, w, np.zeros((n, 1), np.int64), np.ones((n, 1)), 1, c,
-                            max_bincount_size) for v, w, c in encoded]
+  entropy = [
+    _joint_entropy(v, w, np.zeros((n, 1), np.int64), np.ones((n, 1)), 1, c, max_bincount_size)
+    for v, w, c in encoded
+  ]
   for i in range(k):
     mi[i, i] = entropy[i]
     vi, wi, ci = encoded[i]
@@ -249,10 +266,10 @@ def corpus_stats(dataset: table.Dataset, *, head_fraction: float = 0.2) -> Stats
   """Frequencies, logQ and head split from D_train; feature MI from the catalogue."""
   freq = item_frequencies(dataset.train_item, dataset.num_items)
   return Stats(
-      item_freq=freq,
-      log_q=log_q(freq),
-      head=head_items(freq, head_fraction),
-      mi=mutual_information(dataset.items, dataset.item_spec),
-      feature_names=dataset.item_spec.names,
-      head_fraction=float(head_fraction),
+    item_freq=freq,
+    log_q=log_q(freq),
+    head=head_items(freq, head_fraction),
+    mi=mutual_information(dataset.items, dataset.item_spec),
+    feature_names=dataset.item_spec.names,
+    head_fraction=float(head_fraction),
   )

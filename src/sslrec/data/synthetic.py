@@ -79,9 +79,9 @@ EVAL_QUERY_FRACTION = 0.2  # last fraction of query rows, held out for eval pair
 LATENT_CONCENTRATION = 5.0  # Dirichlet concentration of the latent marginals (mildly non-uniform).
 
 _GROUPS: tuple[tuple[str, ...], ...] = (
-    ("category", "subcategory", "tags"),
-    ("brand", "style_words", "price_bucket"),
-    ("language", "age_rating", "keywords"),
+  ("category", "subcategory", "tags"),
+  ("brand", "style_words", "price_bucket"),
+  ("language", "age_rating", "keywords"),
 )
 GROUP_LATENTS = ("topic", "style", "audience")
 
@@ -97,60 +97,99 @@ def planted_groups() -> list[tuple[str, ...]]:
 def item_spec(embed_dim: int = 32, num_items: int = 20_000) -> features_lib.TowerSpec:
   """The item tower schema: ``item_id`` then the nine grouped features."""
   f = features_lib.FeatureSpec
-  return features_lib.TowerSpec("item", (
+  return features_lib.TowerSpec(
+    "item",
+    (
       f("item_id", "id", vocab_size=num_items, embed_dim=embed_dim),
       f("category", "id", vocab_size=NUM_TOPICS, embed_dim=embed_dim),
       f("subcategory", "id", vocab_size=NUM_TOPICS * SUBCATS_PER_TOPIC, embed_dim=embed_dim),
-      f("tags", "multi", vocab_size=NUM_TOPICS * TAGS_PER_TOPIC, max_len=TAGS_MAX_LEN,
-        embed_dim=embed_dim),
+      f(
+        "tags",
+        "multi",
+        vocab_size=NUM_TOPICS * TAGS_PER_TOPIC,
+        max_len=TAGS_MAX_LEN,
+        embed_dim=embed_dim,
+      ),
       f("brand", "id", vocab_size=NUM_STYLES * BRANDS_PER_STYLE, embed_dim=embed_dim),
-      f("style_words", "multi", vocab_size=NUM_STYLES * STYLE_WORDS_PER_STYLE,
-        max_len=STYLE_WORDS_MAX_LEN, embed_dim=embed_dim),
+      f(
+        "style_words",
+        "multi",
+        vocab_size=NUM_STYLES * STYLE_WORDS_PER_STYLE,
+        max_len=STYLE_WORDS_MAX_LEN,
+        embed_dim=embed_dim,
+      ),
       f("price_bucket", "id", vocab_size=NUM_PRICE_BUCKETS, embed_dim=embed_dim),
       f("language", "id", vocab_size=NUM_LANGUAGES, embed_dim=embed_dim),
       f("age_rating", "id", vocab_size=NUM_AGE_RATINGS, embed_dim=embed_dim),
-      f("keywords", "multi", vocab_size=NUM_AUDIENCES * KEYWORDS_PER_AUDIENCE,
-        max_len=KEYWORDS_MAX_LEN, embed_dim=embed_dim),
-  ))
+      f(
+        "keywords",
+        "multi",
+        vocab_size=NUM_AUDIENCES * KEYWORDS_PER_AUDIENCE,
+        max_len=KEYWORDS_MAX_LEN,
+        embed_dim=embed_dim,
+      ),
+    ),
+  )
 
 
 def query_spec(embed_dim: int = 32) -> features_lib.TowerSpec:
   """The query tower schema (no query-id feature)."""
   f = features_lib.FeatureSpec
-  return features_lib.TowerSpec("query", (
+  return features_lib.TowerSpec(
+    "query",
+    (
       f("q_topic", "id", vocab_size=NUM_TOPICS, embed_dim=embed_dim),
       f("q_style", "id", vocab_size=NUM_STYLES, embed_dim=embed_dim),
-      f("q_history", "multi", vocab_size=HISTORY_VOCAB, max_len=HISTORY_MAX_LEN,
-        embed_dim=embed_dim),
+      f(
+        "q_history", "multi", vocab_size=HISTORY_VOCAB, max_len=HISTORY_MAX_LEN, embed_dim=embed_dim
+      ),
       f("q_region", "id", vocab_size=NUM_REGIONS, embed_dim=embed_dim),
       f("q_dense", "dense", dense_dim=QUERY_DENSE_DIM, embed_dim=embed_dim),
-  ))
+    ),
+  )
 
 
-def _check_args(seed, num_items, num_queries, num_train_pairs, num_eval_pairs,
-                popularity_exponent, feature_noise, embed_dim) -> None:
+def _check_args(
+  seed,
+  num_items,
+  num_queries,
+  num_train_pairs,
+  num_eval_pairs,
+  popularity_exponent,
+  feature_noise,
+  embed_dim,
+) -> None:
   def is_int(x):
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
-  for name, value, low in (("seed", seed, 0), ("num_items", num_items, 100),
-                           ("num_queries", num_queries, 10),
-                           ("num_train_pairs", num_train_pairs, 1),
-                           ("num_eval_pairs", num_eval_pairs, 1), ("embed_dim", embed_dim, 1)):
+  for name, value, low in (
+    ("seed", seed, 0),
+    ("num_items", num_items, 100),
+    ("num_queries", num_queries, 10),
+    ("num_train_pairs", num_train_pairs, 1),
+    ("num_eval_pairs", num_eval_pairs, 1),
+    ("embed_dim", embed_dim, 1),
+  ):
     if not is_int(value) or value < low:
       raise table.DataError(f"synthetic.generate: {name}={value!r}; must be an integer >= {low}")
-  if not (isinstance(popularity_exponent, (int, float, np.floating, np.integer))
-          and math.isfinite(popularity_exponent) and popularity_exponent >= 0):
+  if not (
+    isinstance(popularity_exponent, (int, float, np.floating, np.integer))
+    and math.isfinite(popularity_exponent)
+    and popularity_exponent >= 0
+  ):
     raise table.DataError(
-        f"synthetic.generate: popularity_exponent={popularity_exponent!r}; must be a finite "
-        "number >= 0")
-  if not (isinstance(feature_noise, (int, float, np.floating, np.integer))
-          and 0.0 <= feature_noise <= 1.0):
+      f"synthetic.generate: popularity_exponent={popularity_exponent!r}; must be a finite "
+      "number >= 0"
+    )
+  if not (
+    isinstance(feature_noise, (int, float, np.floating, np.integer)) and 0.0 <= feature_noise <= 1.0
+  ):
     raise table.DataError(
-        f"synthetic.generate: feature_noise={feature_noise!r}; must be a probability in [0, 1]")
+      f"synthetic.generate: feature_noise={feature_noise!r}; must be a probability in [0, 1]"
+    )
 
 
-def _noisy_id(rng: np.random.Generator, clean: np.ndarray, vocab: int,
-              noise: float) -> np.ndarray:
+def _noisy_id(rng: np.random.Generator, clean: np.ndarray, vocab: int, noise: float) -> np.ndarray:
   """Replaces each value of ``clean`` [N] by a uniform id in [0, vocab) with prob ``noise``."""
   n = clean.shape[0]
   flip = rng.random(n) < noise
@@ -161,8 +200,16 @@ def _with_missing(rng: np.random.Generator, x: np.ndarray, rate: float) -> np.nd
   return np.where(rng.random(x.shape[0]) < rate, PAD, x)
 
 
-def _make_bag(rng: np.random.Generator, latent: np.ndarray, pool_size: int, max_len: int,
-              vocab: int, noise: float, *, empty_rate: float = 0.0) -> np.ndarray:
+def _make_bag(
+  rng: np.random.Generator,
+  latent: np.ndarray,
+  pool_size: int,
+  max_len: int,
+  vocab: int,
+  noise: float,
+  *,
+  empty_rate: float = 0.0,
+) -> np.ndarray:
   """Multi-valued feature: per item 1..max_len distinct values from its latent's pool.
 
   The pool of latent ``z`` is ids ``[z * pool_size, (z + 1) * pool_size)``; distinct pool values
@@ -193,8 +240,9 @@ def _make_bag(rng: np.random.Generator, latent: np.ndarray, pool_size: int, max_
   return values.astype(np.int32)
 
 
-def _items(rng: np.random.Generator, topic: np.ndarray, style: np.ndarray,
-           audience: np.ndarray, noise: float) -> dict[str, np.ndarray]:
+def _items(
+  rng: np.random.Generator, topic: np.ndarray, style: np.ndarray, audience: np.ndarray, noise: float
+) -> dict[str, np.ndarray]:
   """The item feature table from the latents [N]."""
   n = topic.shape[0]
   items = {"item_id": np.arange(n, dtype=np.int32)}
@@ -202,14 +250,21 @@ def _items(rng: np.random.Generator, topic: np.ndarray, style: np.ndarray,
   items["category"] = _noisy_id(rng, topic, NUM_TOPICS, noise)
   subcat = topic * SUBCATS_PER_TOPIC + rng.integers(0, SUBCATS_PER_TOPIC, size=n)
   items["subcategory"] = _noisy_id(rng, subcat, NUM_TOPICS * SUBCATS_PER_TOPIC, noise)
-  items["tags"] = _make_bag(rng, topic, TAGS_PER_TOPIC, TAGS_MAX_LEN,
-                            NUM_TOPICS * TAGS_PER_TOPIC, noise)
+  items["tags"] = _make_bag(
+    rng, topic, TAGS_PER_TOPIC, TAGS_MAX_LEN, NUM_TOPICS * TAGS_PER_TOPIC, noise
+  )
   # Style group.
   brand = style * BRANDS_PER_STYLE + rng.integers(0, BRANDS_PER_STYLE, size=n)
   brand = _noisy_id(rng, brand, NUM_STYLES * BRANDS_PER_STYLE, noise)
   items["brand"] = _with_missing(rng, brand, MISSING_RATE)
-  items["style_words"] = _make_bag(rng, style, STYLE_WORDS_PER_STYLE, STYLE_WORDS_MAX_LEN,
-                                   NUM_STYLES * STYLE_WORDS_PER_STYLE, noise)
+  items["style_words"] = _make_bag(
+    rng,
+    style,
+    STYLE_WORDS_PER_STYLE,
+    STYLE_WORDS_MAX_LEN,
+    NUM_STYLES * STYLE_WORDS_PER_STYLE,
+    noise,
+  )
   # Each style has a typical price bucket, or the one above it.
   center = (style * 7) % (NUM_PRICE_BUCKETS - 1)
   price = center + rng.integers(0, 2, size=n)
@@ -220,28 +275,39 @@ def _items(rng: np.random.Generator, topic: np.ndarray, style: np.ndarray,
   age = language % NUM_AGE_RATINGS
   age = _noisy_id(rng, age, NUM_AGE_RATINGS, noise)
   items["age_rating"] = _with_missing(rng, age, MISSING_RATE)
-  items["keywords"] = _make_bag(rng, audience, KEYWORDS_PER_AUDIENCE, KEYWORDS_MAX_LEN,
-                                NUM_AUDIENCES * KEYWORDS_PER_AUDIENCE, noise,
-                                empty_rate=EMPTY_KEYWORDS_RATE)
+  items["keywords"] = _make_bag(
+    rng,
+    audience,
+    KEYWORDS_PER_AUDIENCE,
+    KEYWORDS_MAX_LEN,
+    NUM_AUDIENCES * KEYWORDS_PER_AUDIENCE,
+    noise,
+    empty_rate=EMPTY_KEYWORDS_RATE,
+  )
   return {k: np.ascontiguousarray(v, dtype=np.int32) for k, v in items.items()}
 
 
-def _queries(rng: np.random.Generator, pref_topic: np.ndarray, pref_style: np.ndarray,
-             noise: float) -> dict[str, np.ndarray]:
+def _queries(
+  rng: np.random.Generator, pref_topic: np.ndarray, pref_style: np.ndarray, noise: float
+) -> dict[str, np.ndarray]:
   """The query feature table from the preferences [Q]."""
   q = pref_topic.shape[0]
   queries = {
-      "q_topic": _noisy_id(rng, pref_topic, NUM_TOPICS, noise).astype(np.int32),
-      "q_style": _noisy_id(rng, pref_style, NUM_STYLES, noise).astype(np.int32),
+    "q_topic": _noisy_id(rng, pref_topic, NUM_TOPICS, noise).astype(np.int32),
+    "q_style": _noisy_id(rng, pref_style, NUM_STYLES, noise).astype(np.int32),
   }
   # History: tokens from the preferred topic's pool, the preferred style's pool, or random.
   lengths = rng.integers(1, HISTORY_MAX_LEN + 1, size=q)
   shape = (q, HISTORY_MAX_LEN)
   kind = np.searchsorted(np.cumsum(HISTORY_MIX)[:-1], rng.random(shape), side="right")
   topic_tok = pref_topic[:, None] * HISTORY_TOKENS_PER_TOPIC + rng.integers(
-      0, HISTORY_TOKENS_PER_TOPIC, size=shape)
-  style_tok = (NUM_TOPICS * HISTORY_TOKENS_PER_TOPIC + pref_style[:, None] *
-               HISTORY_TOKENS_PER_STYLE + rng.integers(0, HISTORY_TOKENS_PER_STYLE, size=shape))
+    0, HISTORY_TOKENS_PER_TOPIC, size=shape
+  )
+  style_tok = (
+    NUM_TOPICS * HISTORY_TOKENS_PER_TOPIC
+    + pref_style[:, None] * HISTORY_TOKENS_PER_STYLE
+    + rng.integers(0, HISTORY_TOKENS_PER_STYLE, size=shape)
+  )
   random_tok = rng.integers(0, HISTORY_VOCAB, size=shape)
   hist = np.choose(kind, [topic_tok, style_tok, random_tok])
   hist = np.where(np.arange(HISTORY_MAX_LEN)[None, :] < lengths[:, None], hist, PAD)
@@ -259,8 +325,14 @@ def _queries(rng: np.random.Generator, pref_topic: np.ndarray, pref_style: np.nd
 class _PairSampler:
   """Samples (query, item) pairs from P(item | query) ∝ pop(item) * exp(BETA * match)."""
 
-  def __init__(self, topic: np.ndarray, style: np.ndarray, popularity: np.ndarray,
-               pref_topic: np.ndarray, pref_style: np.ndarray):
+  def __init__(
+    self,
+    topic: np.ndarray,
+    style: np.ndarray,
+    popularity: np.ndarray,
+    pref_topic: np.ndarray,
+    pref_style: np.ndarray,
+  ):
     num_cells = NUM_TOPICS * NUM_STYLES
     self.num_cells = num_cells
     cell = topic.astype(np.int64) * NUM_STYLES + style
@@ -276,8 +348,9 @@ class _PairSampler:
     # Cell distribution of each query type (pref topic, pref style): [C types, C cells].
     cells = np.arange(num_cells)
     ct, cs = cells // NUM_STYLES, cells % NUM_STYLES
-    match = ((ct[:, None] == ct[None, :]).astype(np.float64) +
-             (cs[:, None] == cs[None, :]).astype(np.float64))
+    match = (ct[:, None] == ct[None, :]).astype(np.float64) + (cs[:, None] == cs[None, :]).astype(
+      np.float64
+    )
     weight = self.mass[None, :] * np.exp(BETA * match)
     cdf = np.cumsum(weight, axis=1)
     cdf /= cdf[:, -1:]
@@ -286,8 +359,9 @@ class _PairSampler:
     self.cdf_flat = (cdf + np.arange(num_cells)[:, None]).ravel()
     self.query_type = pref_topic.astype(np.int64) * NUM_STYLES + pref_style
 
-  def sample(self, rng: np.random.Generator, query_rows: np.ndarray,
-             num_pairs: int) -> tuple[np.ndarray, np.ndarray]:
+  def sample(
+    self, rng: np.random.Generator, query_rows: np.ndarray, num_pairs: int
+  ) -> tuple[np.ndarray, np.ndarray]:
     """Returns ``(query int32 [P], item int32 [P])``; queries uniform over ``query_rows``."""
     query = query_rows[rng.integers(0, query_rows.size, size=num_pairs)]
     row = self.query_type[query]
@@ -300,10 +374,17 @@ class _PairSampler:
     return query.astype(np.int32), self.order[pos].astype(np.int32)
 
 
-def generate(seed: int, *, num_items: int = 20_000, num_queries: int = 40_000,
-             num_train_pairs: int = 300_000, num_eval_pairs: int = 20_000,
-             popularity_exponent: float = 1.1, feature_noise: float = 0.1,
-             embed_dim: int = 32) -> table.Dataset:
+def generate(
+  seed: int,
+  *,
+  num_items: int = 20_000,
+  num_queries: int = 40_000,
+  num_train_pairs: int = 300_000,
+  num_eval_pairs: int = 20_000,
+  popularity_exponent: float = 1.1,
+  feature_noise: float = 0.1,
+  embed_dim: int = 32,
+) -> table.Dataset:
   """Generates the synthetic dataset; identical arrays for identical arguments.
 
   Args:
@@ -323,14 +404,23 @@ def generate(seed: int, *, num_items: int = 20_000, num_queries: int = 40_000,
   Raises:
     DataError: on invalid arguments.
   """
-  _check_args(seed, num_items, num_queries, num_train_pairs, num_eval_pairs,
-              popularity_exponent, feature_noise, embed_dim)
+  _check_args(
+    seed,
+    num_items,
+    num_queries,
+    num_train_pairs,
+    num_eval_pairs,
+    popularity_exponent,
+    feature_noise,
+    embed_dim,
+  )
   noise = float(feature_noise)
   rng = np.random.default_rng(int(seed))
 
   # Latent marginals (mildly non-uniform) and item latents, independent across groups.
-  probs = [rng.dirichlet(np.full(k, LATENT_CONCENTRATION))
-           for k in (NUM_TOPICS, NUM_STYLES, NUM_AUDIENCES)]
+  probs = [
+    rng.dirichlet(np.full(k, LATENT_CONCENTRATION)) for k in (NUM_TOPICS, NUM_STYLES, NUM_AUDIENCES)
+  ]
   topic, style, audience = (rng.choice(p.size, size=num_items, p=p) for p in probs)
   items = _items(rng, topic, style, audience, noise)
 
@@ -353,21 +443,22 @@ def generate(seed: int, *, num_items: int = 20_000, num_queries: int = 40_000,
   is_valid = eval_query < eval_rows[0] + num_eval_queries // 2
   if num_eval_queries < 2 or is_valid.all() or not is_valid.any():
     raise table.DataError(
-        f"synthetic: {num_eval_queries} held-out queries and {num_eval_pairs} held-out pairs "
-        "leave the validation or the test split empty; raise data.num_queries / "
-        "data.num_eval_pairs")
+      f"synthetic: {num_eval_queries} held-out queries and {num_eval_pairs} held-out pairs "
+      "leave the validation or the test split empty; raise data.num_queries / "
+      "data.num_eval_pairs"
+    )
 
   return table.Dataset(
-      name="synthetic",
-      item_spec=item_spec(int(embed_dim), int(num_items)),
-      query_spec=query_spec(int(embed_dim)),
-      items=items,
-      queries=queries,
-      train_query=train_query,
-      train_item=train_item,
-      eval_query=eval_query[~is_valid],
-      eval_item=eval_item[~is_valid],
-      valid_query=eval_query[is_valid],
-      valid_item=eval_item[is_valid],
-      item_keys=np.arange(num_items),
+    name="synthetic",
+    item_spec=item_spec(int(embed_dim), int(num_items)),
+    query_spec=query_spec(int(embed_dim)),
+    items=items,
+    queries=queries,
+    train_query=train_query,
+    train_item=train_item,
+    eval_query=eval_query[~is_valid],
+    eval_item=eval_item[~is_valid],
+    valid_query=eval_query[is_valid],
+    valid_item=eval_item[is_valid],
+    item_keys=np.arange(num_items),
   ).validate()

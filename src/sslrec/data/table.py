@@ -93,9 +93,13 @@ class Dataset:
       raise ValueError(f"split={split!r}; allowed: 'valid', 'test'")
     if self.valid_item is None:
       raise DataError(f"{self.name}: this dataset has no validation split")
-    return dataclasses.replace(self, eval_query=self.valid_query, eval_item=self.valid_item,
-                               eval_seen_query=self.valid_seen_query,
-                               eval_seen_item=self.valid_seen_item)
+    return dataclasses.replace(
+      self,
+      eval_query=self.valid_query,
+      eval_item=self.valid_item,
+      eval_seen_query=self.valid_seen_query,
+      eval_seen_item=self.valid_seen_item,
+    )
 
   def validate(self) -> "Dataset":
     """Checks shapes, ranges and pair indices; raises DataError naming the problem."""
@@ -104,22 +108,29 @@ class Dataset:
       n_queries = self.query_spec.validate(self.queries, source=f"{self.name} queries")
     except features_lib.SchemaError as e:
       raise DataError(str(e)) from None
-    splits = [("train", self.train_query, self.train_item), ("test", self.eval_query, self.eval_item)]
+    splits = [
+      ("train", self.train_query, self.train_item),
+      ("test", self.eval_query, self.eval_item),
+    ]
     if (self.valid_query is None) != (self.valid_item is None):
       raise DataError(f"{self.name}: valid_query and valid_item must both be set or None")
     if self.valid_query is not None:
       splits.append(("validation", self.valid_query, self.valid_item))
     for split, q, i in splits:
       if q.shape != i.shape or q.ndim != 1:
-        raise DataError(f"{self.name}: {split} pairs have query shape {q.shape}, item shape {i.shape}")
+        raise DataError(
+          f"{self.name}: {split} pairs have query shape {q.shape}, item shape {i.shape}"
+        )
       if q.size == 0:
         raise DataError(f"{self.name}: the {split} split has no pairs")
       if q.min() < 0 or q.max() >= n_queries:
         raise DataError(f"{self.name}: {split} query index out of range [0, {n_queries})")
       if i.min() < 0 or i.max() >= n_items:
         raise DataError(f"{self.name}: {split} item index out of range [0, {n_items})")
-    for what, q, i in (("eval_seen", self.eval_seen_query, self.eval_seen_item),
-                       ("valid_seen", self.valid_seen_query, self.valid_seen_item)):
+    for what, q, i in (
+      ("eval_seen", self.eval_seen_query, self.eval_seen_item),
+      ("valid_seen", self.valid_seen_query, self.valid_seen_item),
+    ):
       self._check_seen(what, q, i, n_queries, n_items)
     return self
 

@@ -19,13 +19,11 @@ embedding.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
 from sslrec import features as features_lib
-
 
 
 def num_masked(k: int, fraction: float = 0.5) -> int:
@@ -202,11 +200,11 @@ def multi_value_dropout(rng: jax.Array, ids: jax.Array, rate: float) -> jax.Arra
 
 
 def two_views(
-    rng: jax.Array,
-    batch: dict[str, jax.Array],
-    spec: features_lib.TowerSpec,
-    mask: jax.Array,
-    dropout_rate: float,
+  rng: jax.Array,
+  batch: dict[str, jax.Array],
+  spec: features_lib.TowerSpec,
+  mask: jax.Array,
+  dropout_rate: float,
 ) -> tuple[dict[str, jax.Array], jax.Array, dict[str, jax.Array], jax.Array]:
   """Builds the two augmented views of a batch of items.
 
@@ -227,24 +225,26 @@ def two_views(
   mask = jnp.asarray(mask, bool)
   if mask.shape != (spec.num_features,):
     raise ValueError(
-        f"mask has shape {mask.shape}, expected ({spec.num_features},) for tower {spec.name!r}")
+      f"mask has shape {mask.shape}, expected ({spec.num_features},) for tower {spec.name!r}"
+    )
   views = []
   for view_rng in jax.random.split(rng, 2):
     out = dict(batch)
     for i, f in enumerate(spec.features):
       if f.kind == "multi":
         out[f.name] = multi_value_dropout(
-            jax.random.fold_in(view_rng, i), batch[f.name], dropout_rate)
+          jax.random.fold_in(view_rng, i), batch[f.name], dropout_rate
+        )
     views.append(out)
   return views[0], mask, views[1], ~mask
 
 
 def make_mask(
-    rng: jax.Array,
-    masking: str,
-    k: int,
-    mi: Optional[jax.Array] = None,
-    fraction: float = 0.5,
+  rng: jax.Array,
+  masking: str,
+  k: int,
+  mi: jax.Array | None = None,
+  fraction: float = 0.5,
 ) -> jax.Array:
   """Draws view 1's feature mask with the named strategy.
 
@@ -282,8 +282,8 @@ def no_mask(rng: jax.Array, k: int, fraction: float = 0.5) -> jax.Array:
 # that reads MI is ``fn(rng, mi [k, k], fraction)``, one that does not ``fn(rng, k, fraction)``;
 # configuration reads the allowed names from here, so a new strategy is a function plus a line.
 MASKS = {
-    "cfm": (cfm_mask, True),
-    "rfm": (rfm_mask, False),
-    "none": (no_mask, False),
-    "cfm_ids_random": (cfm_ids_random_mask, True),
+  "cfm": (cfm_mask, True),
+  "rfm": (rfm_mask, False),
+  "none": (no_mask, False),
+  "cfm_ids_random": (cfm_ids_random_mask, True),
 }

@@ -13,12 +13,13 @@ Per feature ``f`` the layer owns:
   * ``{f}_default`` ``[embed_dim]`` learned default embedding, used where the feature is masked by
     an SSL view, where an id is missing (-1), or where a bag has no present value (empty, or every
     value dropped by augmentation).
-The output is the concatenation of every feature's embedding in schema order: ``[B, sum(embed_dim)]``.
+The output is the concatenation of every feature's embedding in schema order: ``[B,
+sum(embed_dim)]``.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
@@ -88,6 +89,7 @@ def blockwise_normal(stddev: float, max_block_rows: int = 65536):
   """Normal(0, stddev) initializer for ``[rows, dim]`` tables that draws them in row blocks
   (``lax.map``), so initialising a 10^7-row table needs the table plus one block of memory, not
   several table-sized temporaries of the random-bit generator."""
+
   def init(key, shape, dtype=jnp.float32):
     rows, dim = shape
     if rows <= max_block_rows:
@@ -96,6 +98,7 @@ def blockwise_normal(stddev: float, max_block_rows: int = 65536):
     keys = jax.random.split(key, rows // block)
     out = jax.lax.map(lambda k: stddev * jax.random.normal(k, (block, dim), dtype), keys)
     return out.reshape(rows, dim)
+
   return init
 
 
@@ -107,16 +110,20 @@ class InputLayer(nn.Module):
   row_multiple: int = 1  # table rows padded to a multiple of this (row sharding needs it)
 
   @nn.compact
-  def __call__(self, batch: Mapping[str, Array], feature_mask: Array | None = None,
-               ids: Mapping[str, Array] | None = None) -> Array:
+  def __call__(
+    self,
+    batch: Mapping[str, Array],
+    feature_mask: Array | None = None,
+    ids: Mapping[str, Array] | None = None,
+  ) -> Array:
     """Args:
-      batch: ``{name: array}`` as in features.py.
-      feature_mask: ``bool [k]`` (whole batch) or ``[B, k]`` (per row) or ``None``; True where
-        the feature is replaced by its default embedding (an SSL view's mask).
-      ids: optional ``{table param name: (row ids [B(, L)], rows [U, D])}``: look up ``row ids``
-        in ``rows`` instead of ``table_ids(batch)`` in the table parameter. The sparse update path
-        passes each table's gathered rows and the batch's positions into them here (the table
-        parameter is then not read at all).
+    batch: ``{name: array}`` as in features.py.
+    feature_mask: ``bool [k]`` (whole batch) or ``[B, k]`` (per row) or ``None``; True where
+      the feature is replaced by its default embedding (an SSL view's mask).
+    ids: optional ``{table param name: (row ids [B(, L)], rows [U, D])}``: look up ``row ids``
+      in ``rows`` instead of ``table_ids(batch)`` in the table parameter. The sparse update path
+      passes each table's gathered rows and the batch's positions into them here (the table
+      parameter is then not read at all).
     """
     outs = []
     for idx, f in enumerate(self.spec.features):
@@ -128,13 +135,14 @@ class InputLayer(nn.Module):
       else:
         own = table_ids(f, x)
         emb, present = 0.0, None
-        for (suffix, rows), name in zip(f.tables, own):
+        for (_suffix, rows), name in zip(f.tables, own):
           if ids is not None and name in ids:  # sparse path: gathered rows, positions into them
             row_ids, table = ids[name]
           else:
             rows = -(-rows // self.row_multiple) * self.row_multiple
-            table = self.param(name, blockwise_normal(1.0 / (f.embed_dim ** 0.5)),
-                               (rows, f.embed_dim))
+            table = self.param(
+              name, blockwise_normal(1.0 / (f.embed_dim**0.5)), (rows, f.embed_dim)
+            )
             row_ids = own[name]
           e, p = pooled_lookup(table, row_ids)
           emb = emb + e

@@ -19,7 +19,7 @@ default embeddings; its MLP stays its own) and owns no ``query_input`` parameter
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -41,7 +41,9 @@ class MLP(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   def setup(self):
-    self.layers = [nn.Dense(h, dtype=self.dtype, name=f"hidden_{i}") for i, h in enumerate(self.hidden)]
+    self.layers = [
+      nn.Dense(h, dtype=self.dtype, name=f"hidden_{i}") for i, h in enumerate(self.hidden)
+    ]
     self.out = nn.Dense(self.out_dim, dtype=self.dtype, name="out")
 
   def trunk(self, x: Array) -> Array:
@@ -70,11 +72,12 @@ class TwoTower(nn.Module):
       raise ValueError(f"ssl_sharing={self.ssl_sharing!r}; allowed: {SSL_SHARING}")
     if self.shares_item_tables:
       if self.query_spec.features != self.item_spec.features:
-        raise ValueError("the query tower shares the item tower's tables but its features differ: "
-                         f"{self.query_spec.names} vs {self.item_spec.names}")
+        raise ValueError(
+          "the query tower shares the item tower's tables but its features differ: "
+          f"{self.query_spec.names} vs {self.item_spec.names}"
+        )
     else:
-      self.query_input = embeddings.InputLayer(self.query_spec, self.dtype,
-                                               self.table_row_multiple)
+      self.query_input = embeddings.InputLayer(self.query_spec, self.dtype, self.table_row_multiple)
     self.item_input = embeddings.InputLayer(self.item_spec, self.dtype, self.table_row_multiple)
     self.query_mlp = MLP(self.query_hidden, self.output_dim, self.dtype)
     self.item_mlp = MLP(self.item_hidden, self.output_dim, self.dtype)
@@ -88,8 +91,10 @@ class TwoTower(nn.Module):
     """Whether the query tower reads the item tower's input layer (item-to-item retrieval)."""
     other = self.query_spec.share_tables_with
     if other and other != self.item_spec.name:
-      raise ValueError(f"query tower shares tables with {other!r}; only the item tower "
-                       f"({self.item_spec.name!r}) is possible")
+      raise ValueError(
+        f"query tower shares tables with {other!r}; only the item tower "
+        f"({self.item_spec.name!r}) is possible"
+      )
     return bool(other)
 
   @property
@@ -102,8 +107,9 @@ class TwoTower(nn.Module):
     inputs = self.item_input if self.shares_item_tables else self.query_input
     return losses.l2_normalize(self.query_mlp(inputs(query, ids=ids)).astype(jnp.float32))
 
-  def item_tower(self, item: Mapping[str, Array], feature_mask: Array | None = None,
-                 ids=None) -> Array:
+  def item_tower(
+    self, item: Mapping[str, Array], feature_mask: Array | None = None, ids=None
+  ) -> Array:
     """``[B, output_dim]`` L2-normalised item embeddings."""
     h = self.item_input(item, feature_mask, ids=ids)
     return losses.l2_normalize(self.item_mlp(h).astype(jnp.float32))

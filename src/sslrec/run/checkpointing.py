@@ -23,7 +23,7 @@ import shutil
 import threading
 import time
 import zlib
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -56,7 +56,8 @@ def best_directory(workdir: str) -> str:
 def best_manager(workdir: str):
   """An orbax manager of the selected parameters (the train loop prunes it: ``prune_best``)."""
   return ocp.CheckpointManager(
-      best_directory(workdir), options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True))
+    best_directory(workdir), options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True)
+  )
 
 
 def prune_best(mgr, *, keep: int | None, upto: int | None = None, after: int | None = None):
@@ -78,8 +79,9 @@ def best_args(params, *, save: bool):
 
 def manager(workdir: str, config):
   return ocp.CheckpointManager(
-      directory(workdir),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.train.max_checkpoints, create=True))
+    directory(workdir),
+    options=ocp.CheckpointManagerOptions(max_to_keep=config.train.max_checkpoints, create=True),
+  )
 
 
 def unfinished_saves(ckpt_dir: str) -> list[str]:
@@ -109,8 +111,10 @@ def _crc(path: str) -> int:
 
 def seal(step_dir: str) -> None:
   """Writes the seal of a completed checkpoint (atomically: a crash leaves no partial seal)."""
-  entries = {rel: [os.path.getsize(os.path.join(step_dir, rel)), _crc(os.path.join(step_dir, rel))]
-             for rel in _files(step_dir)}
+  entries = {
+    rel: [os.path.getsize(os.path.join(step_dir, rel)), _crc(os.path.join(step_dir, rel))]
+    for rel in _files(step_dir)
+  }
   tmp = os.path.join(step_dir, SEAL + ".tmp")
   with open(tmp, "w") as f:
     json.dump(entries, f, sort_keys=True)
@@ -197,8 +201,9 @@ def _first_line(e: BaseException, limit: int = 240) -> str:
   return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
-def restore_latest(mgr, restore_fn: Callable[[int], dict], *, workdir: str,
-                   log: Callable[[str], None]) -> tuple[int, dict] | None:
+def restore_latest(
+  mgr, restore_fn: Callable[[int], dict], *, workdir: str, log: Callable[[str], None]
+) -> tuple[int, dict] | None:
   """Restores the newest usable checkpoint with ``restore_fn(step)``; returns ``(step, what
   restore_fn returned)``, or None when the workdir has no checkpoint at all.
 
@@ -223,13 +228,17 @@ def restore_latest(mgr, restore_fn: Callable[[int], dict], *, workdir: str,
     try:
       restored = restore_fn(step)
     except CheckpointMismatch as e:
-      raise CheckpointError(f"checkpoint {step_dir} does not fit this run ({e}); the model or "
-                            "the data changed since it was saved. Use another --workdir") from None
+      raise CheckpointError(
+        f"checkpoint {step_dir} does not fit this run ({e}); the model or "
+        "the data changed since it was saved. Use another --workdir"
+      ) from None
     except Exception as e:  # noqa: BLE001 -- any failure to read it makes it unusable
       if status == "ok":  # intact files that do not restore: not a corruption
-        raise CheckpointError(f"checkpoint {step_dir} cannot be restored into this run "
-                              f"({_first_line(e)}); its files are intact: if the model or the "
-                              "data changed since it was saved, use another --workdir") from None
+        raise CheckpointError(
+          f"checkpoint {step_dir} cannot be restored into this run "
+          f"({_first_line(e)}); its files are intact: if the model or the "
+          "data changed since it was saved, use another --workdir"
+        ) from None
       bad.append((step, _first_line(e)))
       log(f"checkpoint {step_dir} cannot be read ({_first_line(e)}); trying the previous one")
       continue
@@ -239,8 +248,9 @@ def restore_latest(mgr, restore_fn: Callable[[int], dict], *, workdir: str,
     return step, restored
   listed = "; ".join(f"{s}: {d}" for s, d in bad)
   raise CheckpointError(
-      f"none of the {len(steps)} checkpoints in {ckpt_dir} can be restored ({listed}). Move them "
-      "away (or use another --workdir) to start from scratch")
+    f"none of the {len(steps)} checkpoints in {ckpt_dir} can be restored ({listed}). Move them "
+    "away (or use another --workdir) to start from scratch"
+  )
 
 
 def _quarantine(workdir: str, steps: list[int], log) -> None:
@@ -261,5 +271,8 @@ def _quarantine(workdir: str, steps: list[int], log) -> None:
 
 def estimate_bytes(abstract_tree) -> int:
   """Bytes of a checkpoint of ``abstract_tree`` (its arrays, uncompressed)."""
-  return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
-             for x in jax.tree.leaves(abstract_tree) if hasattr(x, "shape"))
+  return sum(
+    math.prod(x.shape) * np.dtype(x.dtype).itemsize
+    for x in jax.tree.leaves(abstract_tree)
+    if hasattr(x, "shape")
+  )

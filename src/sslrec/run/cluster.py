@@ -30,24 +30,43 @@ def _pump(proc: subprocess.Popen, prefix: str, out, lock: threading.Lock):
       out.flush()
 
 
-def run(main_args: list[str], *, num_processes: int, devices_per_process: int,
-        script: str | None = None, port: int | None = None, out=None) -> int:
+def run(
+  main_args: list[str],
+  *,
+  num_processes: int,
+  devices_per_process: int,
+  script: str | None = None,
+  port: int | None = None,
+  out=None,
+) -> int:
   """Runs the cluster to completion; returns 0 or the first failing process's exit code."""
   out = out or sys.stdout
-  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
-      os.path.abspath(__file__)))))  # src/sslrec/run/cluster.py -> the checkout
+  repo = os.path.dirname(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  )  # src/sslrec/run/cluster.py -> the checkout
   script = script or os.path.join(repo, "launch", "main.py")
   port = port or free_port()
   env = dict(os.environ)
-  kept = [f for f in env.get("XLA_FLAGS", "").split()
-          if not f.startswith("--xla_force_host_platform_device_count")]
-  env["XLA_FLAGS"] = " ".join(kept + [f"--xla_force_host_platform_device_count={devices_per_process}"])
+  kept = [
+    f
+    for f in env.get("XLA_FLAGS", "").split()
+    if not f.startswith("--xla_force_host_platform_device_count")
+  ]
+  env["XLA_FLAGS"] = " ".join(
+    kept + [f"--xla_force_host_platform_device_count={devices_per_process}"]
+  )
   env.setdefault("JAX_PLATFORMS", "cpu")
   env["PYTHONUNBUFFERED"] = "1"
   procs, threads, lock = [], [], threading.Lock()
   for i in range(num_processes):
-    cmd = [sys.executable, script, *main_args, f"--coordinator_address=127.0.0.1:{port}",
-           f"--num_processes={num_processes}", f"--process_id={i}"]
+    cmd = [
+      sys.executable,
+      script,
+      *main_args,
+      f"--coordinator_address=127.0.0.1:{port}",
+      f"--num_processes={num_processes}",
+      f"--process_id={i}",
+    ]
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     t = threading.Thread(target=_pump, args=(p, f"[{i}] ", out, lock), daemon=True)
     t.start()

@@ -25,7 +25,8 @@ import threading
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 KILL_ENV = "SSLREC_TEST_KILL_AT_STEP"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -74,8 +75,12 @@ class StopRequest:
     self._multi = jax.process_count() > 1
     if self._multi:
       sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))  # one flag per device
-      self._flags = [jax.make_array_from_callback(
-          (mesh.size,), sharding, lambda _, v=v: np.full((1,), v, np.int32)) for v in (0, 1)]
+      self._flags = [
+        jax.make_array_from_callback(
+          (mesh.size,), sharding, lambda _, v=v: np.full((1,), v, np.int32)
+        )
+        for v in (0, 1)
+      ]
       self._reduce = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, P()))
 
   def _handle(self, signum, frame):
@@ -88,8 +93,11 @@ class StopRequest:
       os.kill(os.getpid(), signum)
       return
     self.signal_name = name
-    os.write(2, f"{name} received: the run saves a checkpoint at the next step boundary and "
-                f"stops (send it again to stop at once, without saving)\n".encode())
+    os.write(
+      2,
+      f"{name} received: the run saves a checkpoint at the next step boundary and "
+      f"stops (send it again to stop at once, without saving)\n".encode(),
+    )
 
   def should_stop(self, step: int) -> bool:
     """True when the loop must stop after ``step`` (the same answer on every process)."""
@@ -112,20 +120,23 @@ class StopRequest:
 
 
 def format_parts(scalars: dict) -> str:
-  keys = [k for k in ("loss", "loss/main", "loss/ssl", "loss/spread_out", "grad_norm")
-          if k in scalars]
+  keys = [
+    k for k in ("loss", "loss/main", "loss/ssl", "loss/spread_out", "grad_norm") if k in scalars
+  ]
   return ", ".join(f"{k} {scalars[k]:.6g}" for k in keys)
 
 
-def write_nonfinite_report(workdir: str, step: int, scalars: dict, ids: dict,
-                           last_checkpoint: int | None) -> str:
+def write_nonfinite_report(
+  workdir: str, step: int, scalars: dict, ids: dict, last_checkpoint: int | None
+) -> str:
   """Writes ``WORKDIR/nonfinite_step_<step>.json``; returns its path."""
   path = os.path.join(workdir, f"nonfinite_step_{step}.json")
-  record = {"step": step,
-            "metrics": {k: (float(v) if np.isfinite(v) else str(float(v)))
-                        for k, v in scalars.items()},
-            "last_good_checkpoint": last_checkpoint,
-            **{k: np.asarray(v).tolist() for k, v in ids.items()}}
+  record = {
+    "step": step,
+    "metrics": {k: (float(v) if np.isfinite(v) else str(float(v))) for k, v in scalars.items()},
+    "last_good_checkpoint": last_checkpoint,
+    **{k: np.asarray(v).tolist() for k, v in ids.items()},
+  }
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(record, f)

@@ -46,15 +46,17 @@ def prepare(workdir: str, config_dict: dict, *, allow_config_change: bool) -> bo
       with open(path) as f:
         saved = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-      raise WorkdirError(f"{path}: cannot read the saved config ({e}); refusing to touch this "
-                         "workdir") from None
+      raise WorkdirError(
+        f"{path}: cannot read the saved config ({e}); refusing to touch this workdir"
+      ) from None
     diff = configuration.diff_model_fields(saved, config_dict)
     if diff and not allow_config_change:
       shown = "; ".join(diff[:6]) + (f"; ... ({len(diff)} fields)" if len(diff) > 6 else "")
       raise WorkdirError(
-          f"{workdir} holds a run with a different model config ({shown}). Use another --workdir, "
-          "or pass --allow_config_change to continue that run with the new config (its "
-          "checkpoints are kept)")
+        f"{workdir} holds a run with a different model config ({shown}). Use another --workdir, "
+        "or pass --allow_config_change to continue that run with the new config (its "
+        "checkpoints are kept)"
+      )
   elif os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
     raise WorkdirError(f"{workdir} has checkpoints but no config.json; refusing to reuse it")
   check_writable(workdir)  # every process: each writes its share of the checkpoints
@@ -91,8 +93,10 @@ def check_writable(workdir: str) -> None:
       os.close(fd)
       os.unlink(probe)
   except OSError as e:
-    raise WorkdirError(f"--workdir={workdir} is not writable ({e.strerror or e}); choose a "
-                       "directory this process can write") from None
+    raise WorkdirError(
+      f"--workdir={workdir} is not writable ({e.strerror or e}); choose a "
+      "directory this process can write"
+    ) from None
 
 
 def check_free_space(workdir: str, checkpoint_bytes: int, max_checkpoints: int) -> str | None:
@@ -105,13 +109,17 @@ def check_free_space(workdir: str, checkpoint_bytes: int, max_checkpoints: int) 
     return None  # not measurable here (e.g. a remote file system): not refused
   gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
   if free < 2 * checkpoint_bytes + (16 << 20):
-    raise WorkdirError(f"--workdir={workdir} has {gib(free)} free; a checkpoint of this run takes "
-                       f"about {gib(checkpoint_bytes)} (need at least {gib(2 * checkpoint_bytes)} "
-                       "plus room for metrics); free some space or use another --workdir")
+    raise WorkdirError(
+      f"--workdir={workdir} has {gib(free)} free; a checkpoint of this run takes "
+      f"about {gib(checkpoint_bytes)} (need at least {gib(2 * checkpoint_bytes)} "
+      "plus room for metrics); free some space or use another --workdir"
+    )
   if free < (max_checkpoints + 1) * checkpoint_bytes:
-    return (f"warning: --workdir={workdir} has {gib(free)} free, less than "
-            f"train.max_checkpoints + 1 = {max_checkpoints + 1} checkpoints of about "
-            f"{gib(checkpoint_bytes)}")
+    return (
+      f"warning: --workdir={workdir} has {gib(free)} free, less than "
+      f"train.max_checkpoints + 1 = {max_checkpoints + 1} checkpoints of about "
+      f"{gib(checkpoint_bytes)}"
+    )
   return None
 
 
@@ -161,6 +169,7 @@ class MetricsWriter:
       os.makedirs(workdir, exist_ok=True)
       try:  # imported lazily on purpose: only the writing process pays for it
         from tensorboardX import SummaryWriter
+
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge_step)
       except ImportError:  # optional at import time; a dependency of the package
         self._tb = None

@@ -46,8 +46,32 @@ from sslrec.serving.query import parse_query
 from sslrec.serving.retriever import Results, Retriever, format_results
 from sslrec.serving.search import MAX_SCORES_PER_CHUNK, exact_search
 
-__all__ = ["Retriever", "Results", "ServingError", "ExportDirError", "QueryError",
-           "ServingWarning", "parse_query", "format_results", "read_manifest", "read_schema",
-           "exact_search", "sha256_file", "Feature", "ann", "FORMAT", "FORMAT_VERSION", "MANIFEST",
-           "ITEM_EMBEDDINGS", "ITEM_KEYS", "ITEM_NAMES", "QUERY_TOWER", "QUERY_PARAMS", "SCHEMA",
-           "VOCABULARIES", "REQUIRED_FILES", "OOV_ID", "MAX_SCORES_PER_CHUNK"]
+__all__ = [
+  "Retriever",
+  "Results",
+  "ServingError",
+  "ExportDirError",
+  "QueryError",
+  "ServingWarning",
+  "parse_query",
+  "format_results",
+  "read_manifest",
+  "read_schema",
+  "exact_search",
+  "sha256_file",
+  "Feature",
+  "ann",
+  "FORMAT",
+  "FORMAT_VERSION",
+  "MANIFEST",
+  "ITEM_EMBEDDINGS",
+  "ITEM_KEYS",
+  "ITEM_NAMES",
+  "QUERY_TOWER",
+  "QUERY_PARAMS",
+  "SCHEMA",
+  "VOCABULARIES",
+  "REQUIRED_FILES",
+  "OOV_ID",
+  "MAX_SCORES_PER_CHUNK",
+]

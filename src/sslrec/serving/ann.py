@@ -82,8 +82,9 @@ def _import(backend: str):
     return importlib.import_module(cls.module)
   except ImportError:
     raise AnnUnavailable(
-        f"approximate search with {backend!r} needs the optional package {cls.package!r}: "
-        f"pip install 'sslrec[ann]' (or pip install {cls.package})") from None
+      f"approximate search with {backend!r} needs the optional package {cls.package!r}: "
+      f"pip install 'sslrec[ann]' (or pip install {cls.package})"
+    ) from None
 
 
 def available() -> list[str]:
@@ -111,8 +112,9 @@ def resolve(backend: str = "auto") -> str:
     return b
   preferred = next(iter(BACKENDS.values()))
   raise AnnUnavailable(
-      "approximate search needs the optional 'ann' extra: pip install 'sslrec[ann]' "
-      f"(installs {preferred.package!r})")
+    "approximate search needs the optional 'ann' extra: pip install 'sslrec[ann]' "
+    f"(installs {preferred.package!r})"
+  )
 
 
 def _as_matrix(x: np.ndarray, name: str) -> np.ndarray:
@@ -131,17 +133,24 @@ class ScannIndex:
   knob = "leaves_to_search"
   calibration = None
 
-  def __init__(self, items: np.ndarray, *, num_leaves: int | None = None,
-               leaves_to_search: int | None = None, reorder: int = 100,
-               training_sample_size: int = 250_000, num_threads: int | None = None):
+  def __init__(
+    self,
+    items: np.ndarray,
+    *,
+    num_leaves: int | None = None,
+    leaves_to_search: int | None = None,
+    reorder: int = 100,
+    training_sample_size: int = 250_000,
+    num_threads: int | None = None,
+  ):
     """Args:
-      items: ``float32 [N, D]``.
-      num_leaves: k-means partitions (default ``round(sqrt(N))``); 0 = brute force.
-      leaves_to_search: partitions scored per query (default ``max(10, num_leaves // 20)``, 5%;
-        may be changed between searches).
-      reorder: candidates re-scored exactly per query (at least ``k``; may be changed too).
-      training_sample_size: items the partitioner and quantiser are trained on.
-      num_threads: search threads (default: the CPUs this process may use).
+    items: ``float32 [N, D]``.
+    num_leaves: k-means partitions (default ``round(sqrt(N))``); 0 = brute force.
+    leaves_to_search: partitions scored per query (default ``max(10, num_leaves // 20)``, 5%;
+      may be changed between searches).
+    reorder: candidates re-scored exactly per query (at least ``k``; may be changed too).
+    training_sample_size: items the partitioner and quantiser are trained on.
+    num_threads: search threads (default: the CPUs this process may use).
     """
     scann = _import(self.backend)
     items = _as_matrix(items, "items")
@@ -154,9 +163,11 @@ class ScannIndex:
     self.reorder = int(reorder)
     builder = scann.scann_ops_pybind.builder(items, 10, "dot_product")
     if self.num_leaves > 0:
-      builder = builder.tree(num_leaves=self.num_leaves,
-                             num_leaves_to_search=min(self.leaves_to_search, self.num_leaves),
-                             training_sample_size=min(training_sample_size, n))
+      builder = builder.tree(
+        num_leaves=self.num_leaves,
+        num_leaves_to_search=min(self.leaves_to_search, self.num_leaves),
+        training_sample_size=min(training_sample_size, n),
+      )
       builder = builder.score_ah(2, anisotropic_quantization_threshold=0.2).reorder(self.reorder)
     else:
       builder = builder.score_brute_force()
@@ -168,10 +179,11 @@ class ScannIndex:
     queries = _as_matrix(queries, "queries")
     kwargs = {}
     if self.num_leaves > 0:
-      kwargs = dict(leaves_to_search=min(self.leaves_to_search, self.num_leaves),
-                    pre_reorder_num_neighbors=max(self.reorder, k))
-    rows, scores = self._searcher.search_batched_parallel(queries, final_num_neighbors=k,
-                                                          **kwargs)
+      kwargs = dict(
+        leaves_to_search=min(self.leaves_to_search, self.num_leaves),
+        pre_reorder_num_neighbors=max(self.reorder, k),
+      )
+    rows, scores = self._searcher.search_batched_parallel(queries, final_num_neighbors=k, **kwargs)
     return np.asarray(scores, np.float32), np.asarray(rows, np.int64)
 
   def describe(self) -> str:
@@ -187,16 +199,24 @@ class FaissIndex:
   knob = "nprobe"
   calibration = None
 
-  def __init__(self, items: np.ndarray, *, nlist: int | None = None, nprobe: int | None = None,
-               training_sample_size: int = 262_144, num_threads: int | None = None, seed: int = 0):
+  def __init__(
+    self,
+    items: np.ndarray,
+    *,
+    nlist: int | None = None,
+    nprobe: int | None = None,
+    training_sample_size: int = 262_144,
+    num_threads: int | None = None,
+    seed: int = 0,
+  ):
     """Args:
-      items: ``float32 [N, D]``.
-      nlist: k-means cells (default ``round(sqrt(N))``, as ScaNN's leaves); 0 = brute force.
-      nprobe: cells searched per query (default ``max(10, nlist // 20)``, 5%; may be changed
-        between searches).
-      training_sample_size: items k-means is trained on.
-      num_threads: OpenMP threads (default: the CPUs this process may use).
-      seed: picks the training sample.
+    items: ``float32 [N, D]``.
+    nlist: k-means cells (default ``round(sqrt(N))``, as ScaNN's leaves); 0 = brute force.
+    nprobe: cells searched per query (default ``max(10, nlist // 20)``, 5%; may be changed
+      between searches).
+    training_sample_size: items k-means is trained on.
+    num_threads: OpenMP threads (default: the CPUs this process may use).
+    seed: picks the training sample.
     """
     faiss = _import(self.backend)
     items = _as_matrix(items, "items")
@@ -211,8 +231,11 @@ class FaissIndex:
       self._quantizer = faiss.IndexFlatIP(d)
       index = faiss.IndexIVFFlat(self._quantizer, d, self.nlist, faiss.METRIC_INNER_PRODUCT)
       rng = np.random.default_rng(seed)
-      sample = items if n <= training_sample_size else items[
-          np.sort(rng.choice(n, training_sample_size, replace=False))]
+      sample = (
+        items
+        if n <= training_sample_size
+        else items[np.sort(rng.choice(n, training_sample_size, replace=False))]
+      )
       index.train(sample)
       index.nprobe = min(self.nprobe, self.nlist)
     else:
@@ -243,12 +266,19 @@ def build(items: np.ndarray, backend: str = "auto", **params) -> AnnIndex:
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
   """Mean fraction of each row of ``truth [B, k]`` found in the same row of ``found [B, >=k]``."""
   k = truth.shape[1]
-  return float(np.mean([len(set(a[:k].tolist()) & set(b.tolist())) / k
-                        for a, b in zip(found, truth)]))
+  return float(
+    np.mean([len(set(a[:k].tolist()) & set(b.tolist())) / k for a, b in zip(found, truth)])
+  )
 
 
-def calibrate(index: AnnIndex, queries: np.ndarray, truth: np.ndarray, target: float = 0.95, *,
-              exclude_rows: np.ndarray | None = None) -> tuple[int, float]:
+def calibrate(
+  index: AnnIndex,
+  queries: np.ndarray,
+  truth: np.ndarray,
+  target: float = 0.95,
+  *,
+  exclude_rows: np.ndarray | None = None,
+) -> tuple[int, float]:
   """Doubles ``index``'s search-time knob until Recall@k of ``queries`` reaches ``target``.
 
   Args:

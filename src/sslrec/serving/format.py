@@ -80,8 +80,7 @@ def one_line(e: BaseException) -> str:
 
 def cannot_read(export_dir: str, e: BaseException) -> ExportDirError:
   """The error for an export whose files exist but cannot be parsed."""
-  return ExportDirError(f"{export_dir}: cannot read the export ({type(e).__name__}: "
-                        f"{one_line(e)})")
+  return ExportDirError(f"{export_dir}: cannot read the export ({type(e).__name__}: {one_line(e)})")
 
 
 # What reading a file of a damaged export raises (each becomes ``cannot_read``'s one line).
@@ -107,8 +106,9 @@ def read_manifest(export_dir: str, *, verify: bool = True) -> dict:
     raise ExportDirError(f"{export_dir}: no such export directory")
   path = os.path.join(export_dir, MANIFEST)
   if not os.path.isfile(path):
-    raise ExportDirError(f"{export_dir}: not an sslrec export (no {MANIFEST}); write one with "
-                         "launch/export.py")
+    raise ExportDirError(
+      f"{export_dir}: not an sslrec export (no {MANIFEST}); write one with launch/export.py"
+    )
   try:
     with open(path) as f:
       manifest = json.load(f)
@@ -119,24 +119,35 @@ def read_manifest(export_dir: str, *, verify: bool = True) -> dict:
   version = manifest.get("format_version")
   if version != FORMAT_VERSION:
     raise ExportDirError(
-        f"{export_dir} was written in export format version {version!r}; this sslrec reads "
-        f"version {FORMAT_VERSION}: re-export the run with this version (launch/export.py)")
+      f"{export_dir} was written in export format version {version!r}; this sslrec reads "
+      f"version {FORMAT_VERSION}: re-export the run with this version (launch/export.py)"
+    )
   files = manifest.get("files")
   needed = ("step", "num_items", "embedding_dim")
   if not isinstance(files, dict) or any(k not in manifest for k in needed):
     raise ExportDirError(f"{path}: incomplete manifest (needs 'files', {', '.join(needed)})")
-  missing = [n for n in sorted(set(files) | set(REQUIRED_FILES))
-             if not os.path.isfile(os.path.join(export_dir, n))]
+  missing = [
+    n
+    for n in sorted(set(files) | set(REQUIRED_FILES))
+    if not os.path.isfile(os.path.join(export_dir, n))
+  ]
   if missing:
-    raise ExportDirError(f"{export_dir}: missing files: {', '.join(missing)} (an incomplete copy? "
-                         "copy the whole directory, or re-export)")
+    raise ExportDirError(
+      f"{export_dir}: missing files: {', '.join(missing)} (an incomplete copy? "
+      "copy the whole directory, or re-export)"
+    )
   unlisted = [n for n in REQUIRED_FILES if n not in files]
   if unlisted:
     raise ExportDirError(f"{path}: no checksum for {', '.join(unlisted)}")
   if verify:
-    bad = [n for n, meta in sorted(files.items())
-           if sha256_file(os.path.join(export_dir, n)) != meta.get("sha256")]
+    bad = [
+      n
+      for n, meta in sorted(files.items())
+      if sha256_file(os.path.join(export_dir, n)) != meta.get("sha256")
+    ]
     if bad:
-      raise ExportDirError(f"{export_dir}: checksum mismatch for {', '.join(bad)} (changed or "
-                           "corrupted since export; re-export or copy it again)")
+      raise ExportDirError(
+        f"{export_dir}: checksum mismatch for {', '.join(bad)} (changed or "
+        "corrupted since export; re-export or copy it again)"
+      )
   return manifest

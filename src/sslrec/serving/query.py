@@ -72,8 +72,9 @@ def raw_id(f: Feature, value, lookups: Lookups, notes: list[str], where: str) ->
     if isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v < f.vocab_size:
       return int(v)
   if f.oov_id >= 0:
-    notes.append(f"{where}{f.name}: value {value!r} is out of vocabulary (-> the OOV id "
-                 f"{f.oov_id})")
+    notes.append(
+      f"{where}{f.name}: value {value!r} is out of vocabulary (-> the OOV id {f.oov_id})"
+    )
   elif f.kind == "id":
     notes.append(f"{where}{f.name}={value!r} is out of vocabulary (-> default embedding)")
   else:
@@ -87,16 +88,21 @@ def dense_value(f: Feature, value, where: str) -> np.ndarray:
   try:
     x = np.asarray(value, dtype=np.float64).reshape(-1)
   except (TypeError, ValueError):
-    raise QueryError(f"{where}{f.name} is a dense feature of {f.dense_dim} numbers; got "
-                     f"{value!r}") from None
+    raise QueryError(
+      f"{where}{f.name} is a dense feature of {f.dense_dim} numbers; got {value!r}"
+    ) from None
   if x.shape != (f.dense_dim,) or not np.all(np.isfinite(x)):
-    raise QueryError(f"{where}{f.name} is a dense feature of {f.dense_dim} finite numbers; "
-                     f"got {value!r}")
+    raise QueryError(
+      f"{where}{f.name} is a dense feature of {f.dense_dim} finite numbers; got {value!r}"
+    )
   return x.astype(np.float32)
 
 
-def encode(queries: Mapping[str, Any] | Sequence[Mapping[str, Any]], features: Sequence[Feature],
-           lookups: Lookups) -> tuple[dict[str, np.ndarray], list[str]]:
+def encode(
+  queries: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+  features: Sequence[Feature],
+  lookups: Lookups,
+) -> tuple[dict[str, np.ndarray], list[str]]:
   """Raw queries -> the query tower's input batch; see ``Retriever.encode``."""
   if isinstance(queries, Mapping):
     queries = [queries]
@@ -106,24 +112,32 @@ def encode(queries: Mapping[str, Any] | Sequence[Mapping[str, Any]], features: S
   known = tuple(f.name for f in features)
   for q in queries:
     if not isinstance(q, Mapping):
-      raise QueryError("a query must be a dict of feature name to value(s), got "
-                       f"{type(q).__name__}")
+      raise QueryError(
+        f"a query must be a dict of feature name to value(s), got {type(q).__name__}"
+      )
     unknown = [k for k in q if k not in known]
     if unknown:
-      hints = [f"{u!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(
-          str(u), known, n=1)) else repr(u) for u in unknown]
-      raise QueryError(f"unknown query features: {', '.join(hints)}; the query tower reads: "
-                       f"{', '.join(known)}")
+      hints = [
+        f"{u!r} (did you mean {m[0]!r}?)"
+        if (m := difflib.get_close_matches(str(u), known, n=1))
+        else repr(u)
+        for u in unknown
+      ]
+      raise QueryError(
+        f"unknown query features: {', '.join(hints)}; the query tower reads: {', '.join(known)}"
+      )
   b = len(queries)
-  batch = {f.name: np.full((b,) + f.shape, 0 if f.kind == "dense" else -1, f.dtype)
-           for f in features}
+  batch = {
+    f.name: np.full((b,) + f.shape, 0 if f.kind == "dense" else -1, f.dtype) for f in features
+  }
   notes = []
   for i, q in enumerate(queries):
     where = f"query {i}: " if b > 1 else ""
     absent = [f.name for f in features if q.get(f.name) is None]
     if absent:
-      notes.append(f"{where}not given (missing -> default embedding; dense -> zeros): "
-                   f"{', '.join(absent)}")
+      notes.append(
+        f"{where}not given (missing -> default embedding; dense -> zeros): {', '.join(absent)}"
+      )
     for f in features:
       value = q.get(f.name)
       if value is None:
@@ -136,10 +150,11 @@ def encode(queries: Mapping[str, Any] | Sequence[Mapping[str, Any]], features: S
         values = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]
         ids = [j for j in (raw_id(f, v, lookups, notes, where) for v in values) if j >= 0]
         if len(ids) > f.max_len:
-          notes.append(f"{where}{f.name}: {len(ids)} known values, the tower reads the first "
-                       f"{f.max_len}")
-          ids = ids[:f.max_len]
-        batch[f.name][i, :len(ids)] = ids
+          notes.append(
+            f"{where}{f.name}: {len(ids)} known values, the tower reads the first {f.max_len}"
+          )
+          ids = ids[: f.max_len]
+        batch[f.name][i, : len(ids)] = ids
       else:
         batch[f.name][i] = dense_value(f, value, where)
   return batch, notes
@@ -159,8 +174,9 @@ def parse_query(text: str) -> dict[str, Any]:
     name, sep, value = part.partition("=")
     name = name.strip()
     if not sep or not name:
-      raise QueryError(f"--query: {part.strip()!r} is not name=value (syntax: "
-                       "'name=value,name=v1|v2|v3')")
+      raise QueryError(
+        f"--query: {part.strip()!r} is not name=value (syntax: 'name=value,name=v1|v2|v3')"
+      )
     if name in out:
       raise QueryError(f"--query: feature {name!r} given twice")
     if "|" in value:

@@ -57,10 +57,18 @@ class Results:
 class Retriever:
   """A loaded export: query encoding, the query tower, exact and approximate top-K search."""
 
-  def __init__(self, export_dir: str, manifest: dict, features: Sequence[Feature],
-               vocabularies: Mapping[str, list], item_embeddings: np.ndarray,
-               item_keys: np.ndarray, item_names: np.ndarray | None, query_tower,
-               query_params: Mapping[str, np.ndarray]):
+  def __init__(
+    self,
+    export_dir: str,
+    manifest: dict,
+    features: Sequence[Feature],
+    vocabularies: Mapping[str, list],
+    item_embeddings: np.ndarray,
+    item_keys: np.ndarray,
+    item_names: np.ndarray | None,
+    query_tower,
+    query_params: Mapping[str, np.ndarray],
+  ):
     self.export_dir = export_dir
     self.manifest = manifest
     self.features = tuple(features)
@@ -98,8 +106,11 @@ class Retriever:
     try:
       item_embeddings = np.load(path(format_lib.ITEM_EMBEDDINGS), allow_pickle=False)
       item_keys = np.load(path(format_lib.ITEM_KEYS), allow_pickle=False)
-      item_names = (np.load(path(format_lib.ITEM_NAMES), allow_pickle=False)
-                    if format_lib.ITEM_NAMES in manifest["files"] else None)
+      item_names = (
+        np.load(path(format_lib.ITEM_NAMES), allow_pickle=False)
+        if format_lib.ITEM_NAMES in manifest["files"]
+        else None
+      )
       with np.load(path(format_lib.QUERY_PARAMS), allow_pickle=False) as z:
         query_params = {k: z[k] for k in z.files}
     except format_lib.READ_ERRORS as e:
@@ -109,28 +120,46 @@ class Retriever:
       with open(tower_path, "rb") as f:
         tower = jax.export.deserialize(bytearray(f.read()))
     except Exception as e:  # noqa: BLE001 -- any failure means an unusable artifact
-      raise ExportDirError(f"{tower_path}: cannot deserialize the query tower "
-                           f"({type(e).__name__}: {format_lib.one_line(e)})") from None
+      raise ExportDirError(
+        f"{tower_path}: cannot deserialize the query tower "
+        f"({type(e).__name__}: {format_lib.one_line(e)})"
+      ) from None
     platform = jax.devices()[0].platform
     runs_on = {"gpu": ("cuda", "rocm")}.get(platform, (platform,))
     if not set(runs_on) & set(tower.platforms):
       raise ExportDirError(
-          f"{tower_path} was lowered for {', '.join(tower.platforms)}; this process "
-          f"computes on {platform}: re-export with --platforms={','.join(runs_on)} (or run with "
-          "JAX_PLATFORMS=cpu)")
+        f"{tower_path} was lowered for {', '.join(tower.platforms)}; this process "
+        f"computes on {platform}: re-export with --platforms={','.join(runs_on)} (or run with "
+        "JAX_PLATFORMS=cpu)"
+      )
     n, d = manifest["num_items"], manifest["embedding_dim"]
-    if (item_embeddings.dtype != np.float32 or item_embeddings.shape != (n, d)
-        or item_keys.shape != (n,) or (item_names is not None and item_names.shape != (n,))):
+    if (
+      item_embeddings.dtype != np.float32
+      or item_embeddings.shape != (n, d)
+      or item_keys.shape != (n,)
+      or (item_names is not None and item_names.shape != (n,))
+    ):
       raise ExportDirError(
-          f"{export_dir}: item arrays do not match the manifest ({n} items of dim {d}): "
-          f"embeddings {item_embeddings.dtype}{list(item_embeddings.shape)}, keys "
-          f"{list(item_keys.shape)}")
+        f"{export_dir}: item arrays do not match the manifest ({n} items of dim {d}): "
+        f"embeddings {item_embeddings.dtype}{list(item_embeddings.shape)}, keys "
+        f"{list(item_keys.shape)}"
+      )
     unknown_vocab = sorted(set(vocabularies) - {f.name for f in features})
     if unknown_vocab:
-      raise ExportDirError(f"{export_dir}: vocabularies for features the query tower does not "
-                           f"read: {unknown_vocab}")
-    return cls(export_dir, manifest, features, vocabularies, item_embeddings, item_keys,
-               item_names, tower, query_params)
+      raise ExportDirError(
+        f"{export_dir}: vocabularies for features the query tower does not read: {unknown_vocab}"
+      )
+    return cls(
+      export_dir,
+      manifest,
+      features,
+      vocabularies,
+      item_embeddings,
+      item_keys,
+      item_names,
+      tower,
+      query_params,
+    )
 
   # -- Properties --------------------------------------------------------------------------------
 
@@ -152,8 +181,9 @@ class Retriever:
 
   # -- Raw query features -> ids -----------------------------------------------------------------
 
-  def encode(self, queries: Mapping[str, Any] | Sequence[Mapping[str, Any]]
-             ) -> tuple[dict[str, np.ndarray], list[str]]:
+  def encode(
+    self, queries: Mapping[str, Any] | Sequence[Mapping[str, Any]]
+  ) -> tuple[dict[str, np.ndarray], list[str]]:
     """Raw query features -> the query tower's input batch.
 
     Args:
@@ -175,8 +205,10 @@ class Retriever:
     """The exported query tower on an encoded batch: ``float32 [B, D]`` (L2-normalised)."""
     b = int(next(iter(batch.values())).shape[0])
     size = search_lib.bucket(b)
-    padded = {k: np.concatenate([v, np.repeat(v[:1], size - b, axis=0)]) if size > b else v
-              for k, v in batch.items()}
+    padded = {
+      k: np.concatenate([v, np.repeat(v[:1], size - b, axis=0)]) if size > b else v
+      for k, v in batch.items()
+    }
     return np.asarray(self._tower.call(self._params, padded))[:b]
 
   def embed_queries(self, queries) -> tuple[np.ndarray, list[str]]:
@@ -208,8 +240,9 @@ class Retriever:
       self.build_ann_index(backend)
     return self._ann[backend]
 
-  def build_ann_index(self, backend: str = "auto", *, target_recall: float | None = 0.95,
-                      sample: int = 256, **params) -> ann.AnnIndex:
+  def build_ann_index(
+    self, backend: str = "auto", *, target_recall: float | None = 0.95, sample: int = 256, **params
+  ) -> ann.AnnIndex:
     """Builds (or rebuilds) the approximate index of ``backend`` and returns it.
 
     Unless ``params`` set the search-time knob (``index.knob``: ``leaves_to_search`` /
@@ -230,14 +263,16 @@ class Retriever:
     index = ann.build(self.item_embeddings, backend, **params)
     index.calibration = None
     if target_recall is not None and index.knob not in params and index.partitions > 0:
-      rows = np.random.default_rng(0).choice(self.num_items, min(sample, self.num_items),
-                                             replace=False)
+      rows = np.random.default_rng(0).choice(
+        self.num_items, min(sample, self.num_items), replace=False
+      )
       k = min(10, self.num_items - 1)
       _, truth = self._exact(self.item_embeddings[rows], k + 1)
       truth = np.asarray([[r for r in t if r != row][:k] for t, row in zip(truth.tolist(), rows)])
       setattr(index, index.knob, max(1, index.partitions // 100))
-      value, recall = ann.calibrate(index, self.item_embeddings[rows], truth, target_recall,
-                                    exclude_rows=rows)
+      value, recall = ann.calibrate(
+        index, self.item_embeddings[rows], truth, target_recall, exclude_rows=rows
+      )
       index.calibration = {index.knob: value, "recall": recall, "queries": len(rows)}
     self._ann[backend] = index
     return index
@@ -251,9 +286,16 @@ class Retriever:
     except ValueError as e:
       raise QueryError(str(e)) from None
 
-  def search_embeddings(self, emb: np.ndarray, k: int = 10, *, method: str = "exact",
-                        backend: str = "auto", exclude_rows: np.ndarray | None = None,
-                        notes: list[str] | None = None) -> Results:
+  def search_embeddings(
+    self,
+    emb: np.ndarray,
+    k: int = 10,
+    *,
+    method: str = "exact",
+    backend: str = "auto",
+    exclude_rows: np.ndarray | None = None,
+    notes: list[str] | None = None,
+  ) -> Results:
     """Top-``k`` items for query embeddings ``emb [B, D]``.
 
     Args:
@@ -288,11 +330,13 @@ class Retriever:
       scores = scores[keep].reshape(-1, k)
       rows = rows[keep].reshape(-1, k)
     names = self.item_names[rows] if self.item_names is not None else None
-    return Results(scores=scores, rows=rows, keys=self.item_keys[rows], names=names,
-                   method=label, notes=notes)
+    return Results(
+      scores=scores, rows=rows, keys=self.item_keys[rows], names=names, method=label, notes=notes
+    )
 
-  def search(self, queries, k: int = 10, *, method: str = "exact", backend: str = "auto"
-             ) -> Results:
+  def search(
+    self, queries, k: int = 10, *, method: str = "exact", backend: str = "auto"
+  ) -> Results:
     """The top-``k`` items for raw queries (one dict or a sequence of dicts; see ``encode``)."""
     emb, notes = self.embed_queries(queries)
     return self.search_embeddings(emb, k, method=method, backend=backend, notes=notes)
@@ -308,12 +352,15 @@ class Retriever:
     row = by_str.get(str(key))
     if row is None:
       sample = ", ".join(str(k) for k in self.item_keys[:3].tolist())
-      raise QueryError(f"no item with key {key!r} in the catalogue ({self.num_items} items; "
-                       f"keys look like {sample}, ...)")
+      raise QueryError(
+        f"no item with key {key!r} in the catalogue ({self.num_items} items; "
+        f"keys look like {sample}, ...)"
+      )
     return row
 
-  def similar_items(self, keys, k: int = 10, *, method: str = "exact", backend: str = "auto"
-                    ) -> Results:
+  def similar_items(
+    self, keys, k: int = 10, *, method: str = "exact", backend: str = "auto"
+  ) -> Results:
     """Item-to-item: the ``k`` items closest to each given item (never the item itself).
 
     Args:
@@ -324,8 +371,9 @@ class Retriever:
     rows = np.asarray([self.item_row(key) for key in keys], np.int64)
     if rows.size == 0:
       raise QueryError("no item keys given")
-    return self.search_embeddings(self.item_embeddings[rows], k, method=method, backend=backend,
-                                  exclude_rows=rows)
+    return self.search_embeddings(
+      self.item_embeddings[rows], k, method=method, backend=backend, exclude_rows=rows
+    )
 
 
 def format_results(results: Results, row: int = 0, *, digits: int = 4) -> str:

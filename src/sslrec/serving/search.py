@@ -34,7 +34,7 @@ def exact_search(queries: np.ndarray, items: jax.Array, k: int) -> tuple[np.ndar
   chunk = 1 << (chunk.bit_length() - 1)
   scores, rows = [], []
   for start in range(0, queries.shape[0], chunk):
-    q = queries[start:start + chunk]
+    q = queries[start : start + chunk]
     b = q.shape[0]
     size = min(chunk, bucket(b))
     if size > b:
