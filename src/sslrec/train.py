@@ -235,10 +235,15 @@ class _Window:
     return {"sums": dict(self.sums), "count": self.count, "skipped": self.skipped}
 
 
-def _save_best(mgr, step: int, params):
+def _save_best(mgr, step: int, params, main):
+  """Saves the parameters of a new best validation, synchronously (never two orbax saves in
+  flight at once, which processes of a multi-process run could interleave). A resumed run that
+  replays an improvement overwrites that step's earlier save."""
+  main.wait_until_finished()  # the train-state checkpoint's save, if one is in flight
   if step in mgr.all_steps():
     mgr.delete(step)
   mgr.save(step, args=checkpointing.best_args(params, save=True), force=True)
+  mgr.wait_until_finished()
 
 
 def _warn_if_flat(scalars: dict, config) -> bool:
@@ -405,9 +410,6 @@ def _train(config, workdir: str, stop) -> dict[str, float]:
     kill_at = reliability.kill_step()
     t_window, n_window = time.time(), 0
     t_start = time.time()
-    # Best-parameter saves after the checkpoint resumed from belong to a run that was cut short
-    # (this run re-creates them); a fresh run starts with none.
-    checkpointing.prune_best(best_manager, keep=selection.best_step, after=start)
     first = start + 1 if not selection.stopped_early else num_steps + 1
     warned_flat = False
     for step in range(first, num_steps + 1):
@@ -455,7 +457,7 @@ def _train(config, workdir: str, stop) -> dict[str, float]:
         valid = run.evaluate("valid")
         writer.write("eval.jsonl", step, valid, tags={"split": "valid"})
         if selection.update(step, valid):
-          _save_best(best_manager, step, run.state.params)
+          _save_best(best_manager, step, run.state.params, manager)
         _log(
           _format_eval("valid", step, valid, config)
           + (
@@ -476,7 +478,6 @@ def _train(config, workdir: str, stop) -> dict[str, float]:
         manager.save(step, args=run.checkpoint_args(save=True, loop=loop_state))
         sealer.saved(step)
         last_saved = step
-        checkpointing.prune_best(best_manager, keep=selection.best_step, upto=step)
         t_window = time.time()
       if step == kill_at:
         reliability.kill_now()
@@ -491,7 +492,7 @@ def _train(config, workdir: str, stop) -> dict[str, float]:
     if selection.best_step is None:  # resumed at or past the end of a run that never validated
       valid = run.evaluate("valid")
       selection.update(last_step, valid)
-      _save_best(best_manager, last_step, run.state.params)
+      _save_best(best_manager, last_step, run.state.params, manager)
     best_manager.wait_until_finished()
     params = run.state.params
     selected = selection.best_step
@@ -502,6 +503,11 @@ def _train(config, workdir: str, stop) -> dict[str, float]:
     writer.write(
       "eval.jsonl", last_step, last_eval, tags={"split": "test", "selected_step": int(selected)}
     )
+    # The run is over: only the selected parameters are needed from here on (a rerun of this
+    # workdir resumes at the end and tests them again). Until now every improvement was kept, as
+    # any checkpoint a resume may fall back to refers to the best step it had seen.
+    sealer.flush()
+    checkpointing.prune_best(best_manager, keep=selected)
     _log(
       _format_eval("test", last_step, last_eval, config)
       + f" | checkpoint of step {selected}, selected by validation {tc.select_metric}"

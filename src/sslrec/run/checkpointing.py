@@ -54,19 +54,18 @@ def best_directory(workdir: str) -> str:
 
 
 def best_manager(workdir: str):
-  """An orbax manager of the selected parameters (the train loop prunes it: ``prune_best``)."""
+  """An orbax manager of the parameters of each validation improvement (a finished run keeps only
+  the selected one: ``prune_best``)."""
   return ocp.CheckpointManager(
     best_directory(workdir), options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True)
   )
 
 
-def prune_best(mgr, *, keep: int | None, upto: int | None = None, after: int | None = None):
-  """Deletes the best-parameter steps that no checkpoint's loop record can refer to: those
-  ``<= upto`` other than ``keep`` (after a checkpoint at ``upto`` recording ``keep``), and those
-  ``> after`` (a resumed run re-creates them)."""
+def prune_best(mgr, *, keep: int) -> None:
+  """Deletes every best-parameter step but ``keep`` (the finished run's selected one)."""
   mgr.wait_until_finished()
   for s in mgr.all_steps():
-    if (upto is not None and s <= upto and s != keep) or (after is not None and s > after):
+    if s != keep:
       mgr.delete(s)
 
 
