@@ -56,6 +56,30 @@ def _last_step_line(path: str) -> str:
   return steps[-1].split(" | ")[0] if steps else "starting"
 
 
+def start_run(variant_path: str, rd: str, flags: Sequence[str], *, main_script: str,
+              python: str = sys.executable, env: dict | None = None
+              ) -> tuple[subprocess.Popen, Any]:
+  """Starts ``main_script --config=variant_path --workdir=rd *flags`` with its output appended
+  to ``rd/log.txt`` (the command line first); returns the process and the open log file (the
+  caller closes it). A stale config.json with no checkpoint to resume is set aside first."""
+  os.makedirs(rd, exist_ok=True)
+  cmd = [python, main_script, f"--config={variant_path}", f"--workdir={rd}", *flags]
+  log = open(os.path.join(rd, "log.txt"), "a")
+  stale = _set_aside_stale_config(rd)
+  if stale:
+    log.write(f"(no checkpoint to resume: the earlier attempt's config is now {stale})\n")
+  log.write("$ " + shlex.join(cmd) + "\n")
+  log.flush()
+  proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                          stdin=subprocess.DEVNULL)
+  return proc, log
+
+
+def last_step_line(path: str) -> str:
+  """The newest ``step N/M`` progress line of a run's log.txt ('starting' if none)."""
+  return _last_step_line(path)
+
+
 def execute(sweep: plan.Sweep, workdir: str, *, main_script: str, parallel: int = 1,
             python: str = sys.executable, env: dict | None = None, status_every: float = 60.0,
             out=sys.stdout) -> dict[str, dict]:
@@ -100,18 +124,8 @@ def execute(sweep: plan.Sweep, workdir: str, *, main_script: str, parallel: int 
     while queue or running:
       while queue and len(running) < max(parallel, 1):
         run = queue.pop(0)
-        rd = plan.run_dir(workdir, run)
-        os.makedirs(rd, exist_ok=True)
-        cmd = [python, main_script, f"--config={run.variant.path}", f"--workdir={rd}",
-               *run.flags]
-        log = open(os.path.join(rd, "log.txt"), "a")
-        stale = _set_aside_stale_config(rd)
-        if stale:
-          log.write(f"(no checkpoint to resume: the earlier attempt's config is now {stale})\n")
-        log.write("$ " + shlex.join(cmd) + "\n")
-        log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                stdin=subprocess.DEVNULL)
+        proc, log = start_run(run.variant.path, plan.run_dir(workdir, run), run.flags,
+                              main_script=main_script, python=python, env=env)
         running[run.name] = (proc, run, time.time(), log)
         say(f"start  {run.name} | {progress()}")
       time.sleep(0.2)

@@ -18,6 +18,8 @@ import os
 import re
 from typing import Sequence
 
+from scipy import stats
+
 from sslrec.experiments import plan
 
 ERROR_LINES = 5  # log lines kept as a failed run's error
@@ -61,6 +63,18 @@ def mean_std(xs: Sequence[float]) -> tuple[float, float | None]:
   if n < 2:
     return m, None
   return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
+
+
+def t_interval(xs: Sequence[float], confidence: float = 0.95
+               ) -> tuple[float, tuple[float, float] | None]:
+  """The mean of ``xs`` and its two-sided Student-t interval (n - 1 degrees of freedom); the
+  interval is None for fewer than 2 values. For paired differences: ``xs`` are per-seed
+  differences, and an interval that excludes 0 is a difference the seeds agree on."""
+  m, sd = mean_std(xs)
+  if sd is None:
+    return m, None
+  half = float(stats.t.ppf(0.5 + confidence / 2, len(xs) - 1)) * sd / math.sqrt(len(xs))
+  return m, (m - half, m + half)
 
 
 def summarize(records: Sequence[dict]) -> list[dict]:
