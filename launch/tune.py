@@ -20,15 +20,23 @@ from absl import app, flags  # noqa: E402
 from sslrec import cli  # noqa: E402
 from sslrec.experiments import tune  # noqa: E402
 
-_SPEC = flags.DEFINE_string("spec", None, "Tuning spec file with get_tuning() "
-                            "(configs/tune_movielens.py).")
+_SPEC = flags.DEFINE_string(
+  "spec", None, "Tuning spec file with get_tuning() (configs/tune_movielens.py)."
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Tuning directory (studies, runs, results).")
-_TRIALS = flags.DEFINE_integer("trials", None, "Trials per variant (default: the spec's, else "
-                               f"{tune.DEFAULT_TRIALS}).")
-_SEEDS = flags.DEFINE_integer("seeds", None, "Seeds 0..N-1 of each variant's best (default: the "
-                              f"spec's, else {tune.DEFAULT_SEEDS}).")
-_OBJECTIVE = flags.DEFINE_string("objective", None, "Validation metric maximised (default: the "
-                                 f"spec's, else {tune.DEFAULT_OBJECTIVE}).")
+_TRIALS = flags.DEFINE_integer(
+  "trials", None, f"Trials per variant (default: the spec's, else {tune.DEFAULT_TRIALS})."
+)
+_SEEDS = flags.DEFINE_integer(
+  "seeds",
+  None,
+  f"Seeds 0..N-1 of each variant's best (default: the spec's, else {tune.DEFAULT_SEEDS}).",
+)
+_OBJECTIVE = flags.DEFINE_string(
+  "objective",
+  None,
+  f"Validation metric maximised (default: the spec's, else {tune.DEFAULT_OBJECTIVE}).",
+)
 
 _MAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "main.py")
 _overrides = []
@@ -39,10 +47,18 @@ def main(argv):
     print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
     sys.exit(2)
   command = " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
-  sys.exit(tune.run_command(
-      spec=_SPEC.value, workdir=_WORKDIR.value, trials=_TRIALS.value, seeds=_SEEDS.value,
-      objective=_OBJECTIVE.value, overrides=_overrides, main_script=_MAIN,
-      command="python " + command))
+  sys.exit(
+    tune.run_command(
+      spec=_SPEC.value,
+      workdir=_WORKDIR.value,
+      trials=_TRIALS.value,
+      seeds=_SEEDS.value,
+      objective=_OBJECTIVE.value,
+      overrides=_overrides,
+      main_script=_MAIN,
+      command="python " + command,
+    )
+  )
 
 
 if __name__ == "__main__":

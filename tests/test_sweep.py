@@ -17,11 +17,18 @@ import pytest
 from sslrec.experiments import execute, plan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--config.train.num_steps=5", "--config.train.log_every=5", "--config.ssl.alpha=0",
-        "--config.train.checkpoint_every=4",
-        "--config.data.num_items=500", "--config.data.num_queries=1000",
-        "--config.data.num_train_pairs=5000", "--config.data.num_eval_pairs=300",
-        "--config.train.batch_size=64", "--config.ssl.batch_size=64"]
+TINY = [
+  "--config.train.num_steps=5",
+  "--config.train.log_every=5",
+  "--config.ssl.alpha=0",
+  "--config.train.checkpoint_every=4",
+  "--config.data.num_items=500",
+  "--config.data.num_queries=1000",
+  "--config.data.num_train_pairs=5000",
+  "--config.data.num_eval_pairs=300",
+  "--config.train.batch_size=64",
+  "--config.ssl.batch_size=64",
+]
 
 
 def _env():
@@ -31,8 +38,14 @@ def _env():
 
 
 def _sweep(*args, timeout=240):
-  return subprocess.run([sys.executable, "launch/sweep.py", *args], cwd=REPO,
-                        capture_output=True, text=True, env=_env(), timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "launch/sweep.py", *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    env=_env(),
+    timeout=timeout,
+  )
 
 
 def _read_csv(path):
@@ -43,8 +56,16 @@ def _read_csv(path):
 @pytest.fixture(scope="module")
 def tiny_sweep(tmp_path_factory):
   wd = tmp_path_factory.mktemp("sweep")
-  p = _sweep("--config=configs/smoke.py", f"--workdir={wd}", "--grid", "loss.temperature=0.05,0.1",
-             "--seeds=2", "--parallel=2", "--plots=false", *TINY)
+  p = _sweep(
+    "--config=configs/smoke.py",
+    f"--workdir={wd}",
+    "--grid",
+    "loss.temperature=0.05,0.1",
+    "--seeds=2",
+    "--parallel=2",
+    "--plots=false",
+    *TINY,
+  )
   return wd, p
 
 
@@ -60,7 +81,8 @@ def test_sweep_runs_every_point_in_its_own_directory(tiny_sweep):
     log = (rd / "log.txt").read_text()
     assert log.startswith("$ ") and "launch/main.py" in log.splitlines()[0]
     assert json.loads((rd / "config.json").read_text())["loss"]["temperature"] == float(
-        name.split("temperature=")[1].split("__")[0])
+      name.split("temperature=")[1].split("__")[0]
+    )
     assert (rd / "eval.jsonl").exists()
   assert "4/4 done, 0 running, 0 left, 0 failed" in p.stdout
 
@@ -72,14 +94,18 @@ def test_results_tables(tiny_sweep):
   assert all(r["status"] == "ok" and r["step"] == "5" for r in rows)
   summary = _read_csv(wd / "summary.csv")
   assert [(s["variant"], s["loss.temperature"], s["n"]) for s in summary] == [
-      ("smoke", "0.05", "2"), ("smoke", "0.1", "2")]
+    ("smoke", "0.05", "2"),
+    ("smoke", "0.1", "2"),
+  ]
   for s in summary:
-    xs = [float(r["recall@50/tail"]) for r in rows
-          if r["loss.temperature"] == s["loss.temperature"]]
+    xs = [
+      float(r["recall@50/tail"]) for r in rows if r["loss.temperature"] == s["loss.temperature"]
+    ]
     mean = sum(xs) / 2
     assert float(s["recall@50/tail_mean"]) == pytest.approx(mean, abs=1e-6)
     assert float(s["recall@50/tail_std"]) == pytest.approx(
-        math.sqrt(sum((x - mean) ** 2 for x in xs)), abs=1e-6)
+      math.sqrt(sum((x - mean) ** 2 for x in xs)), abs=1e-6
+    )
   md = (wd / "results.md").read_text()
   assert "| variant | loss.temperature | n | R@10 | R@10/head | R@10/tail | R@50 |" in md
   assert "4 runs: 4 finished, 0 failed" in md
@@ -92,12 +118,20 @@ def test_rerun_skips_finished_and_resumes_interrupted(tiny_sweep):
   victim = wd / "runs" / NAMES[3]
   shutil.rmtree(victim / "checkpoints" / "5")
   (victim / "eval.jsonl").write_text("")
-  p = _sweep("--config=configs/smoke.py", f"--workdir={wd}", "--grid", "loss.temperature=0.05,0.1",
-             "--seeds=2", "--plots=false", *TINY)
+  p = _sweep(
+    "--config=configs/smoke.py",
+    f"--workdir={wd}",
+    "--grid",
+    "loss.temperature=0.05,0.1",
+    "--seeds=2",
+    "--plots=false",
+    *TINY,
+  )
   assert p.returncode == 0, p.stdout + p.stderr
   assert "(3 already finished, 1 to run" in p.stdout
   assert [ln for ln in p.stdout.splitlines() if ln.startswith("start")] == [
-      f"start  {NAMES[3]} | 3/4 done, 1 running, 0 left, 0 failed, 0m00s"]
+    f"start  {NAMES[3]} | 3/4 done, 1 running, 0 left, 0 failed, 0m00s"
+  ]
   assert "resumed from checkpoint at step 4" in (victim / "log.txt").read_text()
   lines = [json.loads(line) for line in (victim / "eval.jsonl").read_text().splitlines()]
   assert [(r["step"], r["split"]) for r in lines] == [(5, "valid"), (5, "test")]
@@ -105,9 +139,15 @@ def test_rerun_skips_finished_and_resumes_interrupted(tiny_sweep):
 
 def test_failed_run_is_reported_and_others_finish(tmp_path):
   # 100000 pairs per batch passes config validation but not the data check inside the run.
-  p = _sweep("--config=configs/smoke.py", f"--workdir={tmp_path}", "--grid",
-             "train.batch_size=64,100000", "--parallel=2", "--plots=false",
-             *[a for a in TINY if "train.batch_size" not in a])
+  p = _sweep(
+    "--config=configs/smoke.py",
+    f"--workdir={tmp_path}",
+    "--grid",
+    "train.batch_size=64,100000",
+    "--parallel=2",
+    "--plots=false",
+    *[a for a in TINY if "train.batch_size" not in a],
+  )
   assert p.returncode == 1, p.stdout + p.stderr
   assert "FAILED smoke__train.batch_size=100000__seed=0 (exit 2): error: " in p.stdout
   rows = {r["train.batch_size"]: r for r in _read_csv(tmp_path / "results.csv")}
@@ -118,21 +158,35 @@ def test_failed_run_is_reported_and_others_finish(tmp_path):
   assert "1 failed" in md and "## Failed runs" in md and "config.train.batch_size=100000" in md
 
 
-@pytest.mark.parametrize("args,expect", [
-    (["--grid", "ssl.alhpa=0,1"],
-     "error: --grid ssl.alhpa: no such config field 'ssl.alhpa' (did you mean 'ssl.alpha'?)"),
-    (["--grid", "ssl.alpha=0,abc"],
-     "error: --grid ssl.alpha=abc: could not convert string to float: 'abc'"),
+@pytest.mark.parametrize(
+  "args,expect",
+  [
+    (
+      ["--grid", "ssl.alhpa=0,1"],
+      "error: --grid ssl.alhpa: no such config field 'ssl.alhpa' (did you mean 'ssl.alpha'?)",
+    ),
+    (
+      ["--grid", "ssl.alpha=0,abc"],
+      "error: --grid ssl.alpha=abc: could not convert string to float: 'abc'",
+    ),
     (["--grid", "train.num_steps=5.5"], "error: --grid train.num_steps=5.5: invalid literal"),
-    (["--grid", "ssl.masking=rfm,random"], "error: --grid ssl.masking=random (configs/smoke.py): "
-     "config.ssl.masking='random' is invalid; allowed: one of"),
+    (
+      ["--grid", "ssl.masking=rfm,random"],
+      "error: --grid ssl.masking=random (configs/smoke.py): "
+      "config.ssl.masking='random' is invalid; allowed: one of",
+    ),
     (["--grid", "ssl.alpha="], "error: --grid ssl.alpha=: empty value list"),
     ([], "error: empty grid: nothing to sweep"),
-    (["--variants=configs/smoke.py,configs/nope.py", "--grid", "ssl.alpha=0"],
-     "error: variant configs/nope.py: no such config file"),
-    (["--grid", "ssl.alpha=0,1", "--config.ssl.alhpa=1"],
-     "error: --config.ssl.alhpa: no such config field"),
-])
+    (
+      ["--variants=configs/smoke.py,configs/nope.py", "--grid", "ssl.alpha=0"],
+      "error: variant configs/nope.py: no such config file",
+    ),
+    (
+      ["--grid", "ssl.alpha=0,1", "--config.ssl.alhpa=1"],
+      "error: --config.ssl.alhpa: no such config field",
+    ),
+  ],
+)
 def test_bad_input_one_line_before_any_run(tmp_path, args, expect):
   wd = tmp_path / "sweep"
   if not any(a.startswith("--variants") for a in args):
@@ -146,8 +200,10 @@ def test_bad_input_one_line_before_any_run(tmp_path, args, expect):
 
 
 def test_run_names_are_readable_safe_and_order_free():
-  assert plan.run_name("rfm", [("ssl.temperature", 0.05), ("ssl.alpha", 0.1)], 2) == \
-      "rfm__ssl.alpha=0.1__ssl.temperature=0.05__seed=2"
+  assert (
+    plan.run_name("rfm", [("ssl.temperature", 0.05), ("ssl.alpha", 0.1)], 2)
+    == "rfm__ssl.alpha=0.1__ssl.temperature=0.05__seed=2"
+  )
   odd = plan.run_name("x", [("data.path", "/tmp/a b")], 0)
   assert odd.startswith("x__data.path=_tmp_a_b__seed=0-") and "/" not in odd
   assert odd != plan.run_name("x", [("data.path", "/tmp/a_b")], 0)
@@ -156,19 +212,22 @@ def test_run_names_are_readable_safe_and_order_free():
 
 def _fabricate(wd, seeds=2):
   """A planned sweep whose runs look finished, with known tail Recall@50 values."""
-  s = plan.plan(variants=["configs/baseline.py", "configs/cfm.py"],
-                grid=["ssl.alpha=0.1,1.0", "ssl.temperature=0.05,0.2",
-                      "data.train_fraction=1.0,0.1"], seeds=seeds,
-                overrides=["--config.train.num_steps=7"])
+  s = plan.plan(
+    variants=["configs/baseline.py", "configs/cfm.py"],
+    grid=["ssl.alpha=0.1,1.0", "ssl.temperature=0.05,0.2", "data.train_fraction=1.0,0.1"],
+    seeds=seeds,
+    overrides=["--config.train.num_steps=7"],
+  )
   for i, run in enumerate(s.runs):
     rd = plan.run_dir(str(wd), run)
     os.makedirs(rd)
-    rec = {"step": 7}
+    rec = {"step": 7, "split": "test", "selected_step": 7}
     for k in (10, 50, 100):
       for part in ("", "/head", "/tail"):
         rec[f"recall@{k}{part}"] = 0.01 * (i % 7) + k / 1000
     with open(os.path.join(rd, "eval.jsonl"), "w") as f:
-      f.write(json.dumps({"step": 3, "recall@50": 0.0}) + "\n" + json.dumps(rec) + "\n")
+      f.write(json.dumps({"step": 3, "split": "valid", "recall@50": 0.0}) + "\n")
+      f.write(json.dumps(rec) + "\n")
   return s
 
 
@@ -190,8 +249,7 @@ def test_plots(tmp_path):
   s = _fabricate(tmp_path)
   out = execute.write_results(s, str(tmp_path))
   names = sorted(os.path.basename(p) for p in out["plots"])
-  assert names == ["heatmap_alpha_tau.png", "recall_head_tail.png",
-                   "recall_vs_train_fraction.png"]
+  assert names == ["heatmap_alpha_tau.png", "recall_head_tail.png", "recall_vs_train_fraction.png"]
   for p in out["plots"]:
     assert os.path.getsize(p) > 1000
   assert "recall_head_tail.png" in (tmp_path / "results.md").read_text()

@@ -42,8 +42,15 @@ def _read_csv(path):
 
 def _tune(spec, workdir, main=MAIN, **kw):
   out, err = io.StringIO(), io.StringIO()
-  rc = tune.run_command(spec=spec, workdir=str(workdir), main_script=main, out=out, err=err,
-                        env=kw.pop("env", _env()), **kw)
+  rc = tune.run_command(
+    spec=spec,
+    workdir=str(workdir),
+    main_script=main,
+    out=out,
+    err=err,
+    env=kw.pop("env", _env()),
+    **kw,
+  )
   return rc, out.getvalue(), err.getvalue()
 
 
@@ -58,13 +65,16 @@ def _eval_lines(rd, lines):
 
 
 def test_best_valid_reads_only_validation_lines(tmp_path):
-  _eval_lines(tmp_path, [
+  _eval_lines(
+    tmp_path,
+    [
       {"step": 10, "split": "valid", "recall@50": 0.1, "ndcg@50": 0.9},
       {"step": 20, "split": "valid", "recall@50": 0.3},
       {"step": 30, "split": "valid", "recall@50": float("nan")},
       {"step": 30, "recall@50": 0.95},  # unlabelled: not a validation line
       {"step": 30, "split": "test", "selected_step": 20, "recall@50": 0.99},
-  ])
+    ],
+  )
   records = tune.read_evals(str(tmp_path))
   assert tune.best_valid(records, "recall@50") == (0.3, 20)
   assert tune.best_valid(records, "map@10") is None
@@ -74,7 +84,7 @@ def test_best_valid_reads_only_validation_lines(tmp_path):
 
 def test_paired_interval():
   mean, ci = report.t_interval([1.0, 2.0, 3.0])  # sd 1, t(0.975, 2 dof) = 4.3027
-  assert mean == 2.0 and ci == pytest.approx((2 - 4.302653 / 3 ** 0.5, 2 + 4.302653 / 3 ** 0.5))
+  assert mean == 2.0 and ci == pytest.approx((2 - 4.302653 / 3**0.5, 2 + 4.302653 / 3**0.5))
   assert report.t_interval([0.25]) == (0.25, None)
   assert tune._interval_cell(0.25, None) == "+0.2500 [n/a]"
 
@@ -177,15 +187,20 @@ def test_resume_runs_only_what_is_missing_and_is_reproducible(fake):
   study.ask({p.key: p.distribution() for p in tuning.variants[0].params})  # trial 2, RUNNING
   rc, out, _ = _tune(spec2, wd, main=main, trials=3, env=dict(os.environ))
   assert rc == 0, out
-  new = _calls(tmp_path)[len(first):]
+  new = _calls(tmp_path)[len(first) :]
   assert "a: 2 of 3 trials finished (0 failed), 1 to resume, 0 to sample" in out
   assert sorted(os.path.relpath(p, wd) for p in new if "trial_" in p) == [
-      os.path.join("a", "trial_2"), os.path.join("b", "trial_2")]
+    os.path.join("a", "trial_2"),
+    os.path.join("b", "trial_2"),
+  ]
   # the same spec in another directory samples the same points (seeded per trial number)
   wd2 = tmp_path / "again"
   assert _tune(spec2, wd2, main=main, trials=3, env=dict(os.environ))[0] == 0
-  key = lambda path: [(r["variant"], r["trial"], r["optimizer.learning_rate"])
-                      for r in _read_csv(path / "trials.csv") if r["variant"] == "b"]
+  key = lambda path: [
+    (r["variant"], r["trial"], r["optimizer.learning_rate"])
+    for r in _read_csv(path / "trials.csv")
+    if r["variant"] == "b"
+  ]
   assert key(wd) == key(wd2)
 
 
@@ -233,15 +248,22 @@ def test_real_tuning_writes_results_with_paired_differences(real):
   _, wd, rc, out, err = real
   assert rc == 0, out + err
   for v in ("plain", "spread"):
-    assert sorted(os.listdir(wd / v)) == ["best.json", "best_seed0", "best_seed1", "study.db",
-                                          "trial_0"]
+    assert sorted(os.listdir(wd / v)) == [
+      "best.json",
+      "best_seed0",
+      "best_seed1",
+      "study.db",
+      "trial_0",
+    ]
   rows = {r["variant"]: r for r in _read_csv(wd / "results.csv")}
   assert rows["plain"]["reg.spread_out_weight"] == "" and rows["spread"]["reg.spread_out_weight"]
   assert rows["spread"]["n_seeds"] == "2"
   for m in ("recall@50", "recall@50/head", "recall@50/tail", "ndcg@50"):
     assert rows["spread"][f"{m}_mean"] and rows["spread"][f"{m}_std"]
-    low, high = float(rows["spread"][f"delta_{m}_ci95_low"]), float(
-        rows["spread"][f"delta_{m}_ci95_high"])
+    low, high = (
+      float(rows["spread"][f"delta_{m}_ci95_low"]),
+      float(rows["spread"][f"delta_{m}_ci95_high"]),
+    )
     assert low <= float(rows["spread"][f"delta_{m}_mean"]) <= high
     assert rows["plain"][f"delta_{m}_mean"] == ""  # the reference
   assert {"popularity", "itemknn"} <= set(rows)
@@ -262,8 +284,11 @@ def test_real_tuning_writes_results_with_paired_differences(real):
 def test_real_tuning_rerun_reruns_nothing(real):
   spec, wd, rc, _, _ = real
   assert rc == 0
-  logs = {p: os.path.getsize(p) for v in ("plain", "spread") for p in
-          (wd / v / "trial_0" / "log.txt", wd / v / "best_seed1" / "log.txt")}
+  logs = {
+    p: os.path.getsize(p)
+    for v in ("plain", "spread")
+    for p in (wd / v / "trial_0" / "log.txt", wd / v / "best_seed1" / "log.txt")
+  }
   rc, out, err = _tune(spec, wd)
   assert rc == 0, out + err
   assert " start" not in out and "plain: 1 of 1 trials finished" in out
@@ -276,10 +301,15 @@ def test_real_tuning_rerun_reruns_nothing(real):
 GOOD_SPACE = '{"optimizer.learning_rate": ("log", 0.02, 0.5)}'
 
 
-@pytest.mark.parametrize("space, kw, expect", [
-    ('{"optimizer.learnig_rate": ("log", 0.02, 0.5)}', {},
-     "space optimizer.learnig_rate: no such config field 'optimizer.learnig_rate' "
-     "(did you mean 'optimizer.learning_rate'?)"),
+@pytest.mark.parametrize(
+  "space, kw, expect",
+  [
+    (
+      '{"optimizer.learnig_rate": ("log", 0.02, 0.5)}',
+      {},
+      "space optimizer.learnig_rate: no such config field 'optimizer.learnig_rate' "
+      "(did you mean 'optimizer.learning_rate'?)",
+    ),
     ('{"ssl.alpha": ("uniform", 0, 1)}', {}, "kind 'uniform' is not one of"),
     ('{"ssl.alpha": ("float", 1.0, 0.5)}', {}, "low 1.0 >= high 0.5"),
     ('{"ssl.alpha": ("log", 0.0, 1.0)}', {}, "needs low > 0"),
@@ -292,12 +322,16 @@ GOOD_SPACE = '{"optimizer.learning_rate": ("log", 0.02, 0.5)}'
     (GOOD_SPACE, {"seeds": 0}, "--seeds=0: must be an integer >= 1"),
     (GOOD_SPACE, {"overrides": ["--config.ssl.alhpa=1"]}, "did you mean 'ssl.alpha'?"),
     (GOOD_SPACE, {"overrides": ["--config.seed=3"]}, "the tuner sets config.seed"),
-])
+  ],
+)
 def test_bad_input_one_line_before_any_run(tmp_path, space, kw, expect):
-  spec = _write(tmp_path / "spec.py", f"""
+  spec = _write(
+    tmp_path / "spec.py",
+    f"""
       def get_tuning():
         return {{"variants": ("configs/smoke.py",), "space": {space}}}
-      """)
+      """,
+  )
   rc, out, err = _tune(spec, tmp_path / "wd", main="/nonexistent/main.py", **kw)
   assert rc == 2 and out == ""
   assert len(err.splitlines()) == 1 and err.startswith("error: "), err
@@ -305,14 +339,21 @@ def test_bad_input_one_line_before_any_run(tmp_path, space, kw, expect):
   assert not (tmp_path / "wd").exists()
 
 
-@pytest.mark.parametrize("body, expect", [
+@pytest.mark.parametrize(
+  "body, expect",
+  [
     (None, "no such file"),
     ("raise RuntimeError('broken spec')", "the file raised RuntimeError: broken spec"),
-    ("def get_tuning():\n  raise ValueError('no data here')",
-     "get_tuning() raised ValueError: no data here"),
-    ("def get_tuning():\n  return {'variants': ('configs/smoke.py',), 'trails': 3}",
-     "unknown field 'trails' (did you mean 'trials'?)"),
-])
+    (
+      "def get_tuning():\n  raise ValueError('no data here')",
+      "get_tuning() raised ValueError: no data here",
+    ),
+    (
+      "def get_tuning():\n  return {'variants': ('configs/smoke.py',), 'trails': 3}",
+      "unknown field 'trails' (did you mean 'trials'?)",
+    ),
+  ],
+)
 def test_bad_spec_file(tmp_path, body, expect):
   spec = tmp_path / "spec.py"
   if body is not None:
@@ -324,11 +365,17 @@ def test_bad_spec_file(tmp_path, body, expect):
 
 def test_launcher_bad_input(tmp_path):
   for args, expect in [
-      (["--spec=configs/nope.py"], "error: --spec=configs/nope.py: no such file"),
-      (["--spec=configs/tune_movielens.py", "--trials=0"], "error: --trials=0: must be"),
+    (["--spec=configs/nope.py"], "error: --spec=configs/nope.py: no such file"),
+    (["--spec=configs/tune_movielens.py", "--trials=0"], "error: --trials=0: must be"),
   ]:
-    p = subprocess.run([sys.executable, "launch/tune.py", f"--workdir={tmp_path}/wd", *args],
-                       cwd=REPO, capture_output=True, text=True, env=_env(), timeout=120)
+    p = subprocess.run(
+      [sys.executable, "launch/tune.py", f"--workdir={tmp_path}/wd", *args],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      env=_env(),
+      timeout=120,
+    )
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [p.stderr.strip()], p.stderr
     assert p.stderr.startswith(expect), p.stderr
   assert not (tmp_path / "wd").exists()

@@ -16,7 +16,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from sslrec.experiments import plan, plots, report
 
@@ -56,9 +57,15 @@ def _last_step_line(path: str) -> str:
   return steps[-1].split(" | ")[0] if steps else "starting"
 
 
-def start_run(variant_path: str, rd: str, flags: Sequence[str], *, main_script: str,
-              python: str = sys.executable, env: dict | None = None
-              ) -> tuple[subprocess.Popen, Any]:
+def start_run(
+  variant_path: str,
+  rd: str,
+  flags: Sequence[str],
+  *,
+  main_script: str,
+  python: str = sys.executable,
+  env: dict | None = None,
+) -> tuple[subprocess.Popen, Any]:
   """Starts ``main_script --config=variant_path --workdir=rd *flags`` with its output appended
   to ``rd/log.txt`` (the command line first); returns the process and the open log file (the
   caller closes it). A stale config.json with no checkpoint to resume is set aside first."""
@@ -70,8 +77,9 @@ def start_run(variant_path: str, rd: str, flags: Sequence[str], *, main_script: 
     log.write(f"(no checkpoint to resume: the earlier attempt's config is now {stale})\n")
   log.write("$ " + shlex.join(cmd) + "\n")
   log.flush()
-  proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                          stdin=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    cmd, stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL
+  )
   return proc, log
 
 
@@ -80,15 +88,24 @@ def last_step_line(path: str) -> str:
   return _last_step_line(path)
 
 
-def execute(sweep: plan.Sweep, workdir: str, *, main_script: str, parallel: int = 1,
-            python: str = sys.executable, env: dict | None = None, status_every: float = 60.0,
-            out=sys.stdout) -> dict[str, dict]:
+def execute(
+  sweep: plan.Sweep,
+  workdir: str,
+  *,
+  main_script: str,
+  parallel: int = 1,
+  python: str = sys.executable,
+  env: dict | None = None,
+  status_every: float = 60.0,
+  out=sys.stdout,
+) -> dict[str, dict]:
   """Runs every unfinished run of ``sweep`` (``parallel`` at a time); returns the outcome of
   each run by name: ``{'status': 'done' | 'skipped' | 'failed', 'returncode', 'seconds'}``.
 
   Prints a progress line on every start, finish and failure, and a status line of the running
   runs every ``status_every`` seconds.
   """
+
   def say(msg):
     try:
       print(msg, file=out, flush=True)
@@ -103,8 +120,10 @@ def execute(sweep: plan.Sweep, workdir: str, *, main_script: str, parallel: int 
     else:
       todo.append(run)
   total = len(sweep.runs)
-  say(f"sweep: {total} runs in {workdir}/runs ({total - len(todo)} already finished, "
-      f"{len(todo)} to run, {parallel} at a time)")
+  say(
+    f"sweep: {total} runs in {workdir}/runs ({total - len(todo)} already finished, "
+    f"{len(todo)} to run, {parallel} at a time)"
+  )
   running: dict[str, tuple[subprocess.Popen, plan.RunSpec, float, Any]] = {}
   failed = 0
   t0 = time.time()
@@ -112,9 +131,11 @@ def execute(sweep: plan.Sweep, workdir: str, *, main_script: str, parallel: int 
 
   def progress() -> str:
     done = sum(o["status"] != "failed" for o in outcomes.values())
-    return (f"{done}/{total} done, {len(running)} running, "
-            f"{total - len(outcomes) - len(running)} left, {failed} failed, "
-            f"{_fmt_time(time.time() - t0)}")
+    return (
+      f"{done}/{total} done, {len(running)} running, "
+      f"{total - len(outcomes) - len(running)} left, {failed} failed, "
+      f"{_fmt_time(time.time() - t0)}"
+    )
 
   queue = list(todo)
   previous = signal.getsignal(signal.SIGTERM)
@@ -124,8 +145,14 @@ def execute(sweep: plan.Sweep, workdir: str, *, main_script: str, parallel: int 
     while queue or running:
       while queue and len(running) < max(parallel, 1):
         run = queue.pop(0)
-        proc, log = start_run(run.variant.path, plan.run_dir(workdir, run), run.flags,
-                              main_script=main_script, python=python, env=env)
+        proc, log = start_run(
+          run.variant.path,
+          plan.run_dir(workdir, run),
+          run.flags,
+          main_script=main_script,
+          python=python,
+          env=env,
+        )
         running[run.name] = (proc, run, time.time(), log)
         say(f"start  {run.name} | {progress()}")
       time.sleep(0.2)
@@ -137,15 +164,18 @@ def execute(sweep: plan.Sweep, workdir: str, *, main_script: str, parallel: int 
         del running[name]
         seconds = time.time() - started
         ok = rc == 0 and plan.final_eval(workdir, run) is not None
-        outcomes[name] = {"status": "done" if ok else "failed", "returncode": rc,
-                          "seconds": seconds}
+        outcomes[name] = {
+          "status": "done" if ok else "failed",
+          "returncode": rc,
+          "seconds": seconds,
+        }
         if ok:
           say(f"done   {name} ({_fmt_time(seconds)}) | {progress()}")
         else:
           failed += 1
           last = plan.log_tail(os.path.join(plan.run_dir(workdir, run), "log.txt"), 1)
           if rc == 0:
-            last = f"no evaluation at step {run.num_steps} in eval.jsonl"
+            last = "no test evaluation in eval.jsonl"
           say(f"FAILED {name} (exit {rc}): {last} | {progress()}")
       if running and time.time() - last_status >= status_every:
         last_status = time.time()
@@ -153,7 +183,7 @@ def execute(sweep: plan.Sweep, workdir: str, *, main_script: str, parallel: int 
           line = _last_step_line(os.path.join(plan.run_dir(workdir, run), "log.txt"))
           say(f"  ...  {name}: {line} ({_fmt_time(time.time() - started)})")
   except KeyboardInterrupt:
-    for name, (proc, _, _, log) in running.items():
+    for proc, _, _, log in running.values():
       proc.terminate()
       try:
         proc.wait(timeout=30)
@@ -173,9 +203,16 @@ def execute(sweep: plan.Sweep, workdir: str, *, main_script: str, parallel: int 
 # The results: tables (report) and figures (plots).
 
 
-def write_results(sweep: plan.Sweep, workdir: str, outcomes: dict | None = None, *,
-                  command: str = "", draw: bool = True, reference: str | None = None,
-                  out=None) -> dict[str, Any]:
+def write_results(
+  sweep: plan.Sweep,
+  workdir: str,
+  outcomes: dict | None = None,
+  *,
+  command: str = "",
+  draw: bool = True,
+  reference: str | None = None,
+  out=None,
+) -> dict[str, Any]:
   """Gathers, writes results.csv / summary.csv / results.md and (if possible) the plots.
 
   ``reference``: the variant label the paired-differences table compares to (default: the
@@ -189,12 +226,17 @@ def write_results(sweep: plan.Sweep, workdir: str, outcomes: dict | None = None,
       plot_paths = plots.plot(sweep, summary, workdir)
     except ImportError:
       note = "matplotlib is not installed: no plots (pip install -e '.[sweep]')"
-  md = report.write_markdown(sweep, records, summary, workdir, command=command, plots=plot_paths,
-                             reference=reference)
+  md = report.write_markdown(
+    sweep, records, summary, workdir, command=command, plots=plot_paths, reference=reference
+  )
   if out is not None:
-    print(f"results: {results_csv}, {summary_csv}, {md}"
-          + (f", {len(plot_paths)} plots" if plot_paths else "") + (f"; {note}" if note else ""),
-          file=out, flush=True)
+    print(
+      f"results: {results_csv}, {summary_csv}, {md}"
+      + (f", {len(plot_paths)} plots" if plot_paths else "")
+      + (f"; {note}" if note else ""),
+      file=out,
+      flush=True,
+    )
   return {"records": records, "summary": summary, "plots": plot_paths, "markdown": md}
 
 
@@ -202,11 +244,23 @@ def write_results(sweep: plan.Sweep, workdir: str, outcomes: dict | None = None,
 # The command (launch/sweep.py parses the flags and calls this).
 
 
-def run_command(*, workdir: str, config: str | None = None, variants: Sequence[str] = (),
-                spec: str | None = None, grid: Sequence[str] = (), seeds: int | None = None,
-                parallel: int = 1, overrides: Sequence[str] = (), main_script: str,
-                command: str = "", draw: bool = True, reference: str | None = None,
-                out=sys.stdout, err=sys.stderr) -> int:
+def run_command(
+  *,
+  workdir: str,
+  config: str | None = None,
+  variants: Sequence[str] = (),
+  spec: str | None = None,
+  grid: Sequence[str] = (),
+  seeds: int | None = None,
+  parallel: int = 1,
+  overrides: Sequence[str] = (),
+  main_script: str,
+  command: str = "",
+  draw: bool = True,
+  reference: str | None = None,
+  out=sys.stdout,
+  err=sys.stderr,
+) -> int:
   """Plans (validating everything), runs and reports a sweep; returns the exit code: 0 when
   every run finished, 1 when some failed, 2 on bad input (one ``error:`` line, nothing run)."""
   try:
@@ -218,19 +272,24 @@ def run_command(*, workdir: str, config: str | None = None, variants: Sequence[s
       raise plan.SweepError(f"--parallel={parallel}: must be an integer >= 1")
     spec_args = plan.load_spec(spec) if spec else {"variants": [], "grid": [], "seeds": 1}
     if config and not os.path.isfile(config.split(":", 1)[0]):
-      raise plan.SweepError(f"--config={config}: no such file (configs are in configs/, e.g. "
-                            "configs/base.py)")
+      raise plan.SweepError(
+        f"--config={config}: no such file (configs are in configs/, e.g. configs/base.py)"
+      )
     chosen = ([config] if config else []) + [v for v in variants if v != config]
     chosen = chosen or spec_args["variants"]
     grid_keys = {g.partition("=")[0].strip() for g in grid}
     merged_grid = [g for g in spec_args["grid"] if g.partition("=")[0] not in grid_keys]
-    sweep = plan.plan(variants=chosen, grid=[*merged_grid, *grid],
-                      seeds=spec_args["seeds"] if seeds is None else seeds,
-                      overrides=overrides)
+    sweep = plan.plan(
+      variants=chosen,
+      grid=[*merged_grid, *grid],
+      seeds=spec_args["seeds"] if seeds is None else seeds,
+      overrides=overrides,
+    )
     labels = [v.label for v in sweep.variants]
     if reference is not None and reference not in labels:
-      raise plan.SweepError(f"--reference={reference}: not a variant of this sweep; "
-                            f"one of {labels}")
+      raise plan.SweepError(
+        f"--reference={reference}: not a variant of this sweep; one of {labels}"
+      )
   except plan.SweepError as e:
     print(f"error: {e}", file=err, flush=True)
     return 2
@@ -239,12 +298,9 @@ def run_command(*, workdir: str, config: str | None = None, variants: Sequence[s
     f.write(command + "\n")
   env = dict(os.environ)
   try:
-    outcomes = execute(sweep, workdir, main_script=main_script, parallel=parallel, env=env,
-                       out=out)
+    outcomes = execute(sweep, workdir, main_script=main_script, parallel=parallel, env=env, out=out)
   except KeyboardInterrupt:
-    write_results(sweep, workdir, None, command=command, draw=draw, reference=reference,
-                  out=out)
+    write_results(sweep, workdir, None, command=command, draw=draw, reference=reference, out=out)
     return 130
-  write_results(sweep, workdir, outcomes, command=command, draw=draw, reference=reference,
-                out=out)
+  write_results(sweep, workdir, outcomes, command=command, draw=draw, reference=reference, out=out)
   return 1 if any(o["status"] == "failed" for o in outcomes.values()) else 0

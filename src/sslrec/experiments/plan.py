@@ -20,7 +20,8 @@ import itertools
 import os
 import re
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import ml_collections
 from absl import flags as absl_flags
@@ -40,6 +41,7 @@ class SweepError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Variant:
   """A config file (with an optional ``:arg`` for its ``get_config``) and its short label."""
+
   label: str
   path: str  # as given, e.g. 'configs/rfm.py' or 'configs/paper.py:ssl_cfm'
 
@@ -57,6 +59,7 @@ class RunSpec:
     num_steps: the run's final step (``train.num_steps``).
     values: the parsed grid values, ``{key: value}`` (for the report).
   """
+
   name: str
   variant: Variant
   point: tuple[tuple[str, str], ...]
@@ -107,7 +110,7 @@ def parse_grid(items: Sequence[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
     key, sep, values = item.partition("=")
     key = key.strip()
     if key.startswith("config."):
-      key = key[len("config."):]
+      key = key[len("config.") :]
     if not sep or not key:
       raise SweepError(f"--grid {item!r}: expected KEY=V1,V2,... (e.g. --grid ssl.alpha=0,0.3)")
     vals = split_values(values)
@@ -116,8 +119,9 @@ def parse_grid(items: Sequence[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
     if any(k == key for k, _ in grid):
       raise SweepError(f"--grid {key} is given twice; put all its values in one --grid")
     if key == "seed":
-      raise SweepError("--grid seed=...: use --seeds=N (seeds 0..N-1), which the report "
-                       "averages over")
+      raise SweepError(
+        "--grid seed=...: use --seeds=N (seeds 0..N-1), which the report averages over"
+      )
     if len(set(vals)) != len(vals):
       raise SweepError(f"--grid {item}: a value is repeated")
     grid.append((key, tuple(vals)))
@@ -138,12 +142,14 @@ def parse_variants(paths: Sequence[str]) -> tuple[Variant, ...]:
       continue
     file = path.split(":", 1)[0]
     if not os.path.isfile(file):
-      raise SweepError(f"variant {path}: no such config file (configs are in configs/, e.g. "
-                       "configs/rfm.py)")
+      raise SweepError(
+        f"variant {path}: no such config file (configs are in configs/, e.g. configs/rfm.py)"
+      )
     label = variant_label(path)
     if any(v.label == label for v in variants):
-      raise SweepError(f"two variants are named {label!r} ({path}); give each a distinct "
-                       "file name or :arg")
+      raise SweepError(
+        f"two variants are named {label!r} ({path}); give each a distinct file name or :arg"
+      )
     variants.append(Variant(label=label, path=path))
   if not variants:
     raise SweepError("no variant: give --config=FILE or --variants=FILE1,FILE2,...")
@@ -183,8 +189,10 @@ def check_key(config: ml_collections.ConfigDict, key: str, where: str) -> None:
   if key in leaves:
     return
   if any(p.startswith(key + ".") for p in leaves):
-    raise SweepError(f"{where}: {key!r} is a section, not a field; name a field such as "
-                     f"{next(p for p in leaves if p.startswith(key + '.'))!r}")
+    raise SweepError(
+      f"{where}: {key!r} is a section, not a field; name a field such as "
+      f"{next(p for p in leaves if p.startswith(key + '.'))!r}"
+    )
   close = difflib.get_close_matches(key, leaves, n=1)
   hint = f" (did you mean {close[0]!r}?)" if close else ""
   raise SweepError(f"{where}: no such config field {key!r}{hint}; see configs/base.py")
@@ -198,8 +206,9 @@ def build_config(variant_path: str, flags: Sequence[str]) -> ml_collections.Conf
   """
   argv = ["sweep", f"--config={variant_path}", *flags]
   fv = absl_flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv,
-                                  lock_config=True, sys_argv=argv)
+  config_flags.DEFINE_config_file(
+    "config", None, "config file", flag_values=fv, lock_config=True, sys_argv=argv
+  )
   try:
     with warnings.catch_warnings():  # ml_collections loads the file with load_module()
       warnings.simplefilter("ignore", DeprecationWarning)
@@ -240,12 +249,17 @@ def run_name(variant: str, values: Sequence[tuple[str, Any]], seed: int) -> str:
   safe = _SAFE.sub("_", text)
   if safe != text or len(safe) > MAX_NAME_LEN:
     digest = hashlib.sha1(text.encode()).hexdigest()[:8]
-    safe = f"{safe[:MAX_NAME_LEN - 9]}-{digest}"
+    safe = f"{safe[: MAX_NAME_LEN - 9]}-{digest}"
   return safe
 
 
-def plan(*, variants: Sequence[str], grid: Sequence[str] = (), seeds: int = 1,
-         overrides: Sequence[str] = ()) -> Sweep:
+def plan(
+  *,
+  variants: Sequence[str],
+  grid: Sequence[str] = (),
+  seeds: int = 1,
+  overrides: Sequence[str] = (),
+) -> Sweep:
   """Parses and validates everything; builds every run's config in-process.
 
   Args:
@@ -262,8 +276,9 @@ def plan(*, variants: Sequence[str], grid: Sequence[str] = (), seeds: int = 1,
   if not isinstance(seeds, int) or seeds < 1:
     raise SweepError(f"--seeds={seeds}: must be an integer >= 1")
   if not grid_items and len(variant_list) == 1 and seeds == 1:
-    raise SweepError("empty grid: nothing to sweep; give --grid KEY=V1,V2,..., "
-                     "--variants=A.py,B.py or --seeds=N")
+    raise SweepError(
+      "empty grid: nothing to sweep; give --grid KEY=V1,V2,..., --variants=A.py,B.py or --seeds=N"
+    )
   for o in overrides:
     if not re.match(r"--(no)?config\.[\w.]+(=|$)", o):
       raise SweepError(f"{o}: fixed overrides are --config.KEY=VALUE")
@@ -286,8 +301,9 @@ def plan(*, variants: Sequence[str], grid: Sequence[str] = (), seeds: int = 1,
         try:
           build_config(variant.path, [*overrides, f"--config.{key}={v}"])
         except SweepError as e:
-          raise SweepError(f"--grid {key}={v}: {str(e).split(': ', 2)[-1]} "
-                           f"({variant.path})") from None
+          raise SweepError(
+            f"--grid {key}={v}: {str(e).split(': ', 2)[-1]} ({variant.path})"
+          ) from None
     for combo in itertools.product(*(vals for _, vals in grid_items)):
       point = tuple(zip(keys, combo))
       grid_flags = [f"--config.{k}={v}" for k, v in point]
@@ -306,13 +322,29 @@ def plan(*, variants: Sequence[str], grid: Sequence[str] = (), seeds: int = 1,
         values = tuple((k, _get(config, k)) for k in keys)
         name = run_name(variant.label, values, run_seed)
         if name in names:
-          raise SweepError(f"runs {names[name]} and {flags} get the same directory {name!r} "
-                           "(the same value given twice?)")
+          raise SweepError(
+            f"runs {names[name]} and {flags} get the same directory {name!r} "
+            "(the same value given twice?)"
+          )
         names[name] = flags
-        runs.append(RunSpec(name=name, variant=variant, point=point, seed=run_seed, flags=flags,
-                            num_steps=int(config.train.num_steps), values=values))
-  return Sweep(variants=variant_list, grid=grid_items, seeds=tuple(range(seeds)),
-               overrides=tuple(overrides), runs=tuple(runs))
+        runs.append(
+          RunSpec(
+            name=name,
+            variant=variant,
+            point=point,
+            seed=run_seed,
+            flags=flags,
+            num_steps=int(config.train.num_steps),
+            values=values,
+          )
+        )
+  return Sweep(
+    variants=variant_list,
+    grid=grid_items,
+    seeds=tuple(range(seeds)),
+    overrides=tuple(overrides),
+    runs=tuple(runs),
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,12 +356,13 @@ def run_dir(workdir: str, run: RunSpec) -> str:
 
 
 def final_eval(workdir: str, run: RunSpec) -> dict | None:
-  """The run's evaluation at its final step, or None if it has none (yet)."""
+  """The run's final evaluation: its test line (the checkpoint selected on validation; a run
+  that stopped early ends before ``num_steps``), or None if it has none (yet)."""
   try:
     records = workdir_lib.read_jsonl(os.path.join(run_dir(workdir, run), "eval.jsonl"))
   except (OSError, ValueError):
     return None
-  done = [r for r in records if r.get("step") == run.num_steps]
+  done = [r for r in records if r.get("split") == "test"]
   return done[-1] if done else None
 
 

@@ -12,7 +12,7 @@ optional extra (``pip install -e '.[sweep]'``): it is imported only when ``plot`
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 from sslrec.experiments import plan, report
 
@@ -35,6 +35,7 @@ def plot(sweep: plan.Sweep, summary: Sequence[dict], workdir: str) -> list[str]:
   # Imported here on purpose: matplotlib is an optional extra (pip install -e '.[sweep]'), so
   # this module, and the sweep without plots, must import without it.
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -60,11 +61,18 @@ def _plot_bars(plt, sweep, groups, ks, workdir) -> str:
   by = {(g["variant"], g["point"]): g for g in groups}
   point_name = lambda p: " ".join(f"{kk.split('.')[-1]}={v}" for kk, v in zip(keys, p))  # noqa
   split = 1 < len(points) <= 3
-  columns = [(part, [p]) for p in points for part in ("head", "tail")] if split else \
-      [(part, points) for part in ("head", "tail")]
+  columns = (
+    [(part, [p]) for p in points for part in ("head", "tail")]
+    if split
+    else [(part, points) for part in ("head", "tail")]
+  )
   per_col = len(variants) * (1 if split else max(1, len(points)) ** 0.5)
-  fig, axes = plt.subplots(len(ks), len(columns), squeeze=False,
-                           figsize=(max(3.2, 0.55 * per_col + 1.5) * len(columns), 2.8 * len(ks)))
+  fig, axes = plt.subplots(
+    len(ks),
+    len(columns),
+    squeeze=False,
+    figsize=(max(3.2, 0.55 * per_col + 1.5) * len(columns), 2.8 * len(ks)),
+  )
   for row, k in enumerate(ks):
     for col, (part, pts) in enumerate(columns):
       ax = axes[row][col]
@@ -81,8 +89,7 @@ def _plot_bars(plt, sweep, groups, ks, workdir) -> str:
           xs.append(i - 0.4 + width * (j + 0.5))
           ys.append(g["mean"][metric])
           es.append(g["std"][metric] or 0.0)
-        ax.bar(xs, ys, width, yerr=es, capsize=2,
-               label=point_name(point) if len(pts) > 1 else None)
+        ax.bar(xs, ys, width, yerr=es, capsize=2, label=point_name(point) if len(pts) > 1 else None)
       ax.set_xticks(range(len(variants)))
       ax.set_xticklabels(variants, rotation=30, ha="right", fontsize=8)
       title = f"Recall@{k} ({part})" + (f"\n{point_name(pts[0])}" if split else "")
@@ -95,20 +102,32 @@ def _plot_bars(plt, sweep, groups, ks, workdir) -> str:
       ax.grid(axis="y", alpha=0.3)
       if row == 0 and col == len(columns) - 1 and len(pts) > 1:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-  return _save(plt, fig, "Head / tail Recall@K per variant (mean ± std over seeds)",
-               os.path.join(workdir, "recall_head_tail.png"))
+  return _save(
+    plt,
+    fig,
+    "Head / tail Recall@K per variant (mean ± std over seeds)",
+    os.path.join(workdir, "recall_head_tail.png"),
+  )
 
 
 def _plot_heatmap(plt, sweep, groups, k, workdir) -> str:
   alphas = list(dict.fromkeys(plan.format_value(g["values"][ALPHA]) for g in groups))
   taus = list(dict.fromkeys(plan.format_value(g["values"][TAU]) for g in groups))
   others = _other_keys(sweep, (ALPHA, TAU))
-  panel_of = lambda g: (g["variant"],) + tuple(  # noqa: E731
-      plan.format_value(g["values"][o]) for o in others)
+  panel_of = lambda g: (
+    (g["variant"],)
+    + tuple(  # noqa: E731
+      plan.format_value(g["values"][o]) for o in others
+    )
+  )
   panels = list(dict.fromkeys(panel_of(g) for g in groups))
   metric = f"recall@{k}/tail"
-  fig, axes = plt.subplots(1, len(panels), figsize=(1.3 * len(taus) * len(panels) + 2, 0.7 *
-                                                    len(alphas) + 1.8), squeeze=False)
+  fig, axes = plt.subplots(
+    1,
+    len(panels),
+    figsize=(1.3 * len(taus) * len(panels) + 2, 0.7 * len(alphas) + 1.8),
+    squeeze=False,
+  )
   for ax, panel in zip(axes[0], panels):
     cells = [[None] * len(taus) for _ in alphas]
     for g in groups:
@@ -122,8 +141,15 @@ def _plot_heatmap(plt, sweep, groups, k, workdir) -> str:
     for i, row in enumerate(cells):
       for j, c in enumerate(row):
         if c:
-          ax.text(j, i, f"{c[0]:.3f}" + (f"\n±{c[1]:.3f}" if c[1] is not None else ""),
-                  ha="center", va="center", fontsize=7, color="w")
+          ax.text(
+            j,
+            i,
+            f"{c[0]:.3f}" + (f"\n±{c[1]:.3f}" if c[1] is not None else ""),
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="w",
+          )
     ax.set_xticks(range(len(taus)), taus)
     ax.set_yticks(range(len(alphas)), alphas)
     ax.set_xlabel("ssl.temperature (tau)")
@@ -131,8 +157,12 @@ def _plot_heatmap(plt, sweep, groups, k, workdir) -> str:
     title = panel[0] + "".join(f" {o.split('.')[-1]}={v}" for o, v in zip(others, panel[1:]))
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046)
-  return _save(plt, fig, f"Tail Recall@{k} (mean ± std over seeds)",
-               os.path.join(workdir, "heatmap_alpha_tau.png"))
+  return _save(
+    plt,
+    fig,
+    f"Tail Recall@{k} (mean ± std over seeds)",
+    os.path.join(workdir, "heatmap_alpha_tau.png"),
+  )
 
 
 def _plot_fraction(plt, sweep, groups, k, workdir) -> str:
@@ -145,9 +175,14 @@ def _plot_fraction(plt, sweep, groups, k, workdir) -> str:
     metric = f"recall@{k}{part}"
     for label, gs in lines.items():
       gs = sorted((g for g in gs if metric in g["mean"]), key=lambda g: g["values"][FRACTION])
-      ax.errorbar([g["values"][FRACTION] for g in gs], [g["mean"][metric] for g in gs],
-                  yerr=[g["std"][metric] or 0.0 for g in gs], marker="o", capsize=3,
-                  label=label)
+      ax.errorbar(
+        [g["values"][FRACTION] for g in gs],
+        [g["mean"][metric] for g in gs],
+        yerr=[g["std"][metric] or 0.0 for g in gs],
+        marker="o",
+        capsize=3,
+        label=label,
+      )
     ax.set_xscale("log")
     fractions = sorted({g["values"][FRACTION] for g in groups})
     ax.set_xticks(fractions, [plan.format_value(f) for f in fractions])
@@ -156,8 +191,12 @@ def _plot_fraction(plt, sweep, groups, k, workdir) -> str:
     ax.set_title(f"Recall@{k}{part or ' (all)'}", fontsize=9)
     ax.grid(alpha=0.3)
   axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-  return _save(plt, fig, "Recall against the fraction of D_train kept (mean ± std over seeds)",
-               os.path.join(workdir, "recall_vs_train_fraction.png"))
+  return _save(
+    plt,
+    fig,
+    "Recall against the fraction of D_train kept (mean ± std over seeds)",
+    os.path.join(workdir, "recall_vs_train_fraction.png"),
+  )
 
 
 def _save(plt, fig, title: str, path: str) -> str:

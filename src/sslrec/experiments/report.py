@@ -16,7 +16,7 @@ import csv
 import math
 import os
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from scipy import stats
 
@@ -40,15 +40,23 @@ def gather(sweep: plan.Sweep, workdir: str, outcomes: dict | None = None) -> lis
       status, error = "ok", ""
     else:
       status = "failed" if outcome.get("status") == "failed" else "missing"
-      error = plan.log_tail(os.path.join(plan.run_dir(workdir, run), "log.txt"),
-                                 ERROR_LINES)
+      error = plan.log_tail(os.path.join(plan.run_dir(workdir, run), "log.txt"), ERROR_LINES)
       if status == "failed" and not error:
         error = f"exit code {outcome.get('returncode')}"
     metrics = {k: v for k, v in (result or {}).items() if k != "step" and _is_num(v)}
-    records.append({"run": run.name, "variant": run.variant.label, "seed": run.seed,
-                    "status": status, "values": dict(run.values),
-                    "point": tuple(plan.format_value(v) for _, v in run.values),
-                    "step": (result or {}).get("step"), "metrics": metrics, "error": error})
+    records.append(
+      {
+        "run": run.name,
+        "variant": run.variant.label,
+        "seed": run.seed,
+        "status": status,
+        "values": dict(run.values),
+        "point": tuple(plan.format_value(v) for _, v in run.values),
+        "step": (result or {}).get("step"),
+        "metrics": metrics,
+        "error": error,
+      }
+    )
   return records
 
 
@@ -65,8 +73,9 @@ def mean_std(xs: Sequence[float]) -> tuple[float, float | None]:
   return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
 
 
-def t_interval(xs: Sequence[float], confidence: float = 0.95
-               ) -> tuple[float, tuple[float, float] | None]:
+def t_interval(
+  xs: Sequence[float], confidence: float = 0.95
+) -> tuple[float, tuple[float, float] | None]:
   """The mean of ``xs`` and its two-sided Student-t interval (n - 1 degrees of freedom); the
   interval is None for fewer than 2 values. For paired differences: ``xs`` are per-seed
   differences, and an interval that excludes 0 is a difference the seeds agree on."""
@@ -83,8 +92,16 @@ def summarize(records: Sequence[dict]) -> list[dict]:
   groups: dict[tuple, dict] = {}
   for r in records:
     key = (r["variant"], r["point"])
-    g = groups.setdefault(key, {"variant": r["variant"], "point": r["point"],
-                                "values": r["values"], "runs": [], "failed": 0})
+    g = groups.setdefault(
+      key,
+      {
+        "variant": r["variant"],
+        "point": r["point"],
+        "values": r["values"],
+        "runs": [],
+        "failed": 0,
+      },
+    )
     if r["status"] == "ok":
       g["runs"].append(r)
     elif r["status"] == "failed":
@@ -96,9 +113,18 @@ def summarize(records: Sequence[dict]) -> list[dict]:
     for k in names:
       xs = [r["metrics"][k] for r in g["runs"] if k in r["metrics"]]
       mean[k], std[k] = mean_std(xs)
-    out.append({"variant": g["variant"], "point": g["point"], "values": g["values"],
-                "n": len(g["runs"]), "seeds": [r["seed"] for r in g["runs"]],
-                "failed": g["failed"], "mean": mean, "std": std})
+    out.append(
+      {
+        "variant": g["variant"],
+        "point": g["point"],
+        "values": g["values"],
+        "n": len(g["runs"]),
+        "seeds": [r["seed"] for r in g["runs"]],
+        "failed": g["failed"],
+        "mean": mean,
+        "std": std,
+      }
+    )
   return out
 
 
@@ -112,8 +138,9 @@ def paired(records: Sequence[dict], reference: str) -> list[dict]:
     ref = ok.get((reference, point, seed))
     if variant == reference or ref is None:
       continue
-    g = groups.setdefault((variant, point), {"variant": variant, "point": point,
-                                             "values": r["values"], "diffs": {}})
+    g = groups.setdefault(
+      (variant, point), {"variant": variant, "point": point, "values": r["values"], "diffs": {}}
+    )
     for k, v in r["metrics"].items():
       if k in ref["metrics"]:
         g["diffs"].setdefault(k, []).append(v - ref["metrics"][k])
@@ -124,10 +151,16 @@ def paired(records: Sequence[dict], reference: str) -> list[dict]:
       continue
     g = groups[key]
     stats = {k: mean_std(xs) for k, xs in g["diffs"].items()}
-    out.append({"variant": g["variant"], "point": g["point"], "values": g["values"],
-                "n": min(len(xs) for xs in g["diffs"].values()),
-                "mean": {k: m for k, (m, _) in stats.items()},
-                "std": {k: sd for k, (_, sd) in stats.items()}})
+    out.append(
+      {
+        "variant": g["variant"],
+        "point": g["point"],
+        "values": g["values"],
+        "n": min(len(xs) for xs in g["diffs"].values()),
+        "mean": {k: m for k, (m, _) in stats.items()},
+        "std": {k: sd for k, (_, sd) in stats.items()},
+      }
+    )
   return out
 
 
@@ -136,8 +169,12 @@ def metric_sort_key(name: str):
   m = re.fullmatch(r"(popularity/)?recall@(\d+)(/head|/tail)?", name)
   if not m:
     return (2, 0, 0, name)
-  return (1 if m.group(1) else 0, int(m.group(2)), {"": 0, "/head": 1, "/tail": 2}[m.group(3) or ""],
-          name)
+  return (
+    1 if m.group(1) else 0,
+    int(m.group(2)),
+    {"": 0, "/head": 1, "/tail": 2}[m.group(3) or ""],
+    name,
+  )
 
 
 def ks_of(names) -> list[int]:
@@ -153,8 +190,9 @@ def _fmt(v: float | None, digits: int = 4) -> str:
   return "" if v is None else f"{v:.{digits}f}"
 
 
-def write_csv(sweep: plan.Sweep, records: Sequence[dict], summary: Sequence[dict],
-              workdir: str) -> tuple[str, str]:
+def write_csv(
+  sweep: plan.Sweep, records: Sequence[dict], summary: Sequence[dict], workdir: str
+) -> tuple[str, str]:
   keys = [k for k, _ in sweep.grid]
   metrics = sorted({k for r in records for k in r["metrics"]}, key=metric_sort_key)
   results_path = os.path.join(workdir, "results.csv")
@@ -162,14 +200,24 @@ def write_csv(sweep: plan.Sweep, records: Sequence[dict], summary: Sequence[dict
     w = csv.writer(f)
     w.writerow(["run", "variant", *keys, "seed", "status", "step", *metrics, "error"])
     for r in records:
-      w.writerow([r["run"], r["variant"], *r["point"], r["seed"], r["status"],
-                  "" if r["step"] is None else r["step"],
-                  *(_fmt(r["metrics"].get(m), 6) for m in metrics), r["error"]])
+      w.writerow(
+        [
+          r["run"],
+          r["variant"],
+          *r["point"],
+          r["seed"],
+          r["status"],
+          "" if r["step"] is None else r["step"],
+          *(_fmt(r["metrics"].get(m), 6) for m in metrics),
+          r["error"],
+        ]
+      )
   summary_path = os.path.join(workdir, "summary.csv")
   with open(summary_path, "w", newline="") as f:
     w = csv.writer(f)
-    w.writerow(["variant", *keys, "n", "failed", *(f"{m}{s}" for m in metrics
-                                                    for s in ("_mean", "_std"))])
+    w.writerow(
+      ["variant", *keys, "n", "failed", *(f"{m}{s}" for m in metrics for s in ("_mean", "_std"))]
+    )
     for g in summary:
       row = [g["variant"], *g["point"], g["n"], g["failed"]]
       for m in metrics:
@@ -178,23 +226,35 @@ def write_csv(sweep: plan.Sweep, records: Sequence[dict], summary: Sequence[dict
   return results_path, summary_path
 
 
-def markdown_table(sweep: plan.Sweep, summary: Sequence[dict], *,
-                   metrics: Sequence[str] | None = None, prefix: str = "",
-                   signed: bool = False) -> str:
+def markdown_table(
+  sweep: plan.Sweep,
+  summary: Sequence[dict],
+  *,
+  metrics: Sequence[str] | None = None,
+  prefix: str = "",
+  signed: bool = False,
+) -> str:
   """The summary as Markdown: one row per variant x grid point, cells ``mean ± std``."""
   keys = [k for k, _ in sweep.grid]
-  names = metrics or sorted({k for g in summary for k in g["mean"]
-                             if re.fullmatch(r"recall@\d+(/head|/tail)?", k)},
-                            key=metric_sort_key)
+  names = metrics or sorted(
+    {k for g in summary for k in g["mean"] if re.fullmatch(r"recall@\d+(/head|/tail)?", k)},
+    key=metric_sort_key,
+  )
   head = ["variant", *keys, "n", *(prefix + _short(m) for m in names)]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for g in summary:
-    cells = [g["variant"], *g["point"], str(g["n"]) + (f" ({g['failed']} failed)"
-                                                       if g.get("failed") else "")]
+    cells = [
+      g["variant"],
+      *g["point"],
+      str(g["n"]) + (f" ({g['failed']} failed)" if g.get("failed") else ""),
+    ]
     for m in names:
       mean, std = g["mean"].get(m), g["std"].get(m)
-      cells.append("" if mean is None else
-                   f"{mean:{'+' if signed else ''}.4f}" + ("" if std is None else f" ± {std:.4f}"))
+      cells.append(
+        ""
+        if mean is None
+        else f"{mean:{'+' if signed else ''}.4f}" + ("" if std is None else f" ± {std:.4f}")
+      )
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -203,46 +263,87 @@ def _short(metric: str) -> str:
   return metric.replace("popularity/", "").replace("recall@", "R@")
 
 
-def write_markdown(sweep: plan.Sweep, records: Sequence[dict], summary: Sequence[dict],
-                   workdir: str, *, command: str = "", plots: Sequence[str] = (),
-                   reference: str | None = None) -> str:
+def write_markdown(
+  sweep: plan.Sweep,
+  records: Sequence[dict],
+  summary: Sequence[dict],
+  workdir: str,
+  *,
+  command: str = "",
+  plots: Sequence[str] = (),
+  reference: str | None = None,
+) -> str:
   n_ok = sum(r["status"] == "ok" for r in records)
   failed = [r for r in records if r["status"] == "failed"]
   missing = [r for r in records if r["status"] == "missing"]
   parts = ["# Sweep results", ""]
   if command:
     parts += ["```", command, "```", ""]
-  parts += [f"{len(records)} runs: {n_ok} finished, {len(failed)} failed"
-            + (f", {len(missing)} not run" if missing else "")
-            + f". Variants: {', '.join(v.label for v in sweep.variants)}. "
-            f"Cells: mean ± sample std over seeds (n = finished seeds; std omitted for n = 1); "
-            "every metric of every run is in results.csv / summary.csv.",
-            "", markdown_table(sweep, summary), ""]
-  pop = sorted({k for g in summary for k in g["mean"]
-                if re.fullmatch(r"popularity/recall@\d+(/head|/tail)?", k)}, key=metric_sort_key)
+  parts += [
+    f"{len(records)} runs: {n_ok} finished, {len(failed)} failed"
+    + (f", {len(missing)} not run" if missing else "")
+    + f". Variants: {', '.join(v.label for v in sweep.variants)}. "
+    f"Cells: mean ± sample std over seeds (n = finished seeds; std omitted for n = 1); "
+    "every metric of every run is in results.csv / summary.csv.",
+    "",
+    markdown_table(sweep, summary),
+    "",
+  ]
+  pop = sorted(
+    {
+      k
+      for g in summary
+      for k in g["mean"]
+      if re.fullmatch(r"popularity/recall@\d+(/head|/tail)?", k)
+    },
+    key=metric_sort_key,
+  )
   if pop:  # it depends on the data only: one row per grid point
-    first = [dict(g, variant="popularity") for g in summary
-             if g["variant"] == sweep.variants[0].label]
-    parts += ["The most-popular recommender on the same eval pairs (a reference):", "",
-              markdown_table(sweep, first, metrics=pop), ""]
+    first = [
+      dict(g, variant="popularity") for g in summary if g["variant"] == sweep.variants[0].label
+    ]
+    parts += [
+      "The most-popular recommender on the same eval pairs (a reference):",
+      "",
+      markdown_table(sweep, first, metrics=pop),
+      "",
+    ]
   reference = reference or sweep.variants[0].label
   diffs = paired(records, reference)
   ks = ks_of({k for g in summary for k in g["mean"]})
   if diffs and ks and len(sweep.seeds) > 1:
     k = pick_k(ks)
-    parts += [f"Paired differences to `{reference}` (same grid point and seed; on the embedded "
-              "data a seed fixes the data set and the init): mean ± sample std over seeds.", "",
-              markdown_table(sweep, diffs, metrics=[f"recall@{k}", f"recall@{k}/head",
-                                                    f"recall@{k}/tail"], prefix="Δ", signed=True),
-              ""]
+    parts += [
+      f"Paired differences to `{reference}` (same grid point and seed; on the embedded "
+      "data a seed fixes the data set and the init): mean ± sample std over seeds.",
+      "",
+      markdown_table(
+        sweep,
+        diffs,
+        metrics=[f"recall@{k}", f"recall@{k}/head", f"recall@{k}/tail"],
+        prefix="Δ",
+        signed=True,
+      ),
+      "",
+    ]
   if plots:
-    parts += ["Plots: " + ", ".join(f"[{os.path.basename(p)}]({os.path.basename(p)})"
-                                    for p in plots), ""]
+    parts += [
+      "Plots: " + ", ".join(f"[{os.path.basename(p)}]({os.path.basename(p)})" for p in plots),
+      "",
+    ]
   if failed:
     parts += ["## Failed runs", ""]
     for r in failed:
-      parts += [f"### {r['run']}", "", f"log: `runs/{r['run']}/log.txt`", "", "```",
-                r["error"] or "(empty log)", "```", ""]
+      parts += [
+        f"### {r['run']}",
+        "",
+        f"log: `runs/{r['run']}/log.txt`",
+        "",
+        "```",
+        r["error"] or "(empty log)",
+        "```",
+        "",
+      ]
   path = os.path.join(workdir, "results.md")
   with open(path, "w") as f:
     f.write("\n".join(parts))

@@ -49,8 +49,17 @@ from sslrec.experiments import execute, plan, report
 from sslrec.run import workdir as workdir_lib
 
 KINDS = ("float", "log", "int", "int_log", "categorical")
-SPEC_FIELDS = ("variants", "space", "per_variant_space", "trials", "seeds", "objective", "fixed",
-               "sampler_seed", "startup_trials")
+SPEC_FIELDS = (
+  "variants",
+  "space",
+  "per_variant_space",
+  "trials",
+  "seeds",
+  "objective",
+  "fixed",
+  "sampler_seed",
+  "startup_trials",
+)
 DEFAULT_TRIALS = 8
 DEFAULT_SEEDS = 3
 DEFAULT_OBJECTIVE = "recall@50"
@@ -71,6 +80,7 @@ class TuneError(plan.SweepError):
 @dataclasses.dataclass(frozen=True)
 class Param:
   """One searched field: ``kind`` in KINDS; ``low``/``high`` for numbers, ``choices`` else."""
+
   key: str
   kind: str
   low: float | int | None = None
@@ -81,6 +91,7 @@ class Param:
     """The optuna distribution (categorical choices that are not None/bool/int/float/str, e.g.
     tuples, are stored as their text)."""
     import optuna  # optional (the 'tune' extra); only the tuning process imports it
+
     d = optuna.distributions
     if self.kind in ("float", "log"):
       return d.FloatDistribution(float(self.low), float(self.high), log=self.kind == "log")
@@ -120,10 +131,12 @@ def parse_param(key: str, entry: Any) -> Param:
   if not isinstance(key, str) or not key:
     raise TuneError(f"space: keys are dotted config fields (e.g. 'ssl.alpha'), got {key!r}")
   if key.startswith("config."):
-    key = key[len("config."):]
+    key = key[len("config.") :]
   if not isinstance(entry, (tuple, list)) or not entry:
-    raise TuneError(f"{where}: {entry!r}: expected (KIND, LOW, HIGH) or ('categorical', "
-                    f"(V1, V2, ...)) with KIND one of {', '.join(KINDS)}")
+    raise TuneError(
+      f"{where}: {entry!r}: expected (KIND, LOW, HIGH) or ('categorical', "
+      f"(V1, V2, ...)) with KIND one of {', '.join(KINDS)}"
+    )
   kind = entry[0]
   if kind not in KINDS:
     close = difflib.get_close_matches(str(kind), KINDS, n=1)
@@ -135,8 +148,10 @@ def parse_param(key: str, entry: Any) -> Param:
     choices = tuple(entry[1])
     keys = [_choice_key(c) for c in choices]
     if len(choices) < 2:
-      raise TuneError(f"{where}: a categorical needs at least 2 choices (fix a single value "
-                      "with 'fixed' or --config.KEY=VALUE instead)")
+      raise TuneError(
+        f"{where}: a categorical needs at least 2 choices (fix a single value "
+        "with 'fixed' or --config.KEY=VALUE instead)"
+      )
     if len(set(map(repr, keys))) != len(keys):
       raise TuneError(f"{where}: a choice is repeated in {choices!r}")
     return Param(key=key, kind=kind, choices=choices)
@@ -209,23 +224,26 @@ def load_spec(path: str) -> dict:
       warnings.simplefilter("ignore", DeprecationWarning)
       module_spec.loader.exec_module(module)
   except Exception as e:  # noqa: BLE001 -- any failure of the user's file is a user error
-    raise TuneError(f"--spec={path}: the file raised {type(e).__name__}: "
-                    f"{' '.join(str(e).split())}") from None
+    raise TuneError(
+      f"--spec={path}: the file raised {type(e).__name__}: {' '.join(str(e).split())}"
+    ) from None
   if not callable(getattr(module, "get_tuning", None)):
     raise TuneError(f"--spec={path}: the file has no get_tuning() (see configs/tune_movielens.py)")
   try:
     spec = module.get_tuning()
   except Exception as e:  # noqa: BLE001
-    raise TuneError(f"--spec={path}: get_tuning() raised {type(e).__name__}: "
-                    f"{' '.join(str(e).split())}") from None
+    raise TuneError(
+      f"--spec={path}: get_tuning() raised {type(e).__name__}: {' '.join(str(e).split())}"
+    ) from None
   if not isinstance(spec, dict):
     raise TuneError(f"--spec={path}: get_tuning() must return a dict, got {type(spec).__name__}")
   for field in spec:
     if field not in SPEC_FIELDS:
       close = difflib.get_close_matches(str(field), SPEC_FIELDS, n=1)
       hint = f" (did you mean {close[0]!r}?)" if close else ""
-      raise TuneError(f"--spec={path}: unknown field {field!r}{hint}; fields: "
-                      f"{', '.join(SPEC_FIELDS)}")
+      raise TuneError(
+        f"--spec={path}: unknown field {field!r}{hint}; fields: {', '.join(SPEC_FIELDS)}"
+      )
   return spec
 
 
@@ -236,8 +254,10 @@ def _variants(spec: dict, spec_path: str) -> tuple[plan.Variant, ...]:
   elif isinstance(raw, (tuple, list)) and all(isinstance(v, str) for v in raw):
     items = [(None, v) for v in raw]
   else:
-    raise TuneError("spec 'variants': expected config paths ('configs/movielens.py:baseline', "
-                    "...) or {label: path}")
+    raise TuneError(
+      "spec 'variants': expected config paths ('configs/movielens.py:baseline', "
+      "...) or {label: path}"
+    )
   out = []
   for label, path in items:
     path = path.strip()
@@ -248,11 +268,13 @@ def _variants(spec: dict, spec_path: str) -> tuple[plan.Variant, ...]:
       raise TuneError(f"variant {path}: no such config file (configs are in configs/)")
     label = label or plan.variant_label(path)
     if not _LABEL.fullmatch(label):
-      raise TuneError(f"variant label {label!r}: use letters, digits, '.', '_' or '-' "
-                      "(it names DIR/<label>/)")
+      raise TuneError(
+        f"variant label {label!r}: use letters, digits, '.', '_' or '-' (it names DIR/<label>/)"
+      )
     if any(v.label == label for v in out):
-      raise TuneError(f"two variants are labelled {label!r}; give them distinct labels "
-                      "({label: path})")
+      raise TuneError(
+        f"two variants are labelled {label!r}; give them distinct labels ({{label: path}})"
+      )
     out.append(plan.Variant(label=label, path=path))
   if not out:
     raise TuneError("spec 'variants' is empty")
@@ -272,21 +294,27 @@ def _int_field(value, name: str, low: int = 1) -> int:
   return value
 
 
-def make_tuning(spec: dict, spec_path: str, *, trials: int | None = None,
-                seeds: int | None = None, objective: str | None = None,
-                overrides: Sequence[str] = ()) -> Tuning:
+def make_tuning(
+  spec: dict,
+  spec_path: str,
+  *,
+  trials: int | None = None,
+  seeds: int | None = None,
+  objective: str | None = None,
+  overrides: Sequence[str] = (),
+) -> Tuning:
   """Validates the spec and the flags and builds every variant's config at every bound.
 
   Raises:
     TuneError: one line naming the bad input; nothing has been run or written.
   """
-  trials = _int_field(spec.get("trials", DEFAULT_TRIALS) if trials is None else trials,
-                      "--trials")
+  trials = _int_field(spec.get("trials", DEFAULT_TRIALS) if trials is None else trials, "--trials")
   seeds = _int_field(spec.get("seeds", DEFAULT_SEEDS) if seeds is None else seeds, "--seeds")
   objective = objective or spec.get("objective", DEFAULT_OBJECTIVE)
   if not isinstance(objective, str) or not objective:
-    raise TuneError(f"objective {objective!r}: expected a validation metric name such as "
-                    "'recall@50'")
+    raise TuneError(
+      f"objective {objective!r}: expected a validation metric name such as 'recall@50'"
+    )
   sampler_seed = _int_field(spec.get("sampler_seed", 0), "spec 'sampler_seed'", low=0)
   startup = spec.get("startup_trials", min(10, max(2, trials // 3)))
   startup = _int_field(startup, "spec 'startup_trials'", low=0)
@@ -294,32 +322,39 @@ def make_tuning(spec: dict, spec_path: str, *, trials: int | None = None,
 
   space_raw = spec.get("space", {})
   if not isinstance(space_raw, dict) or not space_raw:
-    raise TuneError("spec 'space': expected {config key: (KIND, LOW, HIGH) or ('categorical', "
-                    "(V1, ...))}, at least one")
+    raise TuneError(
+      "spec 'space': expected {config key: (KIND, LOW, HIGH) or ('categorical', "
+      "(V1, ...))}, at least one"
+    )
   space = [parse_param(k, v) for k, v in space_raw.items()]
   keys = [p.key for p in space]
   if len(set(keys)) != len(keys):
     raise TuneError("spec 'space': a key is given twice")
   for p in space:
     if p.key == "seed":
-      raise TuneError("space 'seed': the tuner sets the seeds (0 while tuning, 0..N-1 for the "
-                      "best); tune data or model fields")
+      raise TuneError(
+        "space 'seed': the tuner sets the seeds (0 while tuning, 0..N-1 for the "
+        "best); tune data or model fields"
+      )
 
   fixed = spec.get("fixed", {})
   if not isinstance(fixed, dict):
     raise TuneError("spec 'fixed': expected {config key: value}")
   flags: dict[str, str] = {}
   for k, v in fixed.items():
-    k = str(k)[len("config."):] if str(k).startswith("config.") else str(k)
+    k = str(k)[len("config.") :] if str(k).startswith("config.") else str(k)
     flags[k] = f"--config.{k}={flag_value(v)}"
   for o in overrides:  # the command line replaces the spec's fixed value of the same key
     flags[_flag_key(o)] = o
   if "seed" in flags:
-    raise TuneError(f"{flags['seed']}: the tuner sets config.seed (0 while tuning, 0..N-1 for "
-                    "the best); fix data.seed to choose the data")
+    raise TuneError(
+      f"{flags['seed']}: the tuner sets config.seed (0 while tuning, 0..N-1 for "
+      "the best); fix data.seed to choose the data"
+    )
   fixed_flags = tuple(flags.values())
-  select_flags = () if "train.select_metric" in flags else (
-      f"--config.train.select_metric={objective}",)
+  select_flags = (
+    () if "train.select_metric" in flags else (f"--config.train.select_metric={objective}",)
+  )
   notes = []
   for p in space:
     if p.key in flags:
@@ -333,8 +368,10 @@ def make_tuning(spec: dict, spec_path: str, *, trials: int | None = None,
   chosen: dict[str, list[str]] = {}
   for name, ks in per_variant.items():
     if name not in by_name:
-      raise TuneError(f"per_variant_space[{name!r}]: not a variant of the spec; one of "
-                      f"{[v.label for v in variants]}")
+      raise TuneError(
+        f"per_variant_space[{name!r}]: not a variant of the spec; one of "
+        f"{[v.label for v in variants]}"
+      )
     if isinstance(ks, str) or not isinstance(ks, (tuple, list)):
       raise TuneError(f"per_variant_space[{name!r}]: expected a list of space keys")
     for k in ks:
@@ -349,25 +386,42 @@ def make_tuning(spec: dict, spec_path: str, *, trials: int | None = None,
     wanted = chosen.get(variant.label)
     params = tuple(p for p in space if wanted is None or p.key in wanted)
     if not params:
-      raise TuneError(f"variant {variant.label}: nothing to search (every space key is fixed "
-                      "or left out by per_variant_space)")
+      raise TuneError(
+        f"variant {variant.label}: nothing to search (every space key is fixed "
+        "or left out by per_variant_space)"
+      )
     _check_variant(variant, params, fixed_flags, select_flags, objective)
     tuned.append(TunedVariant(variant=variant, params=params))
-  return Tuning(variants=tuple(tuned), trials=trials, seeds=seeds, objective=objective,
-                overrides=fixed_flags, select_flags=select_flags, sampler_seed=sampler_seed,
-                startup_trials=startup, notes=tuple(notes))
+  return Tuning(
+    variants=tuple(tuned),
+    trials=trials,
+    seeds=seeds,
+    objective=objective,
+    overrides=fixed_flags,
+    select_flags=select_flags,
+    sampler_seed=sampler_seed,
+    startup_trials=startup,
+    notes=tuple(notes),
+  )
 
 
-def _check_variant(variant: plan.Variant, params: Sequence[Param], overrides: Sequence[str],
-                   select_flags: Sequence[str], objective: str) -> None:
+def _check_variant(
+  variant: plan.Variant,
+  params: Sequence[Param],
+  overrides: Sequence[str],
+  select_flags: Sequence[str],
+  objective: str,
+) -> None:
   raw = plan.build_config(variant.path, ())
   for o in overrides:
     plan.check_key(raw, _flag_key(o), o.split("=", 1)[0])
   base = plan.build_config(variant.path, [*overrides])
   metrics = configuration.selectable_metrics(base.eval.ks)
   if objective not in metrics:
-    raise TuneError(f"objective {objective!r}: not a validation metric the runs report (higher "
-                    f"is better); one of {', '.join(metrics)} (eval.ks={tuple(base.eval.ks)})")
+    raise TuneError(
+      f"objective {objective!r}: not a validation metric the runs report (higher "
+      f"is better); one of {', '.join(metrics)} (eval.ks={tuple(base.eval.ks)})"
+    )
   base = plan.build_config(variant.path, [*overrides, *select_flags])
   try:
     configuration.validate(base)
@@ -378,11 +432,14 @@ def _check_variant(variant: plan.Variant, params: Sequence[Param], overrides: Se
     current = plan._get(base, p.key)  # pylint: disable=protected-access
     if p.kind != "categorical":
       if isinstance(current, (bool, str, tuple, list)) or current is None:
-        raise TuneError(f"space {p.key}: the field holds {current!r}, not a number; use "
-                        "('categorical', (V1, V2, ...))")
+        raise TuneError(
+          f"space {p.key}: the field holds {current!r}, not a number; use "
+          "('categorical', (V1, V2, ...))"
+        )
       if isinstance(current, int) and p.kind in ("float", "log"):
-        raise TuneError(f"space {p.key}: an integer field; use ('int', LOW, HIGH) or "
-                        "('int_log', LOW, HIGH)")
+        raise TuneError(
+          f"space {p.key}: an integer field; use ('int', LOW, HIGH) or ('int_log', LOW, HIGH)"
+        )
     probes = p.choices if p.kind == "categorical" else (p.low, p.high)
     for v in probes:  # each bound / choice alone, so that a bad one is named
       flag = f"--config.{p.key}={flag_value(v)}"
@@ -460,12 +517,17 @@ def storage_url(workdir: str, label: str) -> str:
 
 def study_signature(tuning: Tuning, tv: TunedVariant) -> dict:
   """What makes a study's past trials comparable; a resume with another signature is refused."""
-  return {"variant": tv.variant.path, "objective": tuning.objective,
-          "overrides": list(tuning.overrides), "space": [p.signature() for p in tv.params]}
+  return {
+    "variant": tv.variant.path,
+    "objective": tuning.objective,
+    "overrides": list(tuning.overrides),
+    "space": [p.signature() for p in tv.params],
+  }
 
 
 def _quiet_optuna():
   import optuna  # optional (the 'tune' extra); only the tuning process imports it
+
   optuna.logging.set_verbosity(optuna.logging.WARNING)
   warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
   return optuna
@@ -478,9 +540,12 @@ def open_study(tuning: Tuning, tv: TunedVariant, workdir: str, *, create: bool):
   if not create and not os.path.exists(path):
     return None
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  study = optuna.create_study(storage=storage_url(workdir, tv.variant.label),
-                              study_name=tv.variant.label, direction="maximize",
-                              load_if_exists=True)
+  study = optuna.create_study(
+    storage=storage_url(workdir, tv.variant.label),
+    study_name=tv.variant.label,
+    direction="maximize",
+    load_if_exists=True,
+  )
   if "signature" not in study.user_attrs:
     study.set_user_attr("signature", study_signature(tuning, tv))
   return study
@@ -496,14 +561,18 @@ def check_resumable(tuning: Tuning, workdir: str) -> None:
     try:
       study = open_study(tuning, tv, workdir, create=False)
     except Exception as e:  # noqa: BLE001 -- an unreadable database is the user's to move
-      raise TuneError(f"{path}: cannot open the study ({' '.join(str(e).split())}); move it "
-                      "away or use another --workdir") from None
+      raise TuneError(
+        f"{path}: cannot open the study ({' '.join(str(e).split())}); move it "
+        "away or use another --workdir"
+      ) from None
     saved = study.user_attrs.get("signature")
     want = study_signature(tuning, tv)
     if saved is not None and saved != want:
       differ = [k for k in want if saved.get(k) != want[k]]
-      raise TuneError(f"{path} was tuned with a different {' and '.join(differ)}; its trials "
-                      "are not comparable: use another --workdir (or the same spec and flags)")
+      raise TuneError(
+        f"{path} was tuned with a different {' and '.join(differ)}; its trials "
+        "are not comparable: use another --workdir (or the same spec and flags)"
+      )
 
 
 def _sampler(tuning: Tuning, number: int):
@@ -511,8 +580,9 @@ def _sampler(tuning: Tuning, number: int):
   seed, n and the finished trials, whether or not the search was interrupted in between."""
   optuna = _quiet_optuna()
   seed = int(np.random.SeedSequence([tuning.sampler_seed, number]).generate_state(1)[0])
-  return optuna.samplers.TPESampler(seed=seed, n_startup_trials=tuning.startup_trials,
-                                    multivariate=True, constant_liar=False)
+  return optuna.samplers.TPESampler(
+    seed=seed, n_startup_trials=tuning.startup_trials, multivariate=True, constant_liar=False
+  )
 
 
 def trial_values(tv: TunedVariant, params: dict) -> dict[str, Any]:
@@ -522,9 +592,12 @@ def trial_values(tv: TunedVariant, params: dict) -> dict[str, Any]:
 
 
 def run_flags(tuning: Tuning, values: dict[str, Any], seed: int) -> tuple[str, ...]:
-  return (*tuning.overrides, *tuning.select_flags,
-          *(f"--config.{k}={flag_value(v)}" for k, v in values.items()),
-          f"--config.seed={seed}")
+  return (
+    *tuning.overrides,
+    *tuning.select_flags,
+    *(f"--config.{k}={flag_value(v)}" for k, v in values.items()),
+    f"--config.seed={seed}",
+  )
 
 
 def _fmt_values(values: dict) -> str:
@@ -544,8 +617,15 @@ class Runner:
   ``status_every`` seconds. On KeyboardInterrupt (Ctrl-C, or SIGTERM in the main thread) the
   run is stopped (it saves a checkpoint) and the interrupt goes on."""
 
-  def __init__(self, *, main_script: str, python: str = sys.executable, env: dict | None = None,
-               status_every: float = 60.0, out=sys.stdout):
+  def __init__(
+    self,
+    *,
+    main_script: str,
+    python: str = sys.executable,
+    env: dict | None = None,
+    status_every: float = 60.0,
+    out=sys.stdout,
+  ):
     self.main_script, self.python, self.env = main_script, python, env
     self.status_every, self.out = status_every, out
 
@@ -555,11 +635,11 @@ class Runner:
     except (BrokenPipeError, ValueError):  # a closed pipe must not orphan the run
       pass
 
-  def run(self, variant_path: str, rd: str, flags: Sequence[str], name: str
-          ) -> tuple[int, float]:
+  def run(self, variant_path: str, rd: str, flags: Sequence[str], name: str) -> tuple[int, float]:
     """Returns (exit code, seconds)."""
-    proc, log = execute.start_run(variant_path, rd, flags, main_script=self.main_script,
-                                  python=self.python, env=self.env)
+    proc, log = execute.start_run(
+      variant_path, rd, flags, main_script=self.main_script, python=self.python, env=self.env
+    )
     t0 = last = time.time()
     try:
       while proc.poll() is None:
@@ -594,13 +674,24 @@ def _score(tuning: Tuning, rd: str, rc: int | None) -> tuple[float | None, int |
     return None, None, error_line(rd, rc) if rc is not None else "no test evaluation"
   best = best_valid(records, tuning.objective)
   if best is None:
-    return None, None, (f"no finite validation {tuning.objective} in eval.jsonl (split == "
-                        "'valid' lines)")
+    return (
+      None,
+      None,
+      (f"no finite validation {tuning.objective} in eval.jsonl (split == 'valid' lines)"),
+    )
   return best[0], best[1], ""
 
 
-def _finish_trial(study, tuning: Tuning, tv: TunedVariant, number: int, rd: str,
-                  rc: int | None, seconds: float, runner: Runner) -> str:
+def _finish_trial(
+  study,
+  tuning: Tuning,
+  tv: TunedVariant,
+  number: int,
+  rd: str,
+  rc: int | None,
+  seconds: float,
+  runner: Runner,
+) -> str:
   """Tells the study the trial's result; returns its error ('' when it completed)."""
   optuna = _quiet_optuna()
   value, step, error = _score(tuning, rd, rc)
@@ -610,16 +701,21 @@ def _finish_trial(study, tuning: Tuning, tv: TunedVariant, number: int, rd: str,
     info["error"] = error
     study.set_user_attr(f"trial_{number}", info)
     study.tell(number, state=optuna.trial.TrialState.FAIL)
-    runner.say(f"{label} trial {number} FAILED"
-               + (f" (exit {rc})" if rc not in (None, 0) else "") + f": {error} | the trial is "
-               "marked failed; the search continues")
+    runner.say(
+      f"{label} trial {number} FAILED"
+      + (f" (exit {rc})" if rc not in (None, 0) else "")
+      + f": {error} | the trial is "
+      "marked failed; the search continues"
+    )
     return error
   info["step"] = step
   study.set_user_attr(f"trial_{number}", info)
   study.tell(number, value)
   best = study.best_trial
-  runner.say(f"{label} trial {number} done ({_fmt_time(seconds)}): valid {tuning.objective} "
-             f"{value:.4f} at step {step} | best {best.value:.4f} (trial {best.number})")
+  runner.say(
+    f"{label} trial {number} done ({_fmt_time(seconds)}): valid {tuning.objective} "
+    f"{value:.4f} at step {step} | best {best.value:.4f} (trial {best.number})"
+  )
   return ""
 
 
@@ -642,9 +738,11 @@ def tune_variant(tuning: Tuning, tv: TunedVariant, workdir: str, runner: Runner)
   finished = [t for t in trials if t.state in (states.COMPLETE, states.FAIL, states.PRUNED)]
   pending = [t for t in trials if t.state in (states.RUNNING, states.WAITING)]
   todo = max(tuning.trials - len(finished), 0)
-  runner.say(f"{label}: {len(finished)} of {tuning.trials} trials finished "
-             f"({sum(t.state == states.FAIL for t in finished)} failed), "
-             f"{min(len(pending), todo)} to resume, {max(todo - len(pending), 0)} to sample")
+  runner.say(
+    f"{label}: {len(finished)} of {tuning.trials} trials finished "
+    f"({sum(t.state == states.FAIL for t in finished)} failed), "
+    f"{min(len(pending), todo)} to resume, {max(todo - len(pending), 0)} to sample"
+  )
   for t in pending[:todo]:  # interrupted earlier: resume its run (or read it if it finished)
     rd = trial_dir(workdir, label, t.number)
     values = trial_values(tv, t.params)
@@ -652,26 +750,32 @@ def tune_variant(tuning: Tuning, tv: TunedVariant, workdir: str, runner: Runner)
       _finish_trial(study, tuning, tv, t.number, rd, None, 0.0, runner)
       continue
     runner.say(f"{label} trial {t.number} resume: {_fmt_values(values)}")
-    rc, seconds = runner.run(tv.variant.path, rd, run_flags(tuning, values, 0),
-                             f"{label} trial {t.number}")
+    rc, seconds = runner.run(
+      tv.variant.path, rd, run_flags(tuning, values, 0), f"{label} trial {t.number}"
+    )
     _finish_trial(study, tuning, tv, t.number, rd, rc, seconds, runner)
   todo -= min(len(pending), todo)
   distributions = {p.key: p.distribution() for p in tv.params}
   same_errors: list[str] = []  # the errors of the failures in a row, while none completed
   for i in range(todo):
     if len(same_errors) >= SAME_FAILURES and len(set(same_errors)) == 1 and not _complete(study):
-      runner.say(f"{label}: {SAME_FAILURES} trials in a row failed with the same error and none "
-                 f"completed; search stopped (not a hyperparameter problem?): {same_errors[0]}")
+      runner.say(
+        f"{label}: {SAME_FAILURES} trials in a row failed with the same error and none "
+        f"completed; search stopped (not a hyperparameter problem?): {same_errors[0]}"
+      )
       break
     study.sampler = _sampler(tuning, len(study.get_trials(deepcopy=False)))
     trial = study.ask(distributions)
     values = trial_values(tv, trial.params)
     rd = trial_dir(workdir, label, trial.number)
     _set_aside(rd, runner)
-    runner.say(f"{label} trial {trial.number} start ({tuning.trials - todo + i + 1}"
-               f"/{tuning.trials}): {_fmt_values(values)}")
-    rc, seconds = runner.run(tv.variant.path, rd, run_flags(tuning, values, 0),
-                             f"{label} trial {trial.number}")
+    runner.say(
+      f"{label} trial {trial.number} start ({tuning.trials - todo + i + 1}"
+      f"/{tuning.trials}): {_fmt_values(values)}"
+    )
+    rc, seconds = runner.run(
+      tv.variant.path, rd, run_flags(tuning, values, 0), f"{label} trial {trial.number}"
+    )
     error = _finish_trial(study, tuning, tv, trial.number, rd, rc, seconds, runner)
     same_errors = [*same_errors, error] if error else []
   return study
@@ -679,8 +783,9 @@ def tune_variant(tuning: Tuning, tv: TunedVariant, workdir: str, runner: Runner)
 
 def _complete(study):
   optuna = _quiet_optuna()
-  return [t for t in study.get_trials(deepcopy=False)
-          if t.state == optuna.trial.TrialState.COMPLETE]
+  return [
+    t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE
+  ]
 
 
 def best_trial(study):
@@ -704,8 +809,9 @@ def _link_seed0(workdir: str, label: str, number: int) -> None:
     pass
 
 
-def seed_runs(tuning: Tuning, tv: TunedVariant, study, workdir: str,
-              runner: Runner | None) -> list[dict]:
+def seed_runs(
+  tuning: Tuning, tv: TunedVariant, study, workdir: str, runner: Runner | None
+) -> list[dict]:
   """Runs (when ``runner``) and reads the best trial's seeds 0..seeds-1. Returns one record per
   seed: ``{'seed', 'dir', 'status' ('ok' | 'failed' | 'missing'), 'test', 'valid', 'error'}``.
 
@@ -728,8 +834,10 @@ def seed_runs(tuning: Tuning, tv: TunedVariant, study, workdir: str,
         if not os.path.exists(rd):
           break
         os.replace(rd, f"{rd}.trial{old}")
-      runner.say(f"{label}: the best trial is now {best.number} (was {old}); the runs of trial "
-                 f"{old}'s seeds are kept as best_seed<k>.trial{old}")
+      runner.say(
+        f"{label}: the best trial is now {best.number} (was {old}); the runs of trial "
+        f"{old}'s seeds are kept as best_seed<k>.trial{old}"
+      )
     with open(record_path, "w") as f:
       json.dump({"trial": best.number, "value": best.value, "values": values}, f, indent=2)
     _link_seed0(workdir, label, best.number)
@@ -754,8 +862,16 @@ def seed_runs(tuning: Tuning, tv: TunedVariant, study, workdir: str,
       status, error = "failed", error_line(rd, rc)
     else:
       status, error = "missing", ""
-    out.append({"seed": seed, "dir": os.path.relpath(rd, workdir), "status": status,
-                "test": test, "valid": valid, "error": error})
+    out.append(
+      {
+        "seed": seed,
+        "dir": os.path.relpath(rd, workdir),
+        "status": status,
+        "test": test,
+        "valid": valid,
+        "error": error,
+      }
+    )
   return out
 
 
@@ -776,18 +892,33 @@ def gather(tuning: Tuning, workdir: str, seed_records: dict | None = None) -> li
       attrs = study.user_attrs
       for t in study.get_trials(deepcopy=False):
         info = attrs.get(f"trial_{t.number}", {})
-        trials.append({"number": t.number, "state": t.state.name.lower(), "value": t.value,
-                       "values": trial_values(tv, t.params), "step": info.get("step"),
-                       "error": info.get("error", ""), "seconds": info.get("seconds")})
+        trials.append(
+          {
+            "number": t.number,
+            "state": t.state.name.lower(),
+            "value": t.value,
+            "values": trial_values(tv, t.params),
+            "step": info.get("step"),
+            "error": info.get("error", ""),
+            "seconds": info.get("seconds"),
+          }
+        )
       best = best_trial(study)
     seeds = (seed_records or {}).get(label)
     if seeds is None:
       seeds = seed_runs(tuning, tv, study, workdir, None)
-    out.append({"label": label, "path": tv.variant.path, "params": tv.params, "trials": trials,
-                "best": None if best is None else best.number,
-                "best_value": None if best is None else best.value,
-                "best_values": {} if best is None else trial_values(tv, best.params),
-                "seeds": seeds})
+    out.append(
+      {
+        "label": label,
+        "path": tv.variant.path,
+        "params": tv.params,
+        "trials": trials,
+        "best": None if best is None else best.number,
+        "best_value": None if best is None else best.value,
+        "best_values": {} if best is None else trial_values(tv, best.params),
+        "seeds": seeds,
+      }
+    )
   return out
 
 
@@ -820,8 +951,11 @@ def _summary(results: Sequence[dict], metrics: Sequence[str], reference: str) ->
   for r in results:
     if r["label"] == reference:
       continue
-    pairs = [(s["test"], ref_ok[s["seed"]]) for s in r["seeds"]
-             if s["status"] == "ok" and s["seed"] in ref_ok]
+    pairs = [
+      (s["test"], ref_ok[s["seed"]])
+      for s in r["seeds"]
+      if s["status"] == "ok" and s["seed"] in ref_ok
+    ]
     cells = {}
     for m in metrics:
       xs = [a[m] - b[m] for a, b in pairs if report._is_num(a.get(m)) and report._is_num(b.get(m))]  # pylint: disable=protected-access
@@ -846,8 +980,9 @@ def _interval_cell(mean, ci) -> str:
   return f"{mean:+.4f} " + ("[n/a]" if ci is None else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]")
 
 
-def write_results(tuning: Tuning, results: Sequence[dict], workdir: str, *,
-                  command: str = "") -> tuple[str, str]:
+def write_results(
+  tuning: Tuning, results: Sequence[dict], workdir: str, *, command: str = ""
+) -> tuple[str, str]:
   """Writes results.md, results.csv, runs.csv and trials.csv; returns (md, csv) paths."""
   metrics = table_metrics(results)
   reference = tuning.reference
@@ -860,8 +995,17 @@ def write_results(tuning: Tuning, results: Sequence[dict], workdir: str, *,
   diff_by = {d["label"]: d for d in summary["diffs"]}
   with open(csv_path, "w", newline="") as f:
     w = csv.writer(f)
-    head = ["kind", "variant", "config", "trials", "failed_trials", "best_trial",
-            f"valid_{obj}", *keys, "n_seeds"]
+    head = [
+      "kind",
+      "variant",
+      "config",
+      "trials",
+      "failed_trials",
+      "best_trial",
+      f"valid_{obj}",
+      *keys,
+      "n_seeds",
+    ]
     for m in metrics:
       head += [f"{m}_mean", f"{m}_std"]
     for m in metrics:
@@ -870,10 +1014,17 @@ def write_results(tuning: Tuning, results: Sequence[dict], workdir: str, *,
     for r, row in zip(results, summary["rows"]):
       failed = sum(t["state"] == "fail" for t in r["trials"])
       finished = sum(t["state"] in ("complete", "fail") for t in r["trials"])
-      cells = ["variant", r["label"], r["path"], finished, failed,
-               "" if r["best"] is None else r["best"], _f(r["best_value"], 6),
-               *(flag_value(r["best_values"][k]) if k in r["best_values"] else "" for k in keys),
-               row["n"]]
+      cells = [
+        "variant",
+        r["label"],
+        r["path"],
+        finished,
+        failed,
+        "" if r["best"] is None else r["best"],
+        _f(r["best_value"], 6),
+        *(flag_value(r["best_values"][k]) if k in r["best_values"] else "" for k in keys),
+        row["n"],
+      ]
       for m in metrics:
         mean, sd = row["stats"][m]
         cells += [_f(mean, 6), _f(sd, 6)]
@@ -883,8 +1034,12 @@ def write_results(tuning: Tuning, results: Sequence[dict], workdir: str, *,
           cells += ["", "", "", "" if d is None else 0]
           continue
         (mean, ci), n = d["cells"][m]
-        cells += [_f(mean, 6), "n/a" if ci is None else _f(ci[0], 6),
-                  "n/a" if ci is None else _f(ci[1], 6), n]
+        cells += [
+          _f(mean, 6),
+          "n/a" if ci is None else _f(ci[0], 6),
+          "n/a" if ci is None else _f(ci[1], 6),
+          n,
+        ]
       w.writerow(cells)
     for ref in summary["refs"]:
       cells = ["reference", ref["label"], "", "", "", "", "", *([""] * len(keys)), ""]
@@ -894,41 +1049,81 @@ def write_results(tuning: Tuning, results: Sequence[dict], workdir: str, *,
       w.writerow(cells)
 
   # runs.csv: one row per seed run (every test metric); trials.csv: one row per trial.
-  test_keys = sorted({k for r in results for s in r["seeds"] if s["test"]
-                      for k in s["test"] if k not in ("step", "split", "selected_step")
-                      and report._is_num(s["test"][k])}, key=report.metric_sort_key)  # pylint: disable=protected-access
+  test_keys = sorted(
+    {
+      k
+      for r in results
+      for s in r["seeds"]
+      if s["test"]
+      for k in s["test"]
+      if k not in ("step", "split", "selected_step") and report._is_num(s["test"][k])
+    },
+    key=report.metric_sort_key,
+  )  # pylint: disable=protected-access
   with open(os.path.join(workdir, "runs.csv"), "w", newline="") as f:
     w = csv.writer(f)
-    w.writerow(["variant", "seed", "run", "status", "step", "selected_step", f"valid_{obj}",
-                *(f"test_{k}" for k in test_keys), "error"])
+    w.writerow(
+      [
+        "variant",
+        "seed",
+        "run",
+        "status",
+        "step",
+        "selected_step",
+        f"valid_{obj}",
+        *(f"test_{k}" for k in test_keys),
+        "error",
+      ]
+    )
     for r in results:
       for s in r["seeds"]:
         t = s["test"] or {}
-        w.writerow([r["label"], s["seed"], s["dir"], s["status"], t.get("step", ""),
-                    t.get("selected_step", ""), _f(s["valid"][0], 6) if s["valid"] else "",
-                    *(_f(t.get(k), 6) for k in test_keys), s["error"]])
+        w.writerow(
+          [
+            r["label"],
+            s["seed"],
+            s["dir"],
+            s["status"],
+            t.get("step", ""),
+            t.get("selected_step", ""),
+            _f(s["valid"][0], 6) if s["valid"] else "",
+            *(_f(t.get(k), 6) for k in test_keys),
+            s["error"],
+          ]
+        )
   with open(os.path.join(workdir, "trials.csv"), "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(["variant", "trial", "state", f"valid_{obj}", "step", *keys, "seconds", "error"])
     for r in results:
       for t in r["trials"]:
-        w.writerow([r["label"], t["number"], t["state"], _f(t["value"], 6),
-                    "" if t["step"] is None else t["step"],
-                    *(flag_value(t["values"][k]) if k in t["values"] else "" for k in keys),
-                    "" if t["seconds"] is None else t["seconds"], t["error"]])
+        w.writerow(
+          [
+            r["label"],
+            t["number"],
+            t["state"],
+            _f(t["value"], 6),
+            "" if t["step"] is None else t["step"],
+            *(flag_value(t["values"][k]) if k in t["values"] else "" for k in keys),
+            "" if t["seconds"] is None else t["seconds"],
+            t["error"],
+          ]
+        )
 
   # results.md
   parts = ["# Tuning results", ""]
   if command:
     parts += ["```", command, "```", ""]
-  parts += [f"Each variant was tuned on the **validation** split: {tuning.trials} trials "
-            f"(optuna TPE, sampler seed {tuning.sampler_seed}, the first "
-            f"{tuning.startup_trials} random), one run each with seed 0, scored by the best "
-            f"validation `{obj}` over the run's evaluations. The best setting was then trained "
-            f"with seeds 0..{tuning.seeds - 1} (seed 0 is the best trial's own run) and scored "
-            "on the **test** split, at the checkpoint selected by validation "
-            "`train.select_metric`. Runs of the same seed share the data (`data.seed`) and are "
-            "paired. Per trial: trials.csv; per run: runs.csv; this page: results.csv.", ""]
+  parts += [
+    f"Each variant was tuned on the **validation** split: {tuning.trials} trials "
+    f"(optuna TPE, sampler seed {tuning.sampler_seed}, the first "
+    f"{tuning.startup_trials} random), one run each with seed 0, scored by the best "
+    f"validation `{obj}` over the run's evaluations. The best setting was then trained "
+    f"with seeds 0..{tuning.seeds - 1} (seed 0 is the best trial's own run) and scored "
+    "on the **test** split, at the checkpoint selected by validation "
+    "`train.select_metric`. Runs of the same seed share the data (`data.seed`) and are "
+    "paired. Per trial: trials.csv; per run: runs.csv; this page: results.csv.",
+    "",
+  ]
   if tuning.overrides:
     parts += ["Fixed: " + " ".join(f"`{o}`" for o in tuning.overrides), ""]
   parts += ["## Chosen hyperparameters", ""]
@@ -937,14 +1132,27 @@ def write_results(tuning: Tuning, results: Sequence[dict], workdir: str, *,
   for r in results:
     failed = sum(t["state"] == "fail" for t in r["trials"])
     finished = sum(t["state"] in ("complete", "fail") for t in r["trials"])
-    cells = [r["label"], f"{finished}" + (f" ({failed} failed)" if failed else ""),
-             "none" if r["best"] is None else f"trial_{r['best']}", _f(r["best_value"]),
-             *(_short_value(r["best_values"][k]) if k in r["best_values"]
-               else ("—" if all(p.key != k for p in r["params"]) else "") for k in keys)]
+    cells = [
+      r["label"],
+      f"{finished}" + (f" ({failed} failed)" if failed else ""),
+      "none" if r["best"] is None else f"trial_{r['best']}",
+      _f(r["best_value"]),
+      *(
+        _short_value(r["best_values"][k])
+        if k in r["best_values"]
+        else ("—" if all(p.key != k for p in r["params"]) else "")
+        for k in keys
+      ),
+    ]
     parts.append("| " + " | ".join(cells) + " |")
-  parts += ["", "Search space: " + "; ".join(
-      dict.fromkeys(p.describe() for r in results for p in r["params"])) + " (— = not searched "
-      "for that variant).", ""]
+  parts += [
+    "",
+    "Search space: "
+    + "; ".join(dict.fromkeys(p.describe() for r in results for p in r["params"]))
+    + " (— = not searched "
+    "for that variant).",
+    "",
+  ]
   parts += ["## Test split: mean ± std over seeds", ""]
   head = ["recommender", "n", *(_short(m) for m in metrics)]
   parts += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -955,14 +1163,25 @@ def write_results(tuning: Tuning, results: Sequence[dict], workdir: str, *,
       cells.append("" if mean is None else f"{mean:.4f}" + ("" if sd is None else f" ± {sd:.4f}"))
     parts.append("| " + " | ".join(cells) + " |")
   for ref in summary["refs"]:
-    parts.append("| " + " | ".join([f"{ref['label']} (reference)", "—",
-                                    *(_f(ref["values"][m]) for m in metrics)]) + " |")
-  parts += ["", "std: sample standard deviation over seeds (omitted for n = 1). The references "
-            "depend on the data only, not on the seed: shown once.", ""]
+    parts.append(
+      "| "
+      + " | ".join([f"{ref['label']} (reference)", "—", *(_f(ref["values"][m]) for m in metrics)])
+      + " |"
+    )
+  parts += [
+    "",
+    "std: sample standard deviation over seeds (omitted for n = 1). The references "
+    "depend on the data only, not on the seed: shown once.",
+    "",
+  ]
   if summary["diffs"]:
-    parts += [f"## Paired differences to `{reference}` (same seed)", "",
-              "Mean of the per-seed differences [95% Student-t interval, n - 1 degrees of "
-              "freedom; n/a for n < 2].", ""]
+    parts += [
+      f"## Paired differences to `{reference}` (same seed)",
+      "",
+      "Mean of the per-seed differences [95% Student-t interval, n - 1 degrees of "
+      "freedom; n/a for n < 2].",
+      "",
+    ]
     head = ["variant", "n", *(f"Δ{_short(m)}" for m in metrics)]
     parts += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for d in summary["diffs"]:
@@ -980,11 +1199,15 @@ def write_results(tuning: Tuning, results: Sequence[dict], workdir: str, *,
     for label in no_best:
       parts.append(f"- {label}: no trial finished: no best setting, no test figures")
     for label, t in failed:
-      parts.append(f"- {label} trial {t['number']} (`{label}/trial_{t['number']}/log.txt`): "
-                   f"{t['error'] or 'failed'}")
+      parts.append(
+        f"- {label} trial {t['number']} (`{label}/trial_{t['number']}/log.txt`): "
+        f"{t['error'] or 'failed'}"
+      )
     for label, s in bad_seeds:
-      parts.append(f"- {label} seed {s['seed']} (`{s['dir']}/log.txt`): {s['status']}"
-                   + (f": {s['error']}" if s["error"] else ""))
+      parts.append(
+        f"- {label} seed {s['seed']} (`{s['dir']}/log.txt`): {s['status']}"
+        + (f": {s['error']}" if s["error"] else "")
+      )
     parts.append("")
   md_path = os.path.join(workdir, "results.md")
   with open(md_path, "w") as f:
@@ -1001,11 +1224,22 @@ def _raise_interrupt(signum, frame):
   raise KeyboardInterrupt
 
 
-def run_command(*, spec: str | None, workdir: str | None, trials: int | None = None,
-                seeds: int | None = None, objective: str | None = None,
-                overrides: Sequence[str] = (), main_script: str, command: str = "",
-                python: str = sys.executable, env: dict | None = None,
-                status_every: float = 60.0, out=sys.stdout, err=sys.stderr) -> int:
+def run_command(
+  *,
+  spec: str | None,
+  workdir: str | None,
+  trials: int | None = None,
+  seeds: int | None = None,
+  objective: str | None = None,
+  overrides: Sequence[str] = (),
+  main_script: str,
+  command: str = "",
+  python: str = sys.executable,
+  env: dict | None = None,
+  status_every: float = 60.0,
+  out=sys.stdout,
+  err=sys.stderr,
+) -> int:
   """Validates everything, tunes every variant, runs its best over the seeds, writes the
   results; returns the exit code: 0 when every variant has a best and every seed run finished
   (failed trials are part of a search: listed, not fatal), 1 otherwise, 2 on bad input (one
@@ -1022,22 +1256,29 @@ def run_command(*, spec: str | None, workdir: str | None, trials: int | None = N
     if seeds is not None:
       _int_field(seeds, "--seeds")
     raw = load_spec(spec)
-    tuning = make_tuning(raw, spec, trials=trials, seeds=seeds, objective=objective,
-                         overrides=overrides)
+    tuning = make_tuning(
+      raw, spec, trials=trials, seeds=seeds, objective=objective, overrides=overrides
+    )
     check_resumable(tuning, workdir)
   except plan.SweepError as e:  # TuneError, and the plan module's own (build_config, check_key)
     print(f"error: {e}", file=err, flush=True)
     return 2
-  runner = Runner(main_script=main_script, python=python,
-                  env=dict(os.environ) if env is None else env, status_every=status_every,
-                  out=out)
+  runner = Runner(
+    main_script=main_script,
+    python=python,
+    env=dict(os.environ) if env is None else env,
+    status_every=status_every,
+    out=out,
+  )
   for note in tuning.notes:
     runner.say(note)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "tune_command.txt"), "a") as f:
     f.write(command + "\n")
-  runner.say(f"tune: {len(tuning.variants)} variants x {tuning.trials} trials on validation "
-             f"{tuning.objective} (seed 0), then {tuning.seeds} seeds of each best; in {workdir}")
+  runner.say(
+    f"tune: {len(tuning.variants)} variants x {tuning.trials} trials on validation "
+    f"{tuning.objective} (seed 0), then {tuning.seeds} seeds of each best; in {workdir}"
+  )
   previous = signal.getsignal(signal.SIGTERM)
   main_thread = threading.current_thread() is threading.main_thread()
   if main_thread:
@@ -1045,8 +1286,9 @@ def run_command(*, spec: str | None, workdir: str | None, trials: int | None = N
   seeds_by_label: dict[str, list[dict]] = {}
   code = 0
   try:
-    studies = {tv.variant.label: tune_variant(tuning, tv, workdir, runner)
-               for tv in tuning.variants}
+    studies = {
+      tv.variant.label: tune_variant(tuning, tv, workdir, runner) for tv in tuning.variants
+    }
     for tv in tuning.variants:
       label = tv.variant.label
       best = best_trial(studies[label])
@@ -1054,24 +1296,30 @@ def run_command(*, spec: str | None, workdir: str | None, trials: int | None = N
         runner.say(f"{label}: no trial finished; no best setting to test")
         code = 1
         continue
-      runner.say(f"{label} best: trial {best.number}, valid {tuning.objective} "
-                 f"{best.value:.4f}: {_fmt_values(trial_values(tv, best.params))}")
+      runner.say(
+        f"{label} best: trial {best.number}, valid {tuning.objective} "
+        f"{best.value:.4f}: {_fmt_values(trial_values(tv, best.params))}"
+      )
       seeds_by_label[label] = seed_runs(tuning, tv, studies[label], workdir, runner)
       if any(s["status"] != "ok" for s in seeds_by_label[label]):
         code = 1
   except KeyboardInterrupt:
-    runner.say("interrupted; re-run the same command to resume (finished trials are kept, the "
-               "interrupted run resumes from its checkpoint)")
+    runner.say(
+      "interrupted; re-run the same command to resume (finished trials are kept, the "
+      "interrupted run resumes from its checkpoint)"
+    )
     code = 130
   finally:
     if main_thread:
       signal.signal(signal.SIGTERM, previous)
   results = gather(tuning, workdir, seeds_by_label if code != 130 else None)
   md, csv_path = write_results(tuning, results, workdir, command=command)
-  failed = [(r["label"], t["number"]) for r in results for t in r["trials"]
-            if t["state"] == "fail"]
+  failed = [(r["label"], t["number"]) for r in results for t in r["trials"] if t["state"] == "fail"]
   if failed:
-    runner.say(f"{len(failed)} trials failed: " + ", ".join(f"{l} trial {n}" for l, n in failed)
-               + " (their error lines: results.md, trials.csv)")
+    runner.say(
+      f"{len(failed)} trials failed: "
+      + ", ".join(f"{l} trial {n}" for l, n in failed)
+      + " (their error lines: results.md, trials.csv)"
+    )
   runner.say(f"results: {md}, {csv_path} (and runs.csv, trials.csv)")
   return code
