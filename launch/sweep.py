@@ -10,7 +10,6 @@ grid and seeds from the file's ``get_sweep()``. See ``src/sslrec/experiments/`` 
 
 import functools
 import os
-import shlex
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for configs/
@@ -39,10 +38,7 @@ _overrides = []
 
 
 def main(argv):
-  if len(argv) > 1:
-    print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
-    sys.exit(2)
-  command = " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
+  command = cli.launcher_command(argv)
   sys.exit(
     execute.run_command(
       workdir=_WORKDIR.value,
@@ -54,7 +50,7 @@ def main(argv):
       parallel=_PARALLEL.value,
       overrides=_overrides,
       main_script=_MAIN,
-      command="python " + command,
+      command=command,
       draw=_PLOTS.value,
       reference=_REFERENCE.value,
     )

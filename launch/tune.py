@@ -10,7 +10,6 @@ See docs/tuning.md and ``src/sslrec/experiments/tune.py``.
 
 import functools
 import os
-import shlex
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for configs/
@@ -43,10 +42,7 @@ _overrides = []
 
 
 def main(argv):
-  if len(argv) > 1:
-    print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
-    sys.exit(2)
-  command = " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
+  command = cli.launcher_command(argv)
   sys.exit(
     tune.run_command(
       spec=_SPEC.value,
@@ -56,7 +52,7 @@ def main(argv):
       objective=_OBJECTIVE.value,
       overrides=_overrides,
       main_script=_MAIN,
-      command="python " + command,
+      command=command,
     )
   )
 

@@ -151,3 +151,12 @@ def parse_flags(argv, *, config_file: bool = False, set_aside: list | None = Non
     message = flag_error_message(argv, e) if config_file else " ".join(str(e).split())
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+def launcher_command(argv) -> str:
+  """For the launchers that start runs (sweep, tune): stray positional arguments are one
+  ``error:`` line and exit 2; returns this process's command line, as written in their logs."""
+  if len(argv) > 1:
+    print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
+    sys.exit(2)
+  return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
