@@ -509,30 +509,10 @@ class Evaluator:
 
 
 def evaluate(
-  params,
-  model,
-  dataset: table_lib.Dataset,
-  item_freq: np.ndarray,
-  head: np.ndarray,
-  *,
-  mesh,
-  ks,
-  batch_size: int = 1024,
-  max_pairs: int = 0,
-  exclude_train_items: bool = True,
+  params, model, dataset: table_lib.Dataset, item_freq: np.ndarray, head: np.ndarray, **options
 ) -> dict[str, float]:
-  """One-off evaluation: ``Evaluator(...)(params)`` with the default references."""
-  return Evaluator(
-    model,
-    dataset,
-    item_freq,
-    head,
-    mesh=mesh,
-    ks=ks,
-    batch_size=batch_size,
-    max_pairs=max_pairs,
-    exclude_train_items=exclude_train_items,
-  )(params)
+  """One-off evaluation: ``Evaluator(model, dataset, item_freq, head, **options)(params)``."""
+  return Evaluator(model, dataset, item_freq, head, **options)(params)
 
 
 def format_table(metrics: dict[str, float], ks) -> str:

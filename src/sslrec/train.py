@@ -493,8 +493,7 @@ def _train(config, workdir: str, stop) -> dict[str, float]:
       valid = run.evaluate("valid")
       selection.update(last_step, valid)
       _save_best(best_manager, last_step, run.state.params, manager)
-    best_manager.wait_until_finished()
-    params = run.state.params
+    params = run.state.params  # every best save has completed (_save_best waits)
     selected = selection.best_step
     if selected != last_step:
       params = best_manager.restore(selected, args=checkpointing.best_args(params, save=False))

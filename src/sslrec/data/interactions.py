@@ -98,11 +98,6 @@ class Split:
   first: np.ndarray  # [K] first sorted position of each key
   num_before: dict  # {VALID, TEST: [K]} events of each key before that period (a prefix)
 
-  @property
-  def is_eval(self) -> np.ndarray:
-    """bool [E]: the held-out (validation or test) periods."""
-    return self.period != TRAIN
-
 
 def index_of(table_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
   """Row of each of ``keys`` in ``table_keys`` (distinct): ``int64 [len(keys)]``, -1 if absent."""
