@@ -56,6 +56,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.output_dim = 64  # embedding width of both towers (retrieval space)
   c.model.table_row_multiple = 128  # table rows padded to a multiple (row shards must divide it)
   c.model.dtype = "float32"  # compute dtype of the towers: 'float32' | 'bfloat16'
+  # training: prob. each query feature of a pair is replaced by its learned default (0 = off)
+  c.model.query_feature_dropout = 0.0
   c.model.share_item_tables = False  # data.query_mode='item': query tower reads the item tables
 
   c.loss = ml_collections.ConfigDict()
@@ -105,6 +107,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.batch_size = 512  # (query, item) pairs per step; in-batch negatives span all of them
   c.train.log_every = 100  # steps between metrics.jsonl lines / progress lines
   c.train.eval_every = 1000  # steps between evaluations (and always at the end)
+  c.train.eval_every_epochs = 0.0  # > 0: evaluate every this many epochs of D_train instead
   c.train.checkpoint_every = 1000  # steps between checkpoints (and always at the end)
   c.train.max_checkpoints = 3  # checkpoints kept
   c.train.skip_nonfinite = False  # non-finite loss/grad: False = stop the run, True = skip update
@@ -124,6 +127,11 @@ def get_config() -> ml_collections.ConfigDict:
     "popularity",
     "itemknn",
   )  # classical references scored beside the model ('als' needs the refs extra)
+  # model ranks by <q, x> + this * loss.temperature * log(1 + D_train freq.) (sslrec/prior.py)
+  c.eval.popularity_prior = 0.0
+  # > 0 values: after training, the prior's weight is chosen among these (and the one above) on
+  # validation with the selected checkpoint, and the test split is scored with it
+  c.eval.popularity_prior_candidates = ()
   c.eval.exclude_train_items = True  # rank without each eval query's training-period items
 
   c.mesh = ml_collections.ConfigDict()

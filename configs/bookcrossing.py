@@ -14,6 +14,8 @@ import importlib
 
 import ml_collections
 
+from configs import real_data
+
 VARIANTS = ("base", "baseline", "cfm", "rfm", "spread_out", "ssl_same_dist")
 
 
@@ -59,7 +61,4 @@ def get_config(variant: str = "base"):
     }
   )
   # The 10-core tables (366k interactions): ~259k training pairs, ~500 steps an epoch at batch 512.
-  c.train.num_steps = 2000
-  c.train.eval_every = 1000
-  c.train.checkpoint_every = 1000
-  return c
+  return real_data.apply(c)  # epochs, validation, early stopping, popularity prior

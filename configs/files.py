@@ -12,7 +12,7 @@ from the training period with an OOV id, > 0 = hash buckets. Features are read i
 
 import ml_collections
 
-from configs import base
+from configs import base, real_data
 
 
 def get_config():
@@ -52,4 +52,4 @@ def get_config():
       "history": {"kind": "history", "max_len": 20},
     }
   )
-  return c
+  return real_data.apply(c)  # epochs, validation, early stopping, popularity prior

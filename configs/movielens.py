@@ -9,6 +9,8 @@ with identical data and training settings. ``--config=configs/baseline.py
 
 import importlib
 
+from configs import real_data
+
 VARIANTS = ("base", "baseline", "cfm", "rfm", "spread_out", "ssl_same_dist")
 
 
@@ -21,10 +23,4 @@ def get_config(variant: str = "base"):
   # Each user's latest 20% of ratings is eval: every eval user has a history. 'global' (one time
   # cutoff, base's default) is stricter, but its eval users are mostly new ones.
   c.data.split = "user"
-  # Length in epochs of D_train (transfers across ML-100k / ML-1M / train_fraction); the checkpoint
-  # is selected on validation and the run stops once validation stops improving.
-  c.train.num_epochs = 8.0  # ML-100k validation peaks at ~6 epochs (docs/results.md)
-  c.train.eval_every = 50
-  c.train.early_stopping_patience = 5
-  c.train.checkpoint_every = 500
-  return c
+  return real_data.apply(c)  # epochs, validation, early stopping, popularity prior

@@ -31,6 +31,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ),
     ("ssl.item_sampling", "pop", "config.ssl.item_sampling='pop'"),
     ("optimizer.name", "sgd", "config.optimizer.name='sgd'"),
+    ("eval.popularity_prior", -1.0, "config.eval.popularity_prior=-1.0 is invalid"),
+    ("model.query_feature_dropout", 1.0, "config.model.query_feature_dropout=1.0 is invalid"),
     ("eval.head_fraction", 1.5, "config.eval.head_fraction=1.5"),
     ("train.num_steps", 0, "config.train.num_steps=0"),
     ("mesh.shape", (3,), "config.mesh.shape=(3,) needs 3 devices; 8 are available"),

@@ -34,6 +34,7 @@ RESUMABLE_FIELDS = frozenset(
     "eval.exclude_train_items",
     "train.skip_nonfinite",
     "train.num_epochs",
+    "train.eval_every_epochs",
     "train.early_stopping_patience",
   }
 )
@@ -147,6 +148,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
     "model.table_row_multiple",
     g("model.table_row_multiple"),
     "an integer >= 1",
+  )
+  _check(
+    _is_num(g("eval.popularity_prior")) and g("eval.popularity_prior") >= 0,
+    "eval.popularity_prior",
+    g("eval.popularity_prior"),
+    "a number >= 0",
+  )
+  cands = g("eval.popularity_prior_candidates")
+  _check(
+    isinstance(cands, (tuple, list)) and all(_is_num(w) and w >= 0 for w in cands),
+    "eval.popularity_prior_candidates",
+    cands,
+    "a tuple of numbers >= 0 (empty: no choice, eval.popularity_prior is used)",
+  )
+  _check(
+    _is_num(g("model.query_feature_dropout")) and 0 <= g("model.query_feature_dropout") < 1,
+    "model.query_feature_dropout",
+    g("model.query_feature_dropout"),
+    "a number in [0, 1)",
   )
   _check(g("model.dtype") in DTYPES, "model.dtype", g("model.dtype"), f"one of {DTYPES}")
   _check(
@@ -307,6 +327,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     "a number >= 0 (0 = train.num_steps steps)",
   )
   _check(
+    _is_num(g("train.eval_every_epochs")) and g("train.eval_every_epochs") >= 0,
+    "train.eval_every_epochs",
+    g("train.eval_every_epochs"),
+    "a number >= 0 (0 = every train.eval_every steps)",
+  )
+  _check(
     _is_int(g("train.early_stopping_patience")) and g("train.early_stopping_patience") >= 0,
     "train.early_stopping_patience",
     g("train.early_stopping_patience"),
@@ -387,6 +413,14 @@ def selectable_metrics(ks) -> tuple[str, ...]:
     for k in ks
     for part in (("", "/head", "/tail") if m != "map" else ("",))
   )
+
+
+def eval_interval(config, num_train: int) -> int:
+  """Steps between validations: ``train.eval_every_epochs`` epochs of D_train when set (so that
+  a recipe transfers across dataset sizes), else ``train.eval_every``."""
+  if config.train.eval_every_epochs > 0:
+    return max(1, round(config.train.eval_every_epochs * num_train / config.train.batch_size))
+  return int(config.train.eval_every)
 
 
 def num_steps(config, num_train: int) -> int:

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from sslrec import parallel
+from sslrec import parallel, prior
 from sslrec import references as references_lib
 from sslrec.data import table as table_lib
 
@@ -319,6 +319,8 @@ class Evaluator:
       items stay the references' query histories either way (a dataset loaded with
       ``eval.exclude_train_items=False`` has none, and ItemKNN / ALS are popularity there).
     references: names from ``references.REFERENCES``; neighbors: ItemKNN's per-item neighbours.
+    popularity_prior, temperature: the model ranks by ``prior.py``'s score (0: the towers' dot
+      product alone); ``temperature`` is the main loss's.
   """
 
   def __init__(
@@ -335,6 +337,8 @@ class Evaluator:
     exclude_train_items: bool = True,
     references: tuple[str, ...] = ("popularity", "itemknn"),
     neighbors: int = 100,
+    popularity_prior: float = 0.0,
+    temperature: float = 1.0,
   ):
     self.ks = tuple(int(k) for k in ks)
     if not self.ks or min(self.ks) < 1:
@@ -348,6 +352,7 @@ class Evaluator:
     self.batch_size, self.neighbors = int(batch_size), int(neighbors)
     n_items = self.num_items = dataset.num_items
     self.item_freq = np.asarray(item_freq)
+    self.prior_weight, self.temperature = float(popularity_prior), float(temperature)
     self.head = np.asarray(head, bool)
     self.cold = self.item_freq == 0
     self.decile = popularity_deciles(self.item_freq)
@@ -405,15 +410,18 @@ class Evaluator:
 
   # -- the model ------------------------------------------------------------------------------
 
-  def _model_tops(self, params):
-    """Yields ``(start, end, top int32 [end - start, K])`` per query chunk (-1: no item)."""
+  def _model_tops(self, params, prior_weight: float | None = None):
+    """Yields ``(start, end, top int32 [end - start, K])`` per query chunk (-1: no item);
+    ``prior_weight``: the popularity prior's weight (None: the Evaluator's)."""
+    w = self.prior_weight if prior_weight is None else float(prior_weight)
     item_emb = embed_table(
       lambda b: self._item_fn(params, b), self.dataset.items, self.num_items, self.batch_size
     )
+    item_emb = prior.with_items(item_emb, self.item_freq, w, self.temperature)
     items, _ = parallel.shard_rows(item_emb.astype(np.float32), self.mesh, self._item_chunk or 1)
     for (start, end), (ex_q, ex_i) in zip(self.bounds, self._padded_excluded, strict=True):
       batch = _pad_rows(table_lib.take(self.queries, np.arange(start, end)), self.chunk)
-      q = self._query_fn(params, batch)
+      q = prior.with_queries(self._query_fn(params, batch), w)
       v, ids = self._top_k(q, items, _replicate(ex_q, self.mesh), _replicate(ex_i, self.mesh))
       v, ids = _host(v)[: end - start], _host(ids)[: end - start].astype(np.int32)
       ids[np.isneginf(v)] = -1
@@ -421,10 +429,10 @@ class Evaluator:
         ids = np.pad(ids, ((0, 0), (0, self.k - ids.shape[1])), constant_values=-1)
       yield start, end, ids
 
-  def model_top_k(self, params) -> np.ndarray:
+  def model_top_k(self, params, prior_weight: float | None = None) -> np.ndarray:
     """``int32 [Q, K]``: the model's top-K list of every distinct query (``query_rows``), seen
     items removed; -1 past the end of a list."""
-    return np.concatenate([top for _, _, top in self._model_tops(params)], axis=0)
+    return np.concatenate([top for _, _, top in self._model_tops(params, prior_weight)], axis=0)
 
   # -- references -----------------------------------------------------------------------------
 
@@ -496,9 +504,10 @@ class Evaluator:
       prefix=prefix,
     )
 
-  def __call__(self, params) -> dict[str, float]:
-    """The model's metrics, the references' (cached) and the eval counts."""
-    out = self._metrics(self._model_tops(params), "")
+  def __call__(self, params, prior_weight: float | None = None) -> dict[str, float]:
+    """The model's metrics, the references' (cached) and the eval counts; ``prior_weight``: the
+    popularity prior's weight (``prior.py``; None: the one the Evaluator was built with)."""
+    out = self._metrics(self._model_tops(params, prior_weight), "")
     out.update(self.reference_metrics())
     out["eval/pairs"] = float(self.num_pairs)
     out["eval/queries"] = float(self.num_queries)

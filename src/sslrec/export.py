@@ -37,9 +37,9 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from sslrec import serving
+from sslrec import prior, serving
 from sslrec import step as step_lib
-from sslrec.data import sources
+from sslrec.data import sources, stats
 from sslrec.data import table as table_lib
 from sslrec.run import checkpointing
 
@@ -184,6 +184,24 @@ def eval_record(workdir: str, step: int) -> dict | None:
   return best
 
 
+def prior_weight(workdir: str, config) -> float:
+  """The popularity prior's weight the run tested with (its last test line's, which
+  ``eval.popularity_prior_candidates`` may have chosen on validation), else the config's."""
+  weight = float(config.eval.get("popularity_prior", 0.0))
+  path = os.path.join(workdir, "eval.jsonl")
+  if os.path.isfile(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          record = json.loads(line)
+        except ValueError:
+          continue
+        w = record.get("popularity_prior") if isinstance(record, dict) else None
+        if record.get("split") == "test" and isinstance(w, (int, float)) and w >= 0:
+          weight = float(w)
+  return weight
+
+
 # ----------------------------------------------------------------------------------------------
 # The query tower as a jax.export artifact.
 
@@ -192,19 +210,21 @@ def _path_str(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
-def query_tower_fn(model, params):
+def query_tower_fn(model, params, prior_weight: float = 0.0):
   """``(fn, used)``: ``fn(used_params, features) -> [B, D]``, the query tower, reading only the
   parameter leaves it uses (``used``: {"a/b/leaf": array}); the others enter as zeros, which XLA
-  removes, so the artifact and ``query_params.npz`` hold the query tower's weights alone."""
+  removes, so the artifact and ``query_params.npz`` hold the query tower's weights alone. With a
+  popularity prior (``prior.py``) the vectors get its column of ones: ``[B, D + 1]``."""
   leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
   names = [_path_str(p) for p, _ in leaves_with_path]
   leaves = [x for _, x in leaves_with_path]
   shapes = [(x.shape, x.dtype) for x in leaves]
 
   def full(leaf_list, features):
-    return model.apply(
+    q = model.apply(
       jax.tree_util.tree_unflatten(treedef, leaf_list), features, method=model.query_tower
     )
+    return prior.with_queries(q, prior_weight)
 
   example = {f.name: jnp.zeros((1,) + f.shape, f.dtype) for f in model.query_spec.features}
   jaxpr = jax.make_jaxpr(full)(leaves, example).jaxpr
@@ -222,9 +242,11 @@ def query_tower_fn(model, params):
   return fn, {names[i]: np.asarray(leaves[i]) for i in used}
 
 
-def export_query_tower(model, params, platforms: Sequence[str] = DEFAULT_PLATFORMS):
+def export_query_tower(
+  model, params, platforms: Sequence[str] = DEFAULT_PLATFORMS, prior_weight: float = 0.0
+):
   """``(serialized bytes, used params)`` of the query tower with a symbolic batch dimension."""
-  fn, used = query_tower_fn(model, params)
+  fn, used = query_tower_fn(model, params, prior_weight)
   (b,) = jax.export.symbolic_shape("b")
   features = {
     f.name: jax.ShapeDtypeStruct((b,) + f.shape, f.dtype) for f in model.query_spec.features
@@ -370,6 +392,7 @@ def export(
     step=step,
     workdir=workdir,
     eval_metrics=eval_record(workdir, step),
+    popularity_prior=prior_weight(workdir, config),
     overwrite=overwrite,
     platforms=platforms,
     log=log,
@@ -386,11 +409,13 @@ def write_export(
   step: int,
   workdir: str | None = None,
   eval_metrics: dict | None = None,
+  popularity_prior: float | None = None,
   overwrite: bool = False,
   platforms: Sequence[str] = DEFAULT_PLATFORMS,
   log=print,
 ) -> dict[str, Any]:
-  """Writes the export of ``model`` with ``params`` (the layout in the module docstring).
+  """Writes the export of ``model`` with ``params`` (the layout in the module docstring);
+  ``popularity_prior``: the prior's weight folded into the vectors (None: the config's).
 
   The directory is assembled under a temporary name next to ``out``, read back through
   ``serving.Retriever`` and checked against the model on the dataset's first queries, then renamed
@@ -399,8 +424,16 @@ def write_export(
   out = os.path.abspath(out)
   replace = _check_out(out, overwrite)
   t0 = time.time()
-  items = item_embeddings(model, params, dataset)
-  blob, query_params = export_query_tower(model, params, platforms)
+  # The popularity prior the run was evaluated with, folded into the vectors (prior.py).
+  weight = (
+    float(config.eval.get("popularity_prior", 0.0))
+    if popularity_prior is None
+    else float(popularity_prior)
+  )
+  temperature = config.loss.temperature
+  freq = stats.item_frequencies(dataset.train_item, dataset.num_items)
+  items = prior.with_items(item_embeddings(model, params, dataset), freq, weight, temperature)
+  blob, query_params = export_query_tower(model, params, platforms, weight)
   vocabularies = {
     name: [_json_value(v) for v in values]
     for name, values in (dataset.vocabularies or {}).items()
@@ -448,6 +481,7 @@ def write_export(
       "dataset": dataset.name,
       "num_items": int(items.shape[0]),
       "embedding_dim": int(items.shape[1]),
+      "popularity_prior": float(weight),
       "query_features": list(dataset.query_spec.names),
       "platforms": list(platforms),
       "eval": eval_metrics,
@@ -465,7 +499,9 @@ def write_export(
     retriever = serving.Retriever.load(tmp)
     rows = np.arange(min(CHECK_ROWS, dataset.num_queries))
     batch = table_lib.take(dataset.queries, rows)
-    want = np.asarray(model.apply(params, batch, method=model.query_tower))
+    want = np.asarray(
+      prior.with_queries(model.apply(params, batch, method=model.query_tower), weight)
+    )
     deviation = float(np.abs(retriever.embed_batch(batch) - want).max())
     if not deviation <= CHECK_TOLERANCE:
       raise ExportError(

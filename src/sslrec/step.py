@@ -60,10 +60,24 @@ def create_model(config: ml_collections.ConfigDict, dataset) -> towers.TwoTower:
   )
 
 
-def learning_rate(config) -> optax.Schedule:
+WARMUP_MAX_FRACTION = 0.1  # the warmup never takes more than this fraction of a run
+
+
+def warmup_steps(config, total_steps: int | None = None) -> int:
+  """``optimizer.warmup_steps``, at most ``WARMUP_MAX_FRACTION`` of a run of ``total_steps``: a
+  run measured in epochs can be shorter than a fixed warmup (ML-100k at data.train_fraction=0.1:
+  8 epochs are 64 steps) and would never reach its learning rate."""
+  w = int(config.optimizer.warmup_steps)
+  if total_steps is not None:
+    w = min(w, int(WARMUP_MAX_FRACTION * total_steps))
+  return max(w, 0)
+
+
+def learning_rate(config, total_steps: int | None = None) -> optax.Schedule:
   oc = config.optimizer
-  if oc.warmup_steps > 0:
-    return optax.warmup_constant_schedule(0.0, oc.learning_rate, oc.warmup_steps)
+  warmup = warmup_steps(config, total_steps)
+  if warmup > 0:
+    return optax.warmup_constant_schedule(0.0, oc.learning_rate, warmup)
   return optax.constant_schedule(oc.learning_rate)
 
 
@@ -75,9 +89,11 @@ OPTIMIZERS: dict[str, Callable[[optax.Schedule], optax.GradientTransformation]] 
 }
 
 
-def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def create_optimizer(
+  config: ml_collections.ConfigDict, total_steps: int | None = None
+) -> optax.GradientTransformation:
   """The optax optimizer of the dense parameters (and of the tables with dense updates)."""
-  return OPTIMIZERS[config.optimizer.name](learning_rate(config))
+  return OPTIMIZERS[config.optimizer.name](learning_rate(config, total_steps))
 
 
 def create_embedding_optimizer(config: ml_collections.ConfigDict):
@@ -125,6 +141,19 @@ class Views:
   v2: PyTree
   m2: Array
   mask: Array
+
+
+def query_feature_mask(rng, pairs, *, model, config) -> Array | None:
+  """``bool [B, k_query]``: each query feature of each training pair is replaced by its learned
+  default embedding with probability ``model.query_feature_dropout`` (feature dropout: a query
+  cannot be memorised through its id alone, and the tower learns to rank from whatever subset of
+  its features a query has; evaluation and serving use every feature). None when off."""
+  p = config.model.query_feature_dropout
+  if p <= 0:
+    return None
+  spec = model.item_spec if model.shares_item_tables else model.query_spec
+  b = jax.tree.leaves(pairs["query"])[0].shape[0]
+  return jax.random.bernoulli(rng, p, (b, spec.num_features))
 
 
 def make_views(rng, items, *, model, config, mi) -> Views:
@@ -179,18 +208,23 @@ def loss_fn(
   model: towers.TwoTower,
   config,
   plan: sparse.Plan | None = None,
+  query_mask: Array | None = None,
 ) -> tuple[Array, dict]:
   """The joint loss of one step and its parts.
 
   ``views``: ``make_views``'s output (SSL on) or None. Sparse updates: ``rows`` are the gathered
   table rows of ``plan`` (the params then hold no such tables); dense updates: both None.
+  ``query_mask``: ``bool [B, k_query]``, query features replaced by their learned default
+  (``query_feature_mask``), or None.
   """
   calls = step_calls(pairs, items, views, model, config)
 
   def ids(*c):
     return None if plan is None else plan.lookup(rows, *c)
 
-  q = model.apply(params, pairs["query"], ids=ids(calls.query), method=model.query_tower)
+  q = model.apply(
+    params, pairs["query"], query_mask, ids=ids(calls.query), method=model.query_tower
+  )
   x = model.apply(params, pairs["item"], ids=ids(calls.item), method=model.item_tower)
   main = losses.batch_softmax_loss(
     q,
@@ -237,7 +271,17 @@ def _clip(grads, max_norm: float):
 
 
 def train_step(
-  state: TrainState, pairs, items, rng: Array, *, model, tx, config, mi, emb_opt=None
+  state: TrainState,
+  pairs,
+  items,
+  rng: Array,
+  *,
+  model,
+  tx,
+  config,
+  mi,
+  emb_opt=None,
+  warmup: int | None = None,
 ) -> tuple[TrainState, dict]:
   """One optimisation step on a global pair batch and a global SSL item batch.
 
@@ -246,15 +290,18 @@ def train_step(
   differentiated with respect to those rows, and the row-wise optimizer writes them back; every
   other parameter takes the optax update. With ``train.skip_nonfinite``, a step whose loss or
   gradient norm is not finite leaves the parameters and optimizer state as they were (only
-  ``step`` advances).
+  ``step`` advances). ``warmup``: the table rows' warmup steps (``warmup_steps``; None: the
+  config's).
   """
   step_rng = jax.random.fold_in(rng, state.step)
+  query_rng = jax.random.fold_in(step_rng, 0x51)  # its own stream; the views' draws unchanged
   views = (
     make_views(step_rng, items, model=model, config=config, mi=mi) if config.ssl.alpha > 0 else None
   )
+  query_mask = query_feature_mask(query_rng, pairs, model=model, config=config)
   calls = step_calls(pairs, items, views, model, config)
   oov = sum(embeddings.oov_count(c.spec, c.batch) for c in calls.all())
-  loss = functools.partial(loss_fn, model=model, config=config)
+  loss = functools.partial(loss_fn, model=model, config=config, query_mask=query_mask)
   clip = config.optimizer.grad_clip_norm
   if emb_opt is None:
     (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params, pairs, items, views)
@@ -270,7 +317,8 @@ def train_step(
     (_, metrics), grads = grad_fn(dense, pairs, items, views, plan.gather(tables))
     (dense_grads, row_grads), metrics["grad_norm"] = _clip(grads, clip)
     updates, opt_state = tx.update(dense_grads, state.opt_state, dense)
-    warm = jnp.minimum(1.0, (state.step + 1) / max(config.optimizer.warmup_steps, 1))
+    w = warmup_steps(config) if warmup is None else warmup
+    warm = jnp.minimum(1.0, (state.step + 1) / max(w, 1))
     tables, emb_state = plan.apply(emb_opt, tables, state.emb_state, row_grads, state.step, warm)
     new_state = state.replace(
       step=state.step + 1,
@@ -288,13 +336,20 @@ def train_step(
 
 
 def compile_train_step(
-  model, tx, config, mi: np.ndarray, mesh, state_sharding, emb_opt=None
+  model, tx, config, mi: np.ndarray, mesh, state_sharding, emb_opt=None, total_steps=None
 ) -> Callable[..., tuple[TrainState, dict]]:
-  """``train_step`` jit-compiled with explicit in/out shardings (state donated)."""
+  """``train_step`` jit-compiled with explicit in/out shardings (state donated); ``total_steps``:
+  the run's length, which caps the warmup (``warmup_steps``)."""
   data = parallel.data_sharding(mesh)
   rep = parallel.replicated(mesh)
   step = functools.partial(
-    train_step, model=model, tx=tx, config=config, mi=jnp.asarray(mi, jnp.float32), emb_opt=emb_opt
+    train_step,
+    model=model,
+    tx=tx,
+    config=config,
+    mi=jnp.asarray(mi, jnp.float32),
+    emb_opt=emb_opt,
+    warmup=warmup_steps(config, total_steps),
   )
   return jax.jit(
     step,

@@ -62,6 +62,7 @@ class Run:
         "and early stopping run on it; the test split is scored once, at the end)"
       )
     self.num_steps = configuration.num_steps(config, self.dataset.num_train)
+    self.eval_every = configuration.eval_interval(config, self.dataset.num_train)
     self.stats = stats.corpus_stats(self.dataset, head_fraction=config.eval.head_fraction)
     self.mesh = parallel.make_mesh(config.mesh.shape, config.mesh.axes, devices)
     parallel.check_table_rows(self.mesh, config.model.table_row_multiple)
@@ -84,7 +85,7 @@ class Run:
         self.dataset, sampling=config.ssl.item_sampling, batch_size=item_bs, seed=item_seed, **shard
       )
     self.model = step_lib.create_model(config, self.dataset)
-    self.tx = step_lib.create_optimizer(config)
+    self.tx = step_lib.create_optimizer(config, self.num_steps)
     self.emb_opt = step_lib.create_embedding_optimizer(config)
     init_rng, self.step_rng = jax.random.split(jax.random.key(config.seed))
     init = lambda r: step_lib.create_train_state(r, self.model, self.tx, self.dataset, self.emb_opt)  # noqa: E731
@@ -93,7 +94,14 @@ class Run:
     self.state_sharding = parallel.state_shardings(abstract, self.mesh)
     self.state = jax.jit(init, out_shardings=self.state_sharding)(init_rng)
     self.step_fn = step_lib.compile_train_step(
-      self.model, self.tx, config, self.stats.mi, self.mesh, self.state_sharding, self.emb_opt
+      self.model,
+      self.tx,
+      config,
+      self.stats.mi,
+      self.mesh,
+      self.state_sharding,
+      self.emb_opt,
+      total_steps=self.num_steps,
     )
     self.pair_iter = iter(self.pair_data)
     self.item_iter = iter(self.item_data) if self.item_data is not None else None
@@ -113,8 +121,9 @@ class Run:
     self.state, metrics = self.step_fn(self.state, pairs, items, self.step_rng)
     return metrics
 
-  def evaluate(self, split: str = "valid", params=None) -> dict[str, float]:
-    """Metrics of ``params`` (default: the current state's) on the 'valid' or 'test' split. One
+  def evaluate(self, split: str = "valid", params=None, prior_weight=None) -> dict[str, float]:
+    """Metrics of ``params`` (default: the current state's) on the 'valid' or 'test' split, with
+    the popularity prior ``prior_weight`` (default: ``eval.popularity_prior``). One
     ``evaluate.Evaluator`` per split, built on first use: its jitted functions compile once per
     run and the references' figures are computed once."""
     if split not in self._evaluators:
@@ -129,8 +138,10 @@ class Run:
         batch_size=c.eval.batch_size,
         max_pairs=c.eval.max_queries,
         references=tuple(c.eval.references),
+        popularity_prior=c.eval.popularity_prior,
+        temperature=c.loss.temperature,
       )
-    return self._evaluators[split](self.state.params if params is None else params)
+    return self._evaluators[split](self.state.params if params is None else params, prior_weight)
 
   # Checkpoints: train state + both iterators' positions + config + corpus statistics + the loop's
   # metric sums since the last logged line (so a resumed run logs what an uninterrupted one would).
@@ -342,6 +353,19 @@ def _handle_nonfinite(
     )
 
 
+def choose_prior(run: Run, params, config) -> tuple[float, list[tuple[float, dict]]]:
+  """The weight of the popularity prior (``prior.py``) among ``eval.popularity_prior_candidates``
+  (and ``eval.popularity_prior``) that scores best on validation by ``train.select_metric`` with
+  the selected parameters (the lowest weight on ties), and each candidate's validation metrics.
+  The test split is never read: the prior is a hyperparameter, chosen like the checkpoint."""
+  metric = config.train.select_metric
+  weights = sorted({float(w) for w in config.eval.popularity_prior_candidates})
+  weights = sorted(set(weights) | {float(config.eval.popularity_prior)})
+  scored = [(w, run.evaluate("valid", params, prior_weight=w)) for w in weights]
+  best = max(scored, key=lambda wv: (wv[1][metric], -wv[0]))[0]
+  return best, scored
+
+
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
 ) -> dict[str, float]:
@@ -418,7 +442,7 @@ def _train(config, workdir: str, stop) -> dict[str, float]:
       sealer.flush_if_done()
       stopping = stop.should_stop(step) and step < num_steps
       log_now = step % tc.log_every == 0 or step == num_steps
-      eval_now = (step % tc.eval_every == 0 and not stopping) or step == num_steps
+      eval_now = (step % run.eval_every == 0 and not stopping) or step == num_steps
       save_now = step % tc.checkpoint_every == 0 or step == num_steps or stopping
       if log_now or eval_now or save_now:  # never log, evaluate or save a non-finite state
         bad = window.check()
@@ -498,9 +522,27 @@ def _train(config, workdir: str, stop) -> dict[str, float]:
     if selected != last_step:
       params = best_manager.restore(selected, args=checkpointing.best_args(params, save=False))
       params = params["params"]
-    last_eval = run.evaluate("test", params)
+    weight = config.eval.popularity_prior
+    if config.eval.popularity_prior_candidates:  # the prior's weight, chosen on validation
+      weight, scored = choose_prior(run, params, config)
+      for w, valid in scored:
+        writer.write(
+          "eval.jsonl",
+          last_step,
+          valid,
+          tags={"split": "valid", "selected_step": int(selected), "popularity_prior": w},
+        )
+      _log(
+        f"popularity prior chosen on validation: {weight} ("
+        + ", ".join(f"{w}: {tc.select_metric} {v[tc.select_metric]:.4f}" for w, v in scored)
+        + ")"
+      )
+    last_eval = run.evaluate("test", params, prior_weight=weight)
     writer.write(
-      "eval.jsonl", last_step, last_eval, tags={"split": "test", "selected_step": int(selected)}
+      "eval.jsonl",
+      last_step,
+      last_eval,
+      tags={"split": "test", "selected_step": int(selected), "popularity_prior": float(weight)},
     )
     # The run is over: only the selected parameters are needed from here on (a rerun of this
     # workdir resumes at the end and tests them again). Until now every improvement was kept, as

@@ -102,10 +102,14 @@ class TwoTower(nn.Module):
     """The input layer (parameter scope) the query tower reads."""
     return "item_input" if self.shares_item_tables else "query_input"
 
-  def query_tower(self, query: Mapping[str, Array], ids=None) -> Array:
-    """``[B, output_dim]`` L2-normalised query embeddings (``ids``: see InputLayer)."""
+  def query_tower(
+    self, query: Mapping[str, Array], feature_mask: Array | None = None, ids=None
+  ) -> Array:
+    """``[B, output_dim]`` L2-normalised query embeddings (``feature_mask``, ``ids``: see
+    InputLayer; training masks query features with ``model.query_feature_dropout``)."""
     inputs = self.item_input if self.shares_item_tables else self.query_input
-    return losses.l2_normalize(self.query_mlp(inputs(query, ids=ids)).astype(jnp.float32))
+    h = inputs(query, feature_mask, ids=ids)
+    return losses.l2_normalize(self.query_mlp(h).astype(jnp.float32))
 
   def item_tower(
     self, item: Mapping[str, Array], feature_mask: Array | None = None, ids=None

@@ -38,7 +38,8 @@ class Results:
   """The top-K items of a batch of queries, best first.
 
   Attributes:
-    scores: ``float32 [B, K]`` inner products of the L2-normalised embeddings (cosine).
+    scores: ``float32 [B, K]`` inner products of the L2-normalised embeddings (cosine), plus the
+      popularity prior when the export carries one (manifest ``popularity_prior``, sslrec.prior).
     rows: ``int64 [B, K]`` catalogue rows.
     keys: ``[B, K]`` item keys (the dataset's keys; ints, or strings).
     names: ``[B, K]`` item names, or None when the dataset has none.
@@ -371,9 +372,11 @@ class Retriever:
     rows = np.asarray([self.item_row(key) for key in keys], np.int64)
     if rows.size == 0:
       raise QueryError("no item keys given")
-    return self.search_embeddings(
-      self.item_embeddings[rows], k, method=method, backend=backend, exclude_rows=rows
-    )
+    query = self.item_embeddings[rows]
+    if self.manifest.get("popularity_prior"):  # the last column is the prior (sslrec.prior):
+      query = query.copy()  # as a query, an item carries the query side's column of ones
+      query[:, -1] = 1.0
+    return self.search_embeddings(query, k, method=method, backend=backend, exclude_rows=rows)
 
 
 def format_results(results: Results, row: int = 0, *, digits: int = 4) -> str:
