@@ -166,8 +166,8 @@ def test_selection_early_stopping_and_one_test_evaluation(tmp_path, monkeypatch)
   original = train.Run.evaluate
   seen_params = {}
 
-  def evaluate(self, split="valid", params=None):
-    out = original(self, split, params)
+  def evaluate(self, split="valid", params=None, prior_weight=None):
+    out = original(self, split, params, prior_weight)
     step = int(self.state.step)
     if split == "valid":
       out["recall@50"] = curve[step]

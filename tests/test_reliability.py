@@ -347,7 +347,8 @@ def test_skip_nonfinite_leaves_the_state_unchanged_and_counts(monkeypatch, tmp_p
   seen = {}
 
   class Recording(OneDeviceRun):
-    def evaluate(self, split="valid", params=None):  # not under test: saves compiling it
+    # not under test: saves compiling it
+    def evaluate(self, split="valid", params=None, prior_weight=None):
       return {f"recall@{k}": 0.0 for k in config.eval.ks}
 
     def step(self):

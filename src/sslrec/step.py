@@ -66,7 +66,9 @@ WARMUP_MAX_FRACTION = 0.1  # the warmup never takes more than this fraction of a
 def warmup_steps(config, total_steps: int | None = None) -> int:
   """``optimizer.warmup_steps``, at most ``WARMUP_MAX_FRACTION`` of a run of ``total_steps``: a
   run measured in epochs can be shorter than a fixed warmup (ML-100k at data.train_fraction=0.1:
-  8 epochs are 64 steps) and would never reach its learning rate."""
+  8 epochs are 64 steps) and would never reach its learning rate. Like any schedule that
+  depends on the run's length, a run resumed with another ``train.num_steps`` / ``num_epochs``
+  follows another warmup while the cap binds (never once the cap is above the configured one)."""
   w = int(config.optimizer.warmup_steps)
   if total_steps is not None:
     w = min(w, int(WARMUP_MAX_FRACTION * total_steps))
