@@ -163,24 +163,31 @@ def restore_params(workdir: str, step: int, model, dataset):
   return params
 
 
+def _eval_records(workdir: str):
+  """The object lines of the run's eval.jsonl, in order; damaged lines are skipped."""
+  path = os.path.join(workdir, "eval.jsonl")
+  if not os.path.isfile(path):
+    return
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue
+      if isinstance(record, dict):
+        yield record
+
+
 def eval_record(workdir: str, step: int) -> dict | None:
   """The eval.jsonl line of ``step`` (else the last one before it; None if there is none)."""
-  path = os.path.join(workdir, "eval.jsonl")
   best = None
-  if os.path.isfile(path):
-    with open(path) as f:
-      for line in f:
-        try:
-          record = json.loads(line)
-        except ValueError:
-          continue
-        if (
-          isinstance(record, dict)
-          and isinstance(record.get("step"), int)
-          and record["step"] <= step
-          and (best is None or record["step"] >= best["step"])
-        ):
-          best = record
+  for record in _eval_records(workdir):
+    if (
+      isinstance(record.get("step"), int)
+      and record["step"] <= step
+      and (best is None or record["step"] >= best["step"])
+    ):
+      best = record
   return best
 
 
@@ -188,17 +195,10 @@ def prior_weight(workdir: str, config) -> float:
   """The popularity prior's weight the run tested with (its last test line's, which
   ``eval.popularity_prior_candidates`` may have chosen on validation), else the config's."""
   weight = float(config.eval.get("popularity_prior", 0.0))
-  path = os.path.join(workdir, "eval.jsonl")
-  if os.path.isfile(path):
-    with open(path) as f:
-      for line in f:
-        try:
-          record = json.loads(line)
-        except ValueError:
-          continue
-        w = record.get("popularity_prior") if isinstance(record, dict) else None
-        if record.get("split") == "test" and isinstance(w, (int, float)) and w >= 0:
-          weight = float(w)
+  for record in _eval_records(workdir):
+    w = record.get("popularity_prior")
+    if record.get("split") == "test" and isinstance(w, (int, float)) and w >= 0:
+      weight = float(w)
   return weight
 
 

@@ -153,9 +153,8 @@ def query_feature_mask(rng, pairs, *, model, config) -> Array | None:
   p = config.model.query_feature_dropout
   if p <= 0:
     return None
-  spec = model.item_spec if model.shares_item_tables else model.query_spec
   b = jax.tree.leaves(pairs["query"])[0].shape[0]
-  return jax.random.bernoulli(rng, p, (b, spec.num_features))
+  return jax.random.bernoulli(rng, p, (b, model.query_input_spec.num_features))
 
 
 def make_views(rng, items, *, model, config, mi) -> Views:
@@ -188,11 +187,10 @@ class StepCalls:
 
 
 def step_calls(pairs, items, views: Views | None, model, config) -> StepCalls:
-  query_spec = model.item_spec if model.shares_item_tables else model.query_spec
   item = functools.partial(sparse.TowerCall, scope="item_input", spec=model.item_spec)
   ssl_items = item("ssl_items", items["item"]) if uses_item_stream(config) else None
   return StepCalls(
-    query=sparse.TowerCall("query", pairs["query"], model.query_input_name, query_spec),
+    query=sparse.TowerCall("query", pairs["query"], model.query_input_name, model.query_input_spec),
     item=item("item", pairs["item"]),
     ssl_items=ssl_items,
     view1=None if views is None else item("view1", views.v1, ids_from=ssl_items),

@@ -359,8 +359,10 @@ def choose_prior(run: Run, params, config) -> tuple[float, list[tuple[float, dic
   the selected parameters (the lowest weight on ties), and each candidate's validation metrics.
   The test split is never read: the prior is a hyperparameter, chosen like the checkpoint."""
   metric = config.train.select_metric
-  weights = sorted({float(w) for w in config.eval.popularity_prior_candidates})
-  weights = sorted(set(weights) | {float(config.eval.popularity_prior)})
+  weights = sorted(
+    {float(w) for w in config.eval.popularity_prior_candidates}
+    | {float(config.eval.popularity_prior)}
+  )
   scored = [(w, run.evaluate("valid", params, prior_weight=w)) for w in weights]
   best = max(scored, key=lambda wv: (wv[1][metric], -wv[0]))[0]
   return best, scored

@@ -98,6 +98,11 @@ class TwoTower(nn.Module):
     return bool(other)
 
   @property
+  def query_input_spec(self) -> features_lib.TowerSpec:
+    """The schema of the input layer the query tower reads (the item tower's when shared)."""
+    return self.item_spec if self.shares_item_tables else self.query_spec
+
+  @property
   def query_input_name(self) -> str:
     """The input layer (parameter scope) the query tower reads."""
     return "item_input" if self.shares_item_tables else "query_input"
