@@ -224,6 +224,40 @@ def test_train_fraction_keeps_eval(tmp_path):
   assert not np.array_equal(sources.load(c).train_item, half.train_item)
 
 
+def test_train_fraction_thins_the_references_fit():
+  """At train_fraction < 1 the references learn from that fraction of the seen items (as much of
+  the training period as the model), while exclusion and scoring keep the whole histories."""
+  import jax
+
+  from sslrec import evaluate
+
+  c = ml_config()
+  full = sources.load(c)
+  c.data.train_fraction = 0.5
+  half = sources.load(c)
+  assert (half.train_fraction, full.train_fraction) == (0.5, 1.0)
+  freq = np.bincount(full.train_item, minlength=full.num_items)
+  head = freq >= np.median(freq)
+  mesh = jax.make_mesh((1,), ("data",))
+
+  def fit(d):
+    ev = evaluate.Evaluator(None, d, freq, head, mesh=mesh, ks=(5,), references=())
+    _, r = ev.interactions()
+    return ev, r
+
+  ev_full, r_full = fit(full)
+  ev_half, r_half = fit(half)
+  seen = ev_full.history[0].size
+  assert ev_half.history[0].size == seen  # exclusion and scoring: the whole histories
+
+  def fitted_seen(d, r):  # the fit's entries beyond the D_train pairs (distinct rows here)
+    return r.nnz - np.unique(d.train_query.astype(np.int64) * d.num_items + d.train_item).size
+
+  assert seen > 10 and fitted_seen(full, r_full) == seen
+  assert fitted_seen(half, r_half) == round(0.5 * seen)  # half of the seen items
+  assert (fit(half)[1] != r_half).nnz == 0  # seeded
+
+
 def test_train_fraction_applies_to_synthetic():
   c = tiny_config()
   full = sources.load(c)

@@ -438,8 +438,22 @@ class Evaluator:
 
   def interactions(self):
     """``(keys [U], R CSR [U, N])``: the references' user x item matrix (D_train pairs by query
-    row, plus each eval query's seen items; see ``references.py``)."""
+    row, plus each eval query's seen items; see ``references.py``).
+
+    With ``data.train_fraction`` < 1 the seen items stay whole for exclusion and as the
+    references' query-time history (the model's query features hold them too), but the fit keeps
+    a seeded random ``train_fraction`` of them: the references learn from as much of the training
+    period as the model does, not from the whole of it.
+    """
     hq, hi = self.history
+    fraction = self.dataset.train_fraction
+    if fraction < 1.0 and hq.size:
+      rng = np.random.default_rng(
+        np.random.SeedSequence([self.dataset.train_fraction_seed, 0x5EE7])
+      )
+      size = max(1, int(round(fraction * hq.size)))
+      keep = np.sort(rng.choice(hq.size, size=size, replace=False))
+      hq, hi = hq[keep], hi[keep]
     query = np.concatenate([self.dataset.train_query, self.query_rows[hq]])
     item = np.concatenate([self.dataset.train_item, hi])
     return references_lib.interaction_matrix(query, item, self.num_items)

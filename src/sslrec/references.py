@@ -17,6 +17,9 @@ interaction readers' 'user' mode with a history feature gives every training pai
 which contributes a single item and so no co-occurrence; the eval queries' seen items (their
 whole training-period histories) then carry the item-item signal. With the embedded synthetic
 dataset the eval queries are new rows without history: ItemKNN and ALS equal popularity there.
+With ``data.train_fraction`` < 1 the fit keeps that fraction of the seen items (seeded), so the
+references learn from as much of the training period as the model; the whole histories still
+serve as each query's history when it is scored.
 
 **ItemKNN** (Deshpande & Karypis 2004; Sarwar et al. 2001): the cosine similarity of two items'
 user columns, ``sim(i, j) = |U_i & U_j| / sqrt(|U_i| |U_j|)`` (``i != j``), keeping each item's

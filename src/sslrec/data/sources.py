@@ -101,4 +101,6 @@ def subsample_train(dataset: table_lib.Dataset, fraction: float, seed: int) -> t
     eval_seen_item=eval_i,
     valid_seen_query=valid_q,
     valid_seen_item=valid_i,
+    train_fraction=float(fraction),
+    train_fraction_seed=int(seed),
   ).validate()

@@ -43,6 +43,9 @@ class Dataset:
       removes them from that query's ranking (``eval.exclude_train_items``). ``None``: the D_train
       pairs of the eval query rows (none for the embedded dataset, whose eval queries are new).
     valid_seen_query / valid_seen_item: the same for the validation queries.
+    train_fraction / train_fraction_seed: the fraction of the training period's pairs D_train
+      keeps (``data.train_fraction``, ``sources.subsample_train``) and the seed that drew it; the
+      references' fit keeps the same fraction of the seen items (``Evaluator.interactions``).
   """
 
   name: str
@@ -63,6 +66,8 @@ class Dataset:
   valid_item: np.ndarray | None = None
   valid_seen_query: np.ndarray | None = None
   valid_seen_item: np.ndarray | None = None
+  train_fraction: float = 1.0
+  train_fraction_seed: int = 0
 
   @property
   def num_items(self) -> int:
