@@ -12,8 +12,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0  # seeds the streams' shuffles, the init and the step rngs (the data: data.seed)
 
   c.data = ml_collections.ConfigDict()
-  c.data.seed = 0  # seeds the data: generator, train_fraction subsample, held-out pair order
-  c.data.name = "synthetic"  # data source: 'synthetic' (embedded) | 'movielens' | 'files'
+  c.data.seed = 0  # seeds the data: generator, train_fraction subsample, ... (-1: seed's value)
+  c.data.name = "synthetic"  # 'synthetic' | 'mechanism' (both embedded) | 'movielens' | 'files'
   c.data.path = ""  # movielens / files: the data folder (MovieLens: its GroupLens layout)
   c.data.min_rating = 4.0  # movielens / files: rating (files: weight) >= this is a positive
   c.data.split = "global"  # movielens / files: eval after one time cutoff 'global' | per 'user'
@@ -33,7 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
     20_000  # synthetic: held-out pairs (validation + test users) from the held-out queries
   )
   c.data.popularity_exponent = 1.1  # synthetic: item popularity ~ rank^-exponent
-  c.data.feature_noise = 0.1  # synthetic: prob. a feature value is replaced by noise
+  c.data.feature_noise = 0.1  # synthetic / mechanism: prob. a feature value is replaced by noise
+  c.data.nuisance_values = 32  # mechanism: values of each group's nuisance (1 = no nuisance)
   c.data.embed_dim = 32  # embedding width of every feature
   c.data.num_threads = 2  # grain read threads per stream
   c.data.prefetch = 4  # grain prefetch buffer (batches) per stream
@@ -68,9 +69,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.ssl = ml_collections.ConfigDict()
   c.ssl.alpha = 1.0  # weight of L_self in L_main + alpha * L_self (0 = SSL off)
   c.ssl.temperature = 0.1  # SSL InfoNCE temperature
-  # feature masking: 'cfm' (correlated) | 'rfm' (random) | 'none' | 'cfm_ids_random'
-  # (docs/method.md)
+  # feature masking: 'cfm' (correlated) | 'rfm' (random) | 'none' | 'cfm_ids_random' | controls
+  # 'anti_cfm' (seed + least correlated) and 'oracle' (declared groups; embedded data only)
   c.ssl.masking = "cfm"
+  # MI that CFM / anti_cfm rank by: 'permutation' (bias-corrected) | 'plugin' (docs/method.md)
+  c.ssl.mi_estimator = "permutation"
+  c.ssl.rank_ids = False  # per-item id features in the MI ranking (False: on a random side)
   c.ssl.mask_fraction = 0.5  # fraction of features view 1 masks (view 2 masks the rest)
   c.ssl.dropout_rate = 0.2  # per-value dropout of multi-valued features, in [0, 1)
   c.ssl.item_sampling = (

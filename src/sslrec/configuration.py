@@ -16,7 +16,7 @@ from typing import Any
 import ml_collections
 
 from sslrec import errors, references, sparse, step
-from sslrec.data import pipeline, sources
+from sslrec.data import pipeline, sources, stats
 from sslrec.model import augment
 
 # Fields that may change between a run and its continuation in the same workdir.
@@ -89,10 +89,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(_is_int(g("seed")), "seed", g("seed"), "an integer")
   _check(0 <= g("seed") < INT_LIMIT, "seed", g("seed"), "an integer in [0, 2**31)")
   _check(
-    _is_int(g("data.seed")) and 0 <= g("data.seed") < INT_LIMIT,
+    _is_int(g("data.seed")) and -1 <= g("data.seed") < INT_LIMIT,
     "data.seed",
     g("data.seed"),
-    "an integer in [0, 2**31)",
+    "an integer in [0, 2**31), or -1 (the data follows seed)",
   )
   _check(g("data.name") in DATA_SOURCES, "data.name", g("data.name"), f"one of {DATA_SOURCES}")
   for f in ("data.num_items", "data.num_queries", "data.num_train_pairs", "data.num_eval_pairs"):
@@ -108,6 +108,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     "data.feature_noise",
     g("data.feature_noise"),
     "a number in [0, 1]",
+  )
+  _check(
+    _is_int(g("data.nuisance_values")) and g("data.nuisance_values") >= 1,
+    "data.nuisance_values",
+    g("data.nuisance_values"),
+    "an integer >= 1 (1 = no nuisance)",
   )
   _check(
     _is_int(g("data.embed_dim")) and g("data.embed_dim") >= 1,
@@ -205,6 +211,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     "a number >= 0 (0 turns SSL off)",
   )
   _check(g("ssl.masking") in MASKINGS, "ssl.masking", g("ssl.masking"), f"one of {MASKINGS}")
+  _check(
+    g("ssl.mi_estimator") in stats.MI_ESTIMATORS,
+    "ssl.mi_estimator",
+    g("ssl.mi_estimator"),
+    f"one of {stats.MI_ESTIMATORS}",
+  )
+  _check(isinstance(g("ssl.rank_ids"), bool), "ssl.rank_ids", g("ssl.rank_ids"), "True or False")
   _check(
     _is_num(g("ssl.mask_fraction")) and 0 < g("ssl.mask_fraction") < 1,
     "ssl.mask_fraction",
@@ -520,8 +533,18 @@ def _validate_real_data(g) -> None:
     )
 
 
-def validate_against_data(config, *, num_items: int, num_train: int, item_feature_names) -> None:
-  """Checks that depend on the loaded data (sizes)."""
+def validate_against_data(
+  config, *, num_items: int, num_train: int, item_feature_names, feature_groups=()
+) -> None:
+  """Checks that depend on the loaded data (sizes, declared feature groups)."""
+  if config.ssl.alpha > 0 and augment.MASKS[config.ssl.masking][1] == "groups":
+    _check(
+      bool(feature_groups),
+      "ssl.masking",
+      config.ssl.masking,
+      "a masking the data supports: this dataset declares no feature groups (only the embedded "
+      "datasets do: data.name='synthetic' | 'mechanism'); use 'cfm', 'anti_cfm', 'rfm' or 'none'",
+    )
   _check(
     config.train.batch_size <= num_train,
     "train.batch_size",

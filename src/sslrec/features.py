@@ -110,11 +110,16 @@ class TowerSpec:
   ``share_tables_with`` names another tower whose input layer (embedding tables and default
   embeddings) this tower reads instead of owning its own; both towers must then have the same
   features (item-to-item retrieval, ``model.share_item_tables``). ``''``: own tables.
+
+  ``groups``: the correlated feature groups the data *declares* (the embedded datasets plant
+  them), as tuples of feature names, disjoint; ``()`` when unknown (real data). Read by
+  ``ssl.masking='oracle'`` and by the mask statistics.
   """
 
   name: str
   features: tuple[FeatureSpec, ...]
   share_tables_with: str = ""
+  groups: tuple[tuple[str, ...], ...] = ()
 
   def __post_init__(self):
     if self.share_tables_with == self.name:
@@ -125,6 +130,18 @@ class TowerSpec:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
       raise SchemaError(f"tower {self.name!r}: duplicate feature names {dup}")
+    grouped = [n for g in self.groups for n in g]
+    unknown = sorted(set(grouped) - set(names))
+    if unknown or len(grouped) != len(set(grouped)) or any(not g for g in self.groups):
+      raise SchemaError(
+        f"tower {self.name!r}: groups {self.groups} must be non-empty, disjoint tuples of its "
+        f"features {list(names)}" + (f" (unknown: {unknown})" if unknown else "")
+      )
+
+  @property
+  def group_indices(self) -> tuple[tuple[int, ...], ...]:
+    """``groups`` as feature indices (the masks' order)."""
+    return tuple(tuple(self.index(n) for n in g) for g in self.groups)
 
   @property
   def names(self) -> tuple[str, ...]:

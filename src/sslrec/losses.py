@@ -99,30 +99,41 @@ def batch_softmax_loss(
   logits = _cosine_logits(query_emb, item_emb, temperature)  # [B, B]
   if log_q is not None:
     logits = logits - jnp.asarray(log_q, jnp.float32)[None, :]
-  if item_ids is not None:
-    item_ids = jnp.asarray(item_ids)
-    b = logits.shape[0]
-    same = item_ids[:, None] == item_ids[None, :]  # [B, B]
-    hit = same & ~jnp.eye(b, dtype=bool)
-    logits = jnp.where(hit, jnp.float32(_MASKED_LOGIT), logits)
-  return _diagonal_cross_entropy(logits)
+  return _diagonal_cross_entropy(_remove_same_items(logits, item_ids))
 
 
-def ssl_loss(z1: jax.Array, z2: jax.Array, *, temperature) -> jax.Array:
+def _remove_same_items(logits: jax.Array, item_ids: jax.Array | None) -> jax.Array:
+  """Leaves every column ``j != i`` with ``item_ids[j] == item_ids[i]`` out of row ``i``."""
+  if item_ids is None:
+    return logits
+  item_ids = jnp.asarray(item_ids)
+  same = item_ids[:, None] == item_ids[None, :]  # [B, B]
+  hit = same & ~jnp.eye(logits.shape[0], dtype=bool)
+  return jnp.where(hit, jnp.float32(_MASKED_LOGIT), logits)
+
+
+def ssl_loss(
+  z1: jax.Array, z2: jax.Array, *, temperature, item_ids: jax.Array | None = None
+) -> jax.Array:
   """Contrastive SSL loss L_self between two views of the same ``N`` items.
 
   ``logits[i, j] = cos(z1_i, z2_j) / temperature``;
   ``loss = -1/N * sum_i log_softmax_j(logits[i])[i]``.
 
+  With ``item_ids``, another row of the *same* item is not a negative: columns ``j != i`` with
+  ``item_ids[j] == item_ids[i]`` leave row ``i``'s softmax (with ``ssl.item_sampling='train'``
+  a batch drawn from the power-law marginal holds the same head item many times).
+
   Args:
     z1: ``[N, D]`` embeddings of view 1 (any float dtype).
     z2: ``[N, D]`` embeddings of view 2, row ``i`` the same item as ``z1``'s row ``i``.
     temperature: positive scalar tau.
+    item_ids: optional ``[N]`` item identities of the rows.
 
   Returns:
     Scalar float32.
   """
-  return _diagonal_cross_entropy(_cosine_logits(z1, z2, temperature))
+  return _diagonal_cross_entropy(_remove_same_items(_cosine_logits(z1, z2, temperature), item_ids))
 
 
 def spread_out_loss(emb: jax.Array) -> jax.Array:

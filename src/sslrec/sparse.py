@@ -83,15 +83,16 @@ class RowwiseAdagrad:
     return {"acc": jnp.full(table.shape[:1], self.initial_accumulator_value, jnp.float32)}
 
   def update(
-    self, table: Array, state: dict, uniq: Array, grads: Array, count: Array
+    self, table: Array, state: dict, uniq: Array, grads: Array, count: Array, lr_scale=1.0
   ) -> tuple[Array, dict]:
-    """Updates the rows ``uniq`` of ``table`` with their gradients ``grads [U, D]``."""
+    """Updates the rows ``uniq`` of ``table`` with their gradients ``grads [U, D]``; the step
+    is ``learning_rate * lr_scale`` (the warmup)."""
     del count
     acc = state["acc"].at[uniq].get(mode="fill", fill_value=1.0)
     g = grads.astype(jnp.float32)
     acc = acc + jnp.mean(g * g, axis=-1)
     rows = gather_rows(table, uniq).astype(jnp.float32)
-    rows = rows - self.learning_rate * g / (jnp.sqrt(acc)[:, None] + self.eps)
+    rows = rows - self.learning_rate * lr_scale * g / (jnp.sqrt(acc)[:, None] + self.eps)
     return (scatter_rows(table, uniq, rows), {"acc": state["acc"].at[uniq].set(acc, mode="drop")})
 
 
@@ -107,7 +108,7 @@ class LazyAdam:
     return {"mu": jnp.zeros(table.shape, jnp.float32), "nu": jnp.zeros(table.shape, jnp.float32)}
 
   def update(
-    self, table: Array, state: dict, uniq: Array, grads: Array, count: Array
+    self, table: Array, state: dict, uniq: Array, grads: Array, count: Array, lr_scale=1.0
   ) -> tuple[Array, dict]:
     g = grads.astype(jnp.float32)
     mu = self.b1 * state["mu"].at[uniq].get(mode="fill", fill_value=0) + (1 - self.b1) * g
@@ -116,7 +117,7 @@ class LazyAdam:
     mu_hat = mu / (1 - self.b1**t)
     nu_hat = nu / (1 - self.b2**t)
     rows = gather_rows(table, uniq).astype(jnp.float32)
-    rows = rows - self.learning_rate * mu_hat / (jnp.sqrt(nu_hat) + self.eps)
+    rows = rows - self.learning_rate * lr_scale * mu_hat / (jnp.sqrt(nu_hat) + self.eps)
     return (
       scatter_rows(table, uniq, rows),
       {
@@ -250,15 +251,17 @@ class Plan:
     emb_state: Mapping[str, Any],
     row_grads: Mapping[TableKey, Array],
     step: Array,
-    scale: Array | float = 1.0,
+    lr_scale: Array | float = 1.0,
   ) -> tuple[dict[TableKey, Array], dict[str, Any]]:
-    """The row-wise optimizer ``opt`` on the touched rows (gradients times ``scale``); returns
-    the new tables and their optimizer state (``{"<scope>/<table>": ...}``)."""
+    """The row-wise optimizer ``opt`` on the touched rows, its learning rate times ``lr_scale``
+    (the warmup: a learning-rate scale, not a gradient scale, which Adam and the accumulator of
+    Adagrad would undo); returns the new tables and their optimizer state
+    (``{"<scope>/<table>": ...}``)."""
     new_tables, new_state = dict(tables), dict(emb_state)
     for key, uniq in self.uniq.items():
       skey = state_key(key)
       new_tables[key], new_state[skey] = opt.update(
-        tables[key], emb_state[skey], uniq, row_grads[key] * scale, step
+        tables[key], emb_state[skey], uniq, row_grads[key], step, lr_scale
       )
     return new_tables, new_state
 

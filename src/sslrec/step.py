@@ -162,7 +162,12 @@ def make_views(rng, items, *, model, config, mi) -> Views:
   mask_rng, view_rng = jax.random.split(rng)
   k = model.item_spec.num_features
   mask = augment.make_mask(
-    mask_rng, config.ssl.masking, k, mi=mi, fraction=config.ssl.mask_fraction
+    mask_rng,
+    config.ssl.masking,
+    k,
+    mi=mi,
+    fraction=config.ssl.mask_fraction,
+    groups=model.item_spec.group_indices,
   )
   v1, m1, v2, m2 = augment.two_views(
     view_rng, items["item"], model.item_spec, mask, config.ssl.dropout_rate
@@ -249,7 +254,9 @@ def loss_fn(
     z = model.apply(
       params, both, rows_mask, ids=ids(calls.view1, calls.view2), method=model.ssl_encoder
     )
-    ssl = losses.ssl_loss(z[:n], z[n:], temperature=config.ssl.temperature)
+    ssl = losses.ssl_loss(
+      z[:n], z[n:], temperature=config.ssl.temperature, item_ids=items["item_id"]
+    )
     total = total + config.ssl.alpha * ssl
     metrics["loss/ssl"] = ssl
     metrics["ssl/masked_features"] = views.mask.sum().astype(jnp.float32)
@@ -319,7 +326,9 @@ def train_step(
     updates, opt_state = tx.update(dense_grads, state.opt_state, dense)
     w = warmup_steps(config) if warmup is None else warmup
     warm = jnp.minimum(1.0, (state.step + 1) / max(w, 1))
-    tables, emb_state = plan.apply(emb_opt, tables, state.emb_state, row_grads, state.step, warm)
+    tables, emb_state = plan.apply(
+      emb_opt, tables, state.emb_state, row_grads, state.step, lr_scale=warm
+    )
     new_state = state.replace(
       step=state.step + 1,
       params=sparse.merge_tables(optax.apply_updates(dense, updates), tables),

@@ -55,6 +55,7 @@ class Run:
       num_items=self.dataset.num_items,
       num_train=self.dataset.num_train,
       item_feature_names=self.dataset.item_spec.names,
+      feature_groups=self.dataset.item_spec.groups,
     )
     if self.dataset.valid_item is None:
       raise table_lib.DataError(
@@ -63,7 +64,12 @@ class Run:
       )
     self.num_steps = configuration.num_steps(config, self.dataset.num_train)
     self.eval_every = configuration.eval_interval(config, self.dataset.num_train)
-    self.stats = stats.corpus_stats(self.dataset, head_fraction=config.eval.head_fraction)
+    self.stats = stats.corpus_stats(
+      self.dataset,
+      head_fraction=config.eval.head_fraction,
+      mi_estimator=config.ssl.mi_estimator,
+      rank_ids=config.ssl.rank_ids,
+    )
     self.mesh = parallel.make_mesh(config.mesh.shape, config.mesh.axes, devices)
     parallel.check_table_rows(self.mesh, config.model.table_row_multiple)
     pair_bs = parallel.local_batch_size(config.train.batch_size, self.mesh, "train.batch_size")

@@ -472,7 +472,7 @@ def load(config) -> table_lib.Dataset:
     split=d.split,
     eval_fraction=d.eval_fraction,
     valid_fraction=d.valid_fraction,
-    seed=d.seed,
+    seed=table_lib.data_seed(config),
     embed_dim=d.embed_dim,
     item_keys=item_keys,
     item_names=names,

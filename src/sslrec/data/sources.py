@@ -7,20 +7,35 @@ import dataclasses
 import ml_collections
 import numpy as np
 
-from sslrec.data import files, movielens, synthetic
+from sslrec.data import files, mechanism, movielens, synthetic
 from sslrec.data import table as table_lib
 
 
 def _synthetic(config: ml_collections.ConfigDict) -> table_lib.Dataset:
   d = config.data
   return synthetic.generate(
-    d.seed,
+    table_lib.data_seed(config),
     num_items=d.num_items,
     num_queries=d.num_queries,
     num_train_pairs=d.num_train_pairs,
     num_eval_pairs=d.num_eval_pairs,
     popularity_exponent=d.popularity_exponent,
     feature_noise=d.feature_noise,
+    embed_dim=d.embed_dim,
+  )
+
+
+def _mechanism(config: ml_collections.ConfigDict) -> table_lib.Dataset:
+  d = config.data
+  return mechanism.generate(
+    table_lib.data_seed(config),
+    num_items=d.num_items,
+    num_queries=d.num_queries,
+    num_train_pairs=d.num_train_pairs,
+    num_eval_pairs=d.num_eval_pairs,
+    popularity_exponent=d.popularity_exponent,
+    feature_noise=d.feature_noise,
+    nuisance_values=d.nuisance_values,
     embed_dim=d.embed_dim,
   )
 
@@ -37,14 +52,19 @@ def _movielens(config: ml_collections.ConfigDict) -> table_lib.Dataset:
     query_mode=d.query_mode,
     unknown_items=d.unknown_items,
     share_tables=config.model.share_item_tables,
-    seed=d.seed,
+    seed=table_lib.data_seed(config),
     embed_dim=d.embed_dim,
   )
 
 
 # The data sources by ``data.name`` (configuration reads the allowed names from here): a new
 # source is one ``fn(config) -> Dataset`` plus one line.
-SOURCES = {"synthetic": _synthetic, "movielens": _movielens, "files": files.load}
+SOURCES = {
+  "synthetic": _synthetic,
+  "mechanism": _mechanism,
+  "movielens": _movielens,
+  "files": files.load,
+}
 
 
 def load(config: ml_collections.ConfigDict) -> table_lib.Dataset:
@@ -58,7 +78,7 @@ def load(config: ml_collections.ConfigDict) -> table_lib.Dataset:
     raise table_lib.DataError(f"config.data.name={d.name!r}; allowed: {tuple(SOURCES)}")
   dataset = SOURCES[d.name](config)
   if d.train_fraction < 1.0:
-    dataset = subsample_train(dataset, d.train_fraction, d.seed)
+    dataset = subsample_train(dataset, d.train_fraction, table_lib.data_seed(config))
   if not config.eval.exclude_train_items:
     empty = np.zeros(0, np.int32)
     dataset = dataclasses.replace(dataset, eval_seen_query=empty, eval_seen_item=empty)

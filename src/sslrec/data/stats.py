@@ -177,10 +177,16 @@ def _joint_entropy(
   return _entropy_of_masses(mass, n)
 
 
+MI_ESTIMATORS = ("permutation", "plugin")  # ssl.mi_estimator
+ID_LIKE_DISTINCT = 0.9  # an 'id' feature with distinct values on >= this share of items is an id
+
+
 def mutual_information(
   items: Mapping[str, np.ndarray],
   spec: features_lib.TowerSpec,
   *,
+  estimator: str = "plugin",
+  seed: int = 0,
   dense_bins: int = DENSE_BINS,
   max_bincount_size: int = MAX_BINCOUNT_SIZE,
 ) -> np.ndarray:
@@ -208,9 +214,22 @@ def mutual_information(
   int64 keys otherwise (e.g. for ``item_id`` with ``vocab_size = num_items``); rows are processed
   in chunks to bound memory.
 
+  **Estimators.** ``'plugin'``: the formula above on the empirical distribution. It is biased
+  upwards by roughly ``(|V_i| - 1)(|V_j| - 1) / 2N`` (Miller-Madow), so on a catalogue of N items
+  it ranks pairs by vocabulary size as much as by dependence: a unique id has MI ``H(V_j)`` with
+  every feature ``j``, and two large vocabularies look dependent when they are independent.
+  ``'permutation'`` (the default of ``ssl.mi_estimator``) subtracts the MI of the same pair with
+  ``V_j``'s column shuffled over the items (a seeded permutation: the same marginals, the
+  dependence destroyed, so the same bias), clipped at 0: ``max(MI(V_i, V_j) - MI(V_i,
+  pi(V_j)), 0)``. A unique id scores ~0 with everything (its plug-in MI is ``H(V_j)`` for any
+  shuffle), independent features ~0, and a dependent pair the excess over chance. The diagonal
+  keeps the plug-in entropies either way.
+
   Args:
     items: the catalogue ``{name: [N, ...]}`` in ``spec``'s layout.
     spec: the item tower schema; its feature order is the matrix order.
+    estimator: 'plugin' or 'permutation' (``MI_ESTIMATORS``).
+    seed: the permutation's seed ('permutation').
     dense_bins: quantile buckets of a dense feature.
     max_bincount_size: the largest joint value space counted densely.
 
@@ -218,6 +237,8 @@ def mutual_information(
     ``float64 [k, k]``, symmetric, >= 0; the diagonal is each feature's entropy ``H(V_i)`` (the MI
     of a single-valued feature with itself).
   """
+  if estimator not in MI_ESTIMATORS:
+    raise ValueError(f"mutual_information: estimator={estimator!r}; allowed: {MI_ESTIMATORS}")
   try:
     n = spec.validate(items, source="mutual_information")
   except features_lib.SchemaError as e:
@@ -231,14 +252,42 @@ def mutual_information(
     _joint_entropy(v, w, np.zeros((n, 1), np.int64), np.ones((n, 1)), 1, c, max_bincount_size)
     for v, w, c in encoded
   ]
+  perm = np.random.default_rng(np.random.SeedSequence([seed, 0x4D49])).permutation(n)
   for i in range(k):
     mi[i, i] = entropy[i]
     vi, wi, ci = encoded[i]
     for j in range(i + 1, k):
       vj, wj, cj = encoded[j]
       h_ij = _joint_entropy(vi, wi, vj, wj, cj, ci * cj, max_bincount_size)
-      mi[i, j] = mi[j, i] = max(entropy[i] + entropy[j] - h_ij, 0.0)
+      value = entropy[i] + entropy[j] - h_ij
+      if estimator == "permutation":
+        h_perm = _joint_entropy(vi, wi, vj[perm], wj[perm], cj, ci * cj, max_bincount_size)
+        value -= entropy[i] + entropy[j] - h_perm
+      mi[i, j] = mi[j, i] = max(value, 0.0)
   return mi
+
+
+def id_like(items: Mapping[str, np.ndarray], spec: features_lib.TowerSpec) -> np.ndarray:
+  """``bool [k]``: single-valued 'id' features with a distinct present value on at least
+  ``ID_LIKE_DISTINCT`` of the items (a per-item id: it identifies the item, so it is correlated
+  with nothing in particular and everything at once)."""
+  out = np.zeros(spec.num_features, bool)
+  for i, f in enumerate(spec.features):
+    x = np.asarray(items[f.name])
+    if f.kind == "id" and x.size:
+      out[i] = np.unique(x[x >= 0]).size >= ID_LIKE_DISTINCT * x.shape[0]
+  return out
+
+
+def ranking_mi(mi: np.ndarray, unranked: np.ndarray) -> np.ndarray:
+  """The matrix the MI-reading masks rank by: ``mi`` with the off-diagonal rows and columns of
+  the ``unranked`` features set to NaN (``augment.unranked_features``: never a CFM seed nor a
+  partner; put on a random side)."""
+  out = np.array(mi, np.float64)
+  off = ~np.eye(out.shape[0], dtype=bool)
+  mark = (unranked[:, None] | unranked[None, :]) & off
+  out[mark] = np.nan
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,7 +298,9 @@ class Stats:
     item_freq: ``int64 [num_items]`` D_train pair count of each item.
     log_q: ``float32 [num_items]`` log sampling probability of each item in D_train.
     head: ``bool [num_items]`` the ``head_fraction`` most frequent items.
-    mi: ``float64 [k, k]`` item-feature mutual information, in ``item_spec`` order.
+    mi: ``float64 [k, k]`` item-feature mutual information, in ``item_spec`` order, as the
+      masks read it (``ranking_mi``: NaN off the diagonal for unranked per-item ids).
+    id_like: ``bool [k]`` the per-item id features (``id_like``).
     feature_names: the item feature names, the order of ``mi``'s rows/columns.
     head_fraction: the fraction used for ``head``.
   """
@@ -260,16 +311,27 @@ class Stats:
   mi: np.ndarray
   feature_names: tuple[str, ...]
   head_fraction: float
+  id_like: np.ndarray | None = None
 
 
-def corpus_stats(dataset: table.Dataset, *, head_fraction: float = 0.2) -> Stats:
-  """Frequencies, logQ and head split from D_train; feature MI from the catalogue."""
+def corpus_stats(
+  dataset: table.Dataset,
+  *,
+  head_fraction: float = 0.2,
+  mi_estimator: str = "plugin",
+  rank_ids: bool = True,
+) -> Stats:
+  """Frequencies, logQ and head split from D_train; feature MI from the catalogue
+  (``mi_estimator``; ``rank_ids=False`` keeps per-item ids out of the masks' ranking)."""
   freq = item_frequencies(dataset.train_item, dataset.num_items)
+  ids = id_like(dataset.items, dataset.item_spec)
+  mi = mutual_information(dataset.items, dataset.item_spec, estimator=mi_estimator)
   return Stats(
     item_freq=freq,
     log_q=log_q(freq),
     head=head_items(freq, head_fraction),
-    mi=mutual_information(dataset.items, dataset.item_spec),
+    mi=mi if rank_ids else ranking_mi(mi, ids),
     feature_names=dataset.item_spec.names,
     head_fraction=float(head_fraction),
+    id_like=ids,
   )

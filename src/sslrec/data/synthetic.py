@@ -99,7 +99,8 @@ def item_spec(embed_dim: int = 32, num_items: int = 20_000) -> features_lib.Towe
   f = features_lib.FeatureSpec
   return features_lib.TowerSpec(
     "item",
-    (
+    groups=tuple(planted_groups()),
+    features=(
       f("item_id", "id", vocab_size=num_items, embed_dim=embed_dim),
       f("category", "id", vocab_size=NUM_TOPICS, embed_dim=embed_dim),
       f("subcategory", "id", vocab_size=NUM_TOPICS * SUBCATS_PER_TOPIC, embed_dim=embed_dim),

@@ -152,3 +152,9 @@ class Dataset:
 def take(table: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
   """Gathers ``rows`` of every column: ``{name: [len(rows), ...]}``."""
   return {k: v[rows] for k, v in table.items()}
+
+
+def data_seed(config) -> int:
+  """The seed of the data (generator, split, subsample): ``data.seed``, or ``seed`` when
+  ``data.seed`` is -1 (sweeps over ``--seeds`` then vary the data too: paired data seeds)."""
+  return int(config.seed if config.data.seed < 0 else config.data.seed)

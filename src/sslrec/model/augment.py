@@ -22,6 +22,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sslrec import features as features_lib
 
@@ -67,9 +68,13 @@ def rfm_mask(rng: jax.Array, k: int, fraction: float = 0.5) -> jax.Array:
 def cfm_mask(rng: jax.Array, mi: jax.Array, fraction: float = 0.5) -> jax.Array:
   """Correlated Feature Masking.
 
-  Draws a seed feature uniformly from the ``k`` features, then masks the seed together with
-  the ``n - 1`` other features of highest ``mi[seed, j]``, ``n = num_masked(k, fraction)``
-  (the seed counts among the ``n``). The diagonal ``mi[seed, seed]`` is ignored.
+  Draws a seed feature uniformly from the *ranked* features, then masks the seed together with
+  its highest-``mi[seed, j]`` ranked partners, ``num_masked(k, fraction)`` features in all (the
+  seed counts among them). A feature whose off-diagonal MI row is all NaN is *unranked*
+  (``stats.ranking_mi`` marks per-item id features so, ``ssl.rank_ids=False``): never the seed
+  nor a partner, it is masked by view 1 with probability ``fraction`` and the ranked features
+  fill what is left of the count. Without unranked features this is plain CFM: seed uniform
+  over all ``k``, its ``n - 1`` top partners. The diagonal ``mi[seed, seed]`` is ignored.
 
   Ties among equal MI values are broken uniformly at random without perturbing the MI
   values: features are sorted by MI (descending) with i.i.d. uniform random numbers as the
@@ -86,12 +91,77 @@ def cfm_mask(rng: jax.Array, mi: jax.Array, fraction: float = 0.5) -> jax.Array:
     ``bool [k]``, True where view 1 masks the feature.
   """
   mi = _square(mi, "cfm_mask")
+  return _seeded_mask(rng, mi, fraction, unranked_features(mi), most_correlated=True)
+
+
+def anti_cfm_mask(rng: jax.Array, mi: jax.Array, fraction: float = 0.5) -> jax.Array:
+  """The control of CFM: the seed plus its *least* correlated (ranked) features.
+
+  Everything as ``cfm_mask`` except the partners' order (MI ascending): the masked set pairs the
+  seed with features of other groups, so correlated features are split across the two views, the
+  opposite of what CFM does. A mask strategy that beats this one by tail recall shows that *which*
+  features are masked together matters, not only how many.
+  """
+  mi = _square(mi, "anti_cfm_mask")
+  return _seeded_mask(rng, mi, fraction, unranked_features(mi), most_correlated=False)
+
+
+def unranked_features(mi: jax.Array) -> jax.Array:
+  """``bool [k]``: features whose off-diagonal MI row is all NaN (kept out of the ranking)."""
+  k = mi.shape[0]
+  off = jnp.where(jnp.eye(k, dtype=bool), 0.0, jnp.where(jnp.isnan(mi), 0.0, 1.0))
+  return (off.sum(axis=1) == 0) & (k > 1)
+
+
+def _seeded_mask(rng, mi, fraction, ids, *, most_correlated: bool) -> jax.Array:
+  """A seed among the non-``ids`` features plus its top (or bottom) MI partners among them;
+  ``ids`` on a random side (each masked with probability ``fraction``); ``num_masked(k)`` in all
+  when the counts allow (at least one non-id masked and one kept)."""
   k = mi.shape[0]
   n = num_masked(k, fraction)
-  seed_rng, tie_rng = jax.random.split(rng)
-  seed = jax.random.randint(seed_rng, (), 0, k)
-  order = _partners_of(seed, mi, tie_rng)
-  return jnp.zeros((k,), bool).at[order[:n]].set(True)
+  side_rng, seed_rng, tie_rng = jax.random.split(rng, 3)
+  ids_masked = ids & (jax.random.uniform(side_rng, (k,)) < fraction)  # [k]
+  num_rest = k - ids.sum()
+  r = jnp.clip(n - ids_masked.sum(), jnp.minimum(1, num_rest - 1), num_rest - 1)
+  seed = jax.random.categorical(seed_rng, jnp.where(ids, -jnp.inf, 0.0))
+  ranked = jnp.where(ids[None, :] | ids[:, None], jnp.nan, mi)
+  if not most_correlated:
+    ranked = jnp.where(jnp.isnan(ranked), jnp.nan, -ranked)
+  order = _partners_of(seed, ranked, tie_rng, ids)  # non-ids first, then seed, then partners
+  rank = jnp.zeros((k,), jnp.int32).at[order].set(jnp.arange(k, dtype=jnp.int32))
+  return jnp.where(ids, ids_masked, rank < r)
+
+
+def oracle_mask(rng: jax.Array, k: int, fraction: float, groups) -> jax.Array:
+  """The data's own groups: whole declared groups, in random order, while they fit.
+
+  ``groups``: static tuple of tuples of feature indices (``Dataset.feature_groups``). Groups are
+  taken in a random order and masked whole while the masked count stays within
+  ``num_masked(k, fraction)``; what is left of the count is filled by random ungrouped features,
+  then by random features of the remaining groups. With two groups of k/2 features, view 1 masks
+  one whole group and view 2 the other: the mask CFM is meant to find from the MI.
+  """
+  n = num_masked(k, fraction)
+  order_rng, fill_rng = jax.random.split(rng)
+  sizes = jnp.asarray([len(g) for g in groups], jnp.int32)
+  member = jnp.zeros((len(groups), k), bool)
+  for gi, g in enumerate(groups):
+    member = member.at[gi, jnp.asarray(g, jnp.int32)].set(True)
+  perm = jax.random.permutation(order_rng, len(groups))
+
+  # Greedy: take each group in the random order when it still fits.
+  def take(carry, gi):
+    used, mask = carry
+    fits = used + sizes[gi] <= n
+    return (used + jnp.where(fits, sizes[gi], 0), mask | (member[gi] & fits)), None
+
+  (used, mask), _ = jax.lax.scan(take, (jnp.int32(0), jnp.zeros((k,), bool)), perm)
+  grouped = member.any(axis=0)
+  tie = jax.random.uniform(fill_rng, (k,))
+  # Fill order: ungrouped features first, then the others, random within each; masked ones last.
+  order = jnp.lexsort((tie, grouped, mask))
+  rank = jnp.zeros((k,), jnp.int32).at[order].set(jnp.arange(k, dtype=jnp.int32))
+  return mask | (~mask & (rank < n - used))
 
 
 def _square(mi, caller: str) -> jax.Array:
@@ -144,13 +214,14 @@ def id_like_features(mi: jax.Array, rtol: float = 1e-4) -> jax.Array:
 def cfm_ids_random_mask(rng: jax.Array, mi: jax.Array, fraction: float = 0.5) -> jax.Array:
   """CFM with per-item id features left out of the MI ranking and put on a random side.
 
-  ``MI(item_id, f) = H(f)``: the raw MI ranks a unique id first for every seed, so plain CFM
-  masks it together with the seed's group almost always, whatever the correlations are. Here
-  the id-like features (``id_like_features``) are never the seed nor a ranked partner; each is
+  ``MI(item_id, f) = H(f)`` under the plug-in estimate: the raw MI ranks a unique id first for
+  every seed, so plain CFM masks it together with the seed's group almost always, whatever the
+  correlations are. Here the id-like features (``id_like_features``, read off the MI matrix) and
+  the unranked ones (``unranked_features``) are never the seed nor a ranked partner; each is
   masked by view 1 with probability ``fraction``. The other features are split by CFM (seed
   among them, then its highest-MI partners among them) so that view 1 masks ``num_masked(k)``
-  features in all, as in ``cfm_mask``. Without id-like features this is ``cfm_mask``'s
-  distribution.
+  features in all, as in ``cfm_mask``. With ``ssl.rank_ids=False`` (the default) the ids are
+  already unranked and this is ``cfm_mask``.
 
   Args:
     rng: PRNG key.
@@ -161,19 +232,8 @@ def cfm_ids_random_mask(rng: jax.Array, mi: jax.Array, fraction: float = 0.5) ->
     ``bool [k]``, True where view 1 masks the feature.
   """
   mi = _square(mi, "cfm_ids_random_mask")
-  k = mi.shape[0]
-  n = num_masked(k, fraction)
-  ids = id_like_features(mi)  # [k]
-  side_rng, seed_rng, tie_rng = jax.random.split(rng, 3)
-  ids_masked = ids & (jax.random.uniform(side_rng, (k,)) < fraction)  # [k]
-  num_rest = k - ids.sum()
-  # The others mask what is left of n, at least one of them and at least one kept.
-  r = jnp.clip(n - ids_masked.sum(), jnp.minimum(1, num_rest - 1), num_rest - 1)
-  seed_logits = jnp.where(ids, -jnp.inf, 0.0)
-  seed = jax.random.categorical(seed_rng, seed_logits)
-  order = _partners_of(seed, mi, tie_rng, ids)  # non-ids first, then the seed and its partners
-  rank = jnp.zeros((k,), jnp.int32).at[order].set(jnp.arange(k, dtype=jnp.int32))
-  return jnp.where(ids, ids_masked, rank < r)
+  ids = unranked_features(mi) | id_like_features(jnp.nan_to_num(mi, nan=0.0))
+  return _seeded_mask(rng, mi, fraction, ids, most_correlated=True)
 
 
 def multi_value_dropout(rng: jax.Array, ids: jax.Array, rate: float) -> jax.Array:
@@ -245,30 +305,36 @@ def make_mask(
   k: int,
   mi: jax.Array | None = None,
   fraction: float = 0.5,
+  groups=None,
 ) -> jax.Array:
   """Draws view 1's feature mask with the named strategy.
 
   Args:
     rng: PRNG key.
-    masking: 'cfm' (needs ``mi``), 'cfm_ids_random' (CFM with per-item ids on a random side,
-      needs ``mi``), 'rfm', or 'none' (all False: both views keep every feature and differ
+    masking: a name of ``MASKS``: 'cfm', 'anti_cfm', 'cfm_ids_random' (need ``mi``), 'oracle'
+      (needs ``groups``), 'rfm', or 'none' (all False: both views keep every feature and differ
       only by dropout, the spread-out-like special case).
     k: static number of features.
-    mi: ``[k, k]`` mutual-information matrix for 'cfm'.
+    mi: ``[k, k]`` mutual-information matrix (``stats.ranking_mi``).
     fraction: static masked fraction.
+    groups: static tuple of tuples of feature indices (the dataset's declared groups).
 
   Returns:
     ``bool [k]``.
   """
   if masking not in MASKS:
     raise ValueError(f"unknown masking {masking!r}; allowed: {tuple(MASKS)}")
-  fn, needs_mi = MASKS[masking]
-  if needs_mi:
+  fn, needs = MASKS[masking]
+  if needs == "mi":
     if mi is None:
       raise ValueError(f"masking={masking!r} needs the feature MI matrix (mi=None given)")
     if tuple(mi.shape) != (k, k):
       raise ValueError(f"masking={masking!r}: mi has shape {tuple(mi.shape)}, expected ({k}, {k})")
     return fn(rng, mi, fraction)
+  if needs == "groups":
+    if not groups:
+      raise ValueError(f"masking={masking!r} needs the dataset's declared feature groups")
+    return fn(rng, k, fraction, groups)
   return fn(rng, k, fraction)
 
 
@@ -278,12 +344,39 @@ def no_mask(rng: jax.Array, k: int, fraction: float = 0.5) -> jax.Array:
   return jnp.zeros((k,), bool)
 
 
-# The masking strategies by ``ssl.masking`` name: (function, needs the MI matrix). A strategy
-# that reads MI is ``fn(rng, mi [k, k], fraction)``, one that does not ``fn(rng, k, fraction)``;
+def mask_statistics(
+  masking: str, k: int, mi=None, fraction: float = 0.5, groups=None, draws: int = 4000, seed=0
+) -> dict:
+  """What a strategy draws, measured over ``draws`` masks (printed before training):
+  ``distinct`` masks, ``groups_whole`` (the fraction of draws that keep every declared group on
+  one side; None without groups) and ``frequency`` (per feature, how often view 1 masks it)."""
+  fn = jax.jit(
+    jax.vmap(lambda r: make_mask(r, masking, k, mi=mi, fraction=fraction, groups=groups))
+  )
+  masks = np.asarray(fn(jax.random.split(jax.random.key(seed), draws)))
+  whole = None
+  if groups:
+    whole = float(
+      np.mean(
+        np.all([masks[:, list(g)].all(1) | (~masks[:, list(g)]).all(1) for g in groups], axis=0)
+      )
+    )
+  return {
+    "distinct": int(len({m.tobytes() for m in masks})),
+    "groups_whole": whole,
+    "frequency": masks.mean(axis=0).tolist(),
+  }
+
+
+# The masking strategies by ``ssl.masking`` name: (function, what it needs). A strategy that
+# reads MI is ``fn(rng, mi [k, k], fraction)``, one that reads the dataset's declared groups
+# ``fn(rng, k, fraction, groups)``, one that needs neither ``fn(rng, k, fraction)``;
 # configuration reads the allowed names from here, so a new strategy is a function plus a line.
 MASKS = {
-  "cfm": (cfm_mask, True),
-  "rfm": (rfm_mask, False),
-  "none": (no_mask, False),
-  "cfm_ids_random": (cfm_ids_random_mask, True),
+  "cfm": (cfm_mask, "mi"),
+  "rfm": (rfm_mask, ""),
+  "none": (no_mask, ""),
+  "cfm_ids_random": (cfm_ids_random_mask, "mi"),
+  "anti_cfm": (anti_cfm_mask, "mi"),
+  "oracle": (oracle_mask, "groups"),
 }
