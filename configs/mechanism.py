@@ -8,7 +8,7 @@
 features sharing one relevance latent, a private nuisance per group copied into its features, tail
 items with values of their own. ``data.seed=-1``: each sweep seed is also a data seed, so the
 variants are paired on five generated datasets. The grid's ``data.nuisance_values`` is the
-nuisance strength: 1 = none (CFM has nothing to close), 8, 32.
+nuisance strength: 1 = none (CFM has nothing to close), 64.
 """
 
 from configs import base
@@ -23,12 +23,12 @@ def get_config(variant: str = "cfm"):
   c = base.get_config()
   c.data.name = "mechanism"
   c.data.seed = -1  # the data follows seed: paired data seeds
-  c.data.num_items = 32_000
+  c.data.num_items = 8000
   c.data.num_queries = 20_000
   c.data.num_train_pairs = 200_000
   c.data.num_eval_pairs = 10_000
   c.data.feature_noise = 0.2
-  c.data.nuisance_values = 32
+  c.data.nuisance_values = 64
   c.train.num_steps = 1500
   c.train.eval_every = 500
   c.train.checkpoint_every = 1500
@@ -45,6 +45,6 @@ def get_sweep():
   """Read by ``launch/sweep.py --spec=configs/mechanism.py``; flags given there replace these."""
   return {
     "variants": VARIANTS,
-    "grid": {"data.nuisance_values": (1, 8, 32)},
+    "grid": {"data.nuisance_values": (1, 64)},
     "seeds": 5,
   }

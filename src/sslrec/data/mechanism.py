@@ -11,22 +11,26 @@ part is there for one reason:
   with probability ``feature_noise``, independently per feature), so two views that keep whole,
   different groups still share it: the SSL task is solvable *through relevance*.
 * **A private nuisance per group, copied into all of that group's features.** Each item draws
-  ``n_g`` uniformly from ``nuisance_values`` values per group ``g``; every feature of group g
-  holds ``(z_f, n_g)`` (one id). The nuisance carries no relevance. Two views that both hold
-  features of group g share ``n_g`` exactly: a shortcut that identifies the item among its batch
-  without learning ``z``. Random masking almost always leaves every group on both sides; CFM (and
-  the oracle) keep each group on one side, so the only shared information is ``z``.
-  ``data.nuisance_values`` is the knob: 1 removes the nuisance (then CFM has nothing to close and
-  should equal RFM); more values make the shortcut sharper.
+  ``n_g`` uniformly from ``nuisance_values`` values per group ``g``; every feature of group g is
+  the bag ``[relevance token, nuisance token n_g]``. The nuisance carries no relevance. Two views
+  that both hold features of group g share ``n_g`` exactly, and with two groups the pair
+  ``(n_a, n_b)`` nearly identifies an item among its batch (``nuisance_values ** 2`` combinations):
+  a shortcut that solves the SSL task without learning relevance. Random masking almost always
+  leaves every group on both sides; CFM (and the oracle) keep each group on one side, so the only
+  shared information is ``z``. ``data.nuisance_values`` is the knob: 1 removes the nuisance (then
+  CFM has nothing to close and should equal RFM); more values make the shortcut sharper.
 * **Groups of half the features.** Two groups of ``GROUP_SIZE`` features each (no item id), so
   with ``ssl.mask_fraction = 0.5`` a mask can hold exactly one whole group and CFM's seed plus
   its top partners are exactly the seed's group.
-* **Values only tail items carry.** Nuisances of head items (the ``HEAD_FRACTION`` most popular
-  by construction) come from ``[0, M)``, those of tail items from ``[M, 2M)``, so a tail item's
-  feature values never occur on a head item: the main loss sees them only through the few
-  tail pairs, while the SSL stream (uniform over the catalogue) sees them as often as any. If
-  SSL helps the tail here it is by aligning those values' embeddings with ``z``, which only
-  works when the views cannot match by nuisance.
+* **Values only tail items carry.** Tail items' relevance tokens (``[R, 2R)``) are not head
+  items' (``[0, R)``), so the main loss sees them only through the few tail pairs while the SSL
+  stream (uniform over the catalogue) sees them as often as any. If SSL helps the tail here it
+  is by aligning those tokens across groups, which only works when the views cannot match by
+  nuisance.
+* **Small relevance classes.** ``NUM_RELEVANCE`` classes of ~30 items on the default 8000-item
+  catalogue: a query's relevant items fit in its top 50, tail ones included, so tail recall
+  measures whether the model knows a tail item's relevance (with a few large classes the
+  relevant head items fill the top K and tail recall is 0 for any model).
 
 Queries: ``q_pref`` (the preference, noisy with ``feature_noise``) and ``q_region`` (irrelevant).
 The last ``EVAL_QUERY_FRACTION`` of the queries are held out, the first half of them validation
@@ -56,12 +60,14 @@ def groups() -> tuple[tuple[str, ...], ...]:
 
 
 def item_spec(nuisance_values: int, embed_dim: int = 32) -> features_lib.TowerSpec:
-  vocab = NUM_RELEVANCE * 2 * nuisance_values
+  """Each item feature is a bag of two tokens: its relevance token (``2 * NUM_RELEVANCE`` values:
+  head items' and tail items' apart) and its group's nuisance token (``nuisance_values``)."""
+  vocab = 2 * NUM_RELEVANCE + nuisance_values
   return features_lib.TowerSpec(
     "item",
     groups=groups(),
     features=tuple(
-      features_lib.FeatureSpec(name, "id", vocab_size=vocab, embed_dim=embed_dim)
+      features_lib.FeatureSpec(name, "multi", vocab_size=vocab, max_len=2, embed_dim=embed_dim)
       for g in groups()
       for name in g
     ),
@@ -86,7 +92,7 @@ def _noisy(rng, clean: np.ndarray, vocab: int, noise: float) -> np.ndarray:
 def generate(
   seed: int,
   *,
-  num_items: int = 32_000,
+  num_items: int = 8000,
   num_queries: int = 20_000,
   num_train_pairs: int = 200_000,
   num_eval_pairs: int = 10_000,
@@ -117,10 +123,11 @@ def generate(
   is_head = rank < int(np.ceil(HEAD_FRACTION * num_items))
   items = {}
   for g in groups():
-    nuisance = rng.integers(0, m, num_items) + np.where(is_head, 0, m)  # tail: [M, 2M)
+    nuisance = 2 * NUM_RELEVANCE + rng.integers(0, m, num_items)  # one per item and group
     for name in g:
       z_f = _noisy(rng, z, NUM_RELEVANCE, float(feature_noise))
-      items[name] = (z_f * 2 * m + nuisance).astype(np.int32)
+      token = z_f + np.where(is_head, 0, NUM_RELEVANCE)  # tail items' tokens are their own
+      items[name] = np.stack([token, nuisance], axis=1).astype(np.int32)
 
   # Queries.
   pref = rng.integers(0, NUM_RELEVANCE, num_queries)
