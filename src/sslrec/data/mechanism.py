@@ -49,7 +49,7 @@ NUM_RELEVANCE = 256
 GROUP_NAMES = ("a", "b")
 GROUP_SIZE = 4
 HEAD_FRACTION = 0.2  # the most popular items by construction draw head nuisances
-BETA = 4.0  # log-odds boost of an item whose relevance matches the query's preference
+BETA = 8.0  # log-odds boost of an item whose relevance matches the query's preference
 NUM_REGIONS = 16
 EVAL_QUERY_FRACTION = 0.2
 
