@@ -29,9 +29,9 @@ def get_config(variant: str = "cfm"):
   c.data.num_eval_pairs = 10_000
   c.data.feature_noise = 0.2
   c.data.nuisance_values = 64
-  c.train.num_steps = 1500
-  c.train.eval_every = 500
-  c.train.checkpoint_every = 1500
+  c.train.num_steps = 1000  # validation is level from step 500 on
+  c.train.eval_every = 250
+  c.train.checkpoint_every = 1000
   c.eval.references = ("popularity",)  # no histories here: itemknn would equal popularity
   if variant == "baseline":
     c.ssl.alpha = 0.0

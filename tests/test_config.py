@@ -22,8 +22,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
       "ssl.masking",
       "random",
       "config.ssl.masking='random' is invalid; allowed: one of "
-      "('cfm', 'rfm', 'none', 'cfm_ids_random')",
+      "('cfm', 'rfm', 'none', 'cfm_ids_random', 'anti_cfm', 'oracle')",
     ),
+    ("ssl.mi_estimator", "exact", "config.ssl.mi_estimator='exact' is invalid; allowed: one of"),
+    ("data.nuisance_values", 0, "config.data.nuisance_values=0 is invalid; allowed: an integer"),
+    ("data.seed", -2, "config.data.seed=-2 is invalid; allowed: an integer in [0, 2**31), or -1"),
     (
       "ssl.dropout_rate",
       1.0,

@@ -223,3 +223,20 @@ def test_ssl_wiring():
   _, m_pairs, _ = _grads(run, other_pairs, items, jax.random.key(0))
   assert float(m_items["loss/ssl"]) != pytest.approx(float(metrics["loss/ssl"]), rel=1e-4)
   assert float(m_pairs["loss/ssl"]) == pytest.approx(float(metrics["loss/ssl"]), rel=1e-6)
+
+
+def test_mask_summary_before_training():
+  """The line printed before training: what the strategy draws on this data."""
+  c = mechanism_config.get_config("oracle")
+  c.data.num_items, c.data.num_train_pairs, c.data.num_eval_pairs = 2000, 20_000, 2000
+  c.data.num_queries = 4000
+  run = train.Run(c)
+  oracle = run.mask_summary(draws=500)
+  assert oracle.startswith("ssl masks (oracle): 2 distinct in 500 draws, declared groups whole 100%")
+  freq = dict(kv.split("=") for kv in oracle.split("view 1: ")[1].split())
+  assert len({freq[f"a{i}"] for i in range(1, 5)}) == 1  # a group moves as one
+  assert abs(float(freq["a1"]) - 0.5) < 0.1 and abs(float(freq["b1"]) - 0.5) < 0.1
+  run.config.ssl.masking = "rfm"
+  rfm = run.mask_summary(draws=500)
+  distinct = int(rfm.split(": ")[1].split(" ")[0])
+  assert distinct > 40 and "declared groups whole 100%" not in rfm

@@ -20,6 +20,7 @@ from sslrec import configuration, parallel
 from sslrec import evaluate as evaluate_lib
 from sslrec import step as step_lib
 from sslrec.data import pipeline, sources, stats
+from sslrec.model import augment
 from sslrec.data import table as table_lib
 from sslrec.run import checkpointing, reliability
 from sslrec.run import workdir as workdir_lib
@@ -112,6 +113,26 @@ class Run:
     self.pair_iter = iter(self.pair_data)
     self.item_iter = iter(self.item_data) if self.item_data is not None else None
     self._evaluators: dict[str, evaluate_lib.Evaluator] = {}
+
+  def mask_summary(self, draws: int = 4000) -> str:
+    """One line on what the SSL masking draws on this data (printed before training): distinct
+    masks, how often the declared groups stay whole, each feature's masking frequency."""
+    c, spec = self.config, self.dataset.item_spec
+    s = augment.mask_statistics(
+      c.ssl.masking,
+      spec.num_features,
+      mi=self.stats.mi,
+      fraction=c.ssl.mask_fraction,
+      groups=spec.group_indices or None,
+      draws=draws,
+      seed=c.seed,
+    )
+    whole = "" if s["groups_whole"] is None else f", declared groups whole {s['groups_whole']:.0%}"
+    freq = " ".join(f"{n}={f:.2f}" for n, f in zip(spec.names, s["frequency"], strict=True))
+    return (
+      f"ssl masks ({c.ssl.masking}): {s['distinct']} distinct in {draws} draws{whole}; "
+      f"masked by view 1: {freq}"
+    )
 
   def next_batches(self):
     pairs = parallel.to_global(next(self.pair_iter), self.mesh)
@@ -408,6 +429,8 @@ def _train(config, workdir: str, stop) -> dict[str, float]:
     f"{d.num_train} train pairs, {d.num_eval} eval pairs; built in {time.time() - t0:.1f}s; "
     f"mesh {dict(run.mesh.shape)}"
   )
+  if config.ssl.alpha > 0:
+    _log(run.mask_summary())
   if is_main:
     workdir_lib.save_config(workdir, configuration.to_dict(config))
   space = workdir_lib.check_free_space(
