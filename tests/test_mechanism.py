@@ -232,7 +232,9 @@ def test_mask_summary_before_training():
   c.data.num_queries = 4000
   run = train.Run(c)
   oracle = run.mask_summary(draws=500)
-  assert oracle.startswith("ssl masks (oracle): 2 distinct in 500 draws, declared groups whole 100%")
+  assert oracle.startswith(
+    "ssl masks (oracle): 2 distinct in 500 draws, declared groups whole 100%"
+  )
   freq = dict(kv.split("=") for kv in oracle.split("view 1: ")[1].split())
   assert len({freq[f"a{i}"] for i in range(1, 5)}) == 1  # a group moves as one
   assert abs(float(freq["a1"]) - 0.5) < 0.1 and abs(float(freq["b1"]) - 0.5) < 0.1

@@ -20,8 +20,8 @@ from sslrec import configuration, parallel
 from sslrec import evaluate as evaluate_lib
 from sslrec import step as step_lib
 from sslrec.data import pipeline, sources, stats
-from sslrec.model import augment
 from sslrec.data import table as table_lib
+from sslrec.model import augment
 from sslrec.run import checkpointing, reliability
 from sslrec.run import workdir as workdir_lib
 
