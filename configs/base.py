@@ -65,6 +65,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.temperature = 0.05  # batch softmax temperature (main task)
   c.loss.logq_correction = True  # subtract log(item sampling prob. in D_train) from logits
   c.loss.remove_accidental_hits = True  # same item elsewhere in the batch is not a negative
+  # where logQ's sampling probabilities come from: 'counts' (static D_train counts) | 'streaming'
+  # (learnt online by the train step, sslrec/frequency.py; Yi et al. 2019)
+  c.loss.logq_source = "counts"
+  c.loss.frequency_buckets = 1 << 20  # streaming: hash buckets per hash function
+  c.loss.frequency_hashes = 2  # streaming: hash functions (the most conservative estimate wins)
+  c.loss.frequency_learning_rate = 0.01  # streaming: the moving average's step (paper's alpha)
+  c.loss.mixed_negatives = False  # the D_item batch also serves as negatives (Yang et al. 2020)
+  c.loss.logq_mode = "standard"  # 'standard' | 'corrected' (positive not corrected; RecSys'25)
 
   c.ssl = ml_collections.ConfigDict()
   c.ssl.alpha = 1.0  # weight of L_self in L_main + alpha * L_self (0 = SSL off)

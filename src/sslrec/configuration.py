@@ -15,9 +15,11 @@ from typing import Any
 
 import ml_collections
 
-from sslrec import errors, references, sparse, step
+from sslrec import errors, losses, references, sparse, step
 from sslrec.data import pipeline, sources, stats
 from sslrec.model import augment
+
+LOGQ_SOURCES = ("counts", "streaming")  # loss.logq_source
 
 # Fields that may change between a run and its continuation in the same workdir.
 RESUMABLE_FIELDS = frozenset(
@@ -202,6 +204,38 @@ def validate(config: ml_collections.ConfigDict) -> None:
     "loss.remove_accidental_hits",
     g("loss.remove_accidental_hits"),
     "True or False",
+  )
+  _check(
+    g("loss.logq_source") in LOGQ_SOURCES,
+    "loss.logq_source",
+    g("loss.logq_source"),
+    f"one of {LOGQ_SOURCES}",
+  )
+  for f in ("loss.frequency_buckets", "loss.frequency_hashes"):
+    _check(_is_int(g(f)) and 1 <= g(f) < INT_LIMIT, f, g(f), "an integer in [1, 2**31)")
+  _check(
+    _is_num(g("loss.frequency_learning_rate")) and 0 < g("loss.frequency_learning_rate") <= 1,
+    "loss.frequency_learning_rate",
+    g("loss.frequency_learning_rate"),
+    "a number in (0, 1]",
+  )
+  _check(
+    isinstance(g("loss.mixed_negatives"), bool),
+    "loss.mixed_negatives",
+    g("loss.mixed_negatives"),
+    "True or False (the D_item batch, ssl.batch_size items, as extra negatives)",
+  )
+  _check(
+    g("loss.logq_mode") in losses.LOGQ_MODES,
+    "loss.logq_mode",
+    g("loss.logq_mode"),
+    f"one of {losses.LOGQ_MODES}",
+  )
+  _check(
+    g("loss.logq_mode") == "standard" or g("loss.logq_correction"),
+    "loss.logq_mode",
+    g("loss.logq_mode"),
+    "'standard' when loss.logq_correction=False (the corrected mode corrects the negatives' logQ)",
   )
 
   _check(

@@ -69,6 +69,9 @@ def _diagonal_cross_entropy(logits: jax.Array) -> jax.Array:
   return jnp.mean(log_z - jnp.diagonal(logits))
 
 
+LOGQ_MODES = ("standard", "corrected")  # loss.logq_mode
+
+
 def batch_softmax_loss(
   query_emb: jax.Array,
   item_emb: jax.Array,
@@ -76,6 +79,10 @@ def batch_softmax_loss(
   temperature,
   log_q: jax.Array | None = None,
   item_ids: jax.Array | None = None,
+  extra_emb: jax.Array | None = None,
+  extra_log_q: jax.Array | None = None,
+  extra_ids: jax.Array | None = None,
+  logq_mode: str = "standard",
 ) -> jax.Array:
   """Batch softmax (in-batch negatives) retrieval loss, L_main of the paper.
 
@@ -83,23 +90,62 @@ def batch_softmax_loss(
   ``i``. With ``item_ids``, every column ``j != i`` with ``item_ids[j] == item_ids[i]`` is left
   out of row ``i``'s softmax (accidental hit: the positive itself appearing as a negative).
 
+  Mixed negatives (Yang et al. 2020): ``extra_emb [M, D]`` are more candidate columns (items of
+  another stream, e.g. the uniform D_item batch), with their own ``extra_log_q`` and
+  ``extra_ids`` (accidental hits are removed across both sets of columns).
+
+  ``logq_mode``: 'standard' subtracts ``log_q`` from every logit, the positive's included (Yi et
+  al. 2019). 'corrected' (Khrylchenko et al., RecSys 2025, "Correcting the LogQ Correction"):
+  the positive is always in the softmax, not sampled, so only the negatives are corrected, the
+  positive leaves the denominator, and the row is weighted by ``w_i = stop_gradient(1 - P_i)``,
+  ``P_i = exp(s_p) / (exp(s_p) + mean_j exp(s_j - log_q_j))`` over row ``i``'s negatives:
+  ``loss_i = w_i * (-s_p + log sum_j exp(s_j - log_q_j))`` (as the authors' code computes it).
+
   Args:
     query_emb: ``[B, D]`` query tower outputs (any float dtype; normalised here).
     item_emb: ``[B, D]`` item tower outputs of the paired items.
     temperature: positive scalar tau (Python float or array).
-    log_q: optional ``[B]`` log of each item's sampling probability (logQ correction);
-      subtracted from every logit of its column, positives included.
+    log_q: optional ``[B]`` log of each item column's sampling probability (logQ correction).
     item_ids: optional ``[B]`` integer item identities for removing accidental hits. Equal
       ids are taken literally (two rows with id ``-1`` count as the same item), so pass
       unique ids for rows whose identity is unknown.
+    extra_emb / extra_log_q / extra_ids: optional ``[M, D]`` / ``[M]`` / ``[M]`` extra negative
+      columns (``extra_log_q`` is required with ``log_q``, ``extra_ids`` with ``item_ids``).
+    logq_mode: one of ``LOGQ_MODES``.
 
   Returns:
-    Scalar float32: mean over rows of the cross-entropy.
+    Scalar float32: mean over rows of the (weighted) cross-entropy.
   """
+  if logq_mode not in LOGQ_MODES:
+    raise ValueError(f"logq_mode={logq_mode!r}; allowed: {LOGQ_MODES}")
   logits = _cosine_logits(query_emb, item_emb, temperature)  # [B, B]
-  if log_q is not None:
-    logits = logits - jnp.asarray(log_q, jnp.float32)[None, :]
-  return _diagonal_cross_entropy(_remove_same_items(logits, item_ids))
+  b = logits.shape[0]
+  ids, lq = item_ids, log_q
+  if extra_emb is not None:
+    logits = jnp.concatenate([logits, _cosine_logits(query_emb, extra_emb, temperature)], axis=1)
+    if log_q is not None:
+      lq = jnp.concatenate([jnp.asarray(log_q, jnp.float32), jnp.asarray(extra_log_q, jnp.float32)])
+    if item_ids is not None:
+      ids = jnp.concatenate([jnp.asarray(item_ids), jnp.asarray(extra_ids)])
+  positive = jnp.eye(b, logits.shape[1], dtype=bool)  # [B, B (+ M)]
+  hit = jnp.zeros_like(positive)
+  if ids is not None:
+    ids = jnp.asarray(ids)
+    hit = (jnp.asarray(item_ids)[:, None] == ids[None, :]) & ~positive
+  corrected = logits if lq is None else logits - jnp.asarray(lq, jnp.float32)[None, :]
+  if logq_mode == "standard":
+    z = jnp.where(hit, jnp.float32(_MASKED_LOGIT), corrected)
+    return jnp.mean(jax.nn.logsumexp(z, axis=1) - jnp.sum(jnp.where(positive, z, 0.0), axis=1))
+  s_p = jnp.diagonal(logits[:, :b])  # [B] the positive, not corrected
+  negative = ~positive & ~hit
+  z = jnp.where(negative, corrected, -jnp.inf)
+  log_sum = jax.nn.logsumexp(z, axis=1)  # [B]
+  num_neg = jnp.maximum(negative.sum(axis=1), 1).astype(jnp.float32)
+  log_mean = log_sum - jnp.log(num_neg)
+  p_hat = jax.nn.sigmoid(s_p - log_mean)  # exp(s_p) / (exp(s_p) + mean_j exp(z_j))
+  w = jax.lax.stop_gradient(1.0 - p_hat)
+  loss = jnp.where(negative.any(axis=1), w * (log_sum - s_p), 0.0)
+  return jnp.mean(loss)
 
 
 def _remove_same_items(logits: jax.Array, item_ids: jax.Array | None) -> jax.Array:

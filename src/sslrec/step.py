@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from sslrec import losses, parallel, sparse
+from sslrec import frequency, losses, parallel, sparse
 from sslrec.data import table as table_lib
 from sslrec.model import augment, embeddings, towers
 
@@ -34,17 +34,21 @@ PyTree = Any
 class TrainState:
   """``params``: the model's parameters; ``opt_state``: the optax state of the parameters it
   updates (all of them, or all but the embedding tables with sparse updates); ``emb_state``:
-  the row-wise optimizer state of each table (``{"<scope>/<table>": ...}``, sparse updates)."""
+  the row-wise optimizer state of each table (``{"<scope>/<table>": ...}``, sparse updates);
+  ``freq``: the streaming frequency estimator's state (``loss.logq_source='streaming'``,
+  ``sslrec.frequency``), else None."""
 
   step: Array
   params: PyTree
   opt_state: PyTree
   emb_state: PyTree = None
+  freq: PyTree = None
 
 
 def uses_item_stream(config: ml_collections.ConfigDict) -> bool:
-  """Whether the run draws the D_item stream: SSL or the spread-out regulariser is on."""
-  return config.ssl.alpha > 0 or config.reg.spread_out_weight > 0
+  """Whether the run draws the D_item stream: SSL, the spread-out regulariser or mixed negatives
+  is on."""
+  return config.ssl.alpha > 0 or config.reg.spread_out_weight > 0 or config.loss.mixed_negatives
 
 
 def create_model(config: ml_collections.ConfigDict, dataset) -> towers.TwoTower:
@@ -118,19 +122,42 @@ def example_inputs(dataset, n: int = 2):
   return table_lib.take(dataset.queries, rows), table_lib.take(dataset.items, rows)
 
 
+def frequency_buckets(config) -> int:
+  """``loss.frequency_buckets`` rounded up to ``model.table_row_multiple`` (the estimator's
+  arrays are sharded on their buckets like a table's rows)."""
+  m = config.model.table_row_multiple
+  return -(-config.loss.frequency_buckets // m) * m
+
+
+def create_frequency_state(config):
+  """The streaming estimator's empty state, or None (``loss.logq_source='counts'``)."""
+  if config.loss.logq_source != "streaming":
+    return None
+  return frequency.init(frequency_buckets(config), config.loss.frequency_hashes)
+
+
 def create_train_state(
-  rng: Array, model: towers.TwoTower, tx: optax.GradientTransformation, dataset, emb_opt=None
+  rng: Array,
+  model: towers.TwoTower,
+  tx: optax.GradientTransformation,
+  dataset,
+  emb_opt=None,
+  config=None,
 ) -> TrainState:
   query, item = example_inputs(dataset)
   params = model.init(rng, query, item)
+  freq = None if config is None else create_frequency_state(config)
   if emb_opt is None:
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), freq=freq
+    )
   dense, tables = sparse.split_tables(params, emb_opt.min_rows)
   return TrainState(
     step=jnp.zeros((), jnp.int32),
     params=params,
     opt_state=tx.init(dense),
     emb_state=sparse.init_state(emb_opt, tables),
+    freq=freq,
   )
 
 
@@ -231,12 +258,21 @@ def loss_fn(
     params, pairs["query"], query_mask, ids=ids(calls.query), method=model.query_tower
   )
   x = model.apply(params, pairs["item"], ids=ids(calls.item), method=model.item_tower)
+  extra = None  # the D_item batch through the item tower (mixed negatives, spread-out)
+  if config.loss.mixed_negatives or config.reg.spread_out_weight > 0:
+    extra = model.apply(params, items["item"], ids=ids(calls.ssl_items), method=model.item_tower)
+  mixed = config.loss.mixed_negatives
+  logq, hits = config.loss.logq_correction, config.loss.remove_accidental_hits
   main = losses.batch_softmax_loss(
     q,
     x,
     temperature=config.loss.temperature,
-    log_q=pairs["log_q"] if config.loss.logq_correction else None,
-    item_ids=pairs["item_id"] if config.loss.remove_accidental_hits else None,
+    log_q=pairs["log_q"] if logq else None,
+    item_ids=pairs["item_id"] if hits else None,
+    extra_emb=extra if mixed else None,
+    extra_log_q=items.get("log_q") if mixed and logq else None,
+    extra_ids=items["item_id"] if mixed and hits else None,
+    logq_mode=config.loss.logq_mode,
   )
   total = main
   metrics = {"loss/main": main}
@@ -261,12 +297,44 @@ def loss_fn(
     metrics["loss/ssl"] = ssl
     metrics["ssl/masked_features"] = views.mask.sum().astype(jnp.float32)
   if config.reg.spread_out_weight > 0:
-    e = model.apply(params, items["item"], ids=ids(calls.ssl_items), method=model.item_tower)
-    reg = losses.spread_out_loss(e)
+    reg = losses.spread_out_loss(extra)
     total = total + config.reg.spread_out_weight * reg
     metrics["loss/spread_out"] = reg
   metrics["loss"] = total
   return total, metrics
+
+
+def sampling_log_q(freq, pairs, items, step, *, config, log_q_table):
+  """The logQ of every candidate column, and the estimator's new state.
+
+  Returns ``(pairs, items, freq)`` with ``pairs["log_q"]`` (and, with mixed negatives,
+  ``items["log_q"]``) set. Without mixed negatives a column's value is the log of its item's
+  per-pair sampling probability ``p_j``: static D_train counts (``loss.logq_source='counts'``,
+  the pipeline's ``log_q``) or the streaming estimate after this step's ids
+  (``'streaming'``, ``sslrec.frequency``). With mixed negatives the negatives are a pool of the
+  B in-batch items (drawn by ``p``) and M uniform ones (``1 / N`` each), and every column of
+  item ``j`` gets the log of ``j``'s expected count in that pool, ``B p_j + M / N`` (the
+  in-batch-only value ``B p_j`` differs from ``p_j`` by a constant, which the softmax ignores).
+  """
+  ids = pairs["item_id"]
+  b = ids.shape[0]
+  if config.loss.logq_source == "streaming":
+    freq = frequency.update(freq, ids, step, learning_rate=config.loss.frequency_learning_rate)
+    log_p = lambda x: frequency.log_q(freq, x, b)  # noqa: E731
+    pairs = {**pairs, "log_q": log_p(ids)}
+  else:
+    table = jnp.asarray(log_q_table, jnp.float32)
+    log_p = lambda x: table[x]  # noqa: E731
+  if config.loss.mixed_negatives:
+    m, n = items["item_id"].shape[0], log_q_table.shape[0]
+    uniform = jnp.float32(np.log(m / n))
+
+    def pool(lp):
+      return jnp.logaddexp(jnp.log(jnp.float32(b)) + lp, uniform)
+
+    pairs = {**pairs, "log_q": pool(pairs["log_q"])}
+    items = {**items, "log_q": pool(log_p(items["item_id"]))}
+  return pairs, items, freq
 
 
 def _clip(grads, max_norm: float):
@@ -289,6 +357,7 @@ def train_step(
   mi,
   emb_opt=None,
   warmup: int | None = None,
+  log_q_table=None,
 ) -> tuple[TrainState, dict]:
   """One optimisation step on a global pair batch and a global SSL item batch.
 
@@ -298,8 +367,16 @@ def train_step(
   other parameter takes the optax update. With ``train.skip_nonfinite``, a step whose loss or
   gradient norm is not finite leaves the parameters and optimizer state as they were (only
   ``step`` advances). ``warmup``: the table rows' warmup steps (``warmup_steps``; None: the
-  config's).
+  config's). ``log_q_table``: ``[N]`` the static per-item log sampling probability
+  (``stats.log_q``; mixed negatives read it, and ``N`` from its length).
   """
+  freq = state.freq
+  if config.loss.logq_source == "streaming" or config.loss.mixed_negatives:
+    if log_q_table is None:
+      raise ValueError("train_step: mixed negatives / streaming logQ need log_q_table")
+    pairs, items, freq = sampling_log_q(
+      freq, pairs, items, state.step, config=config, log_q_table=np.asarray(log_q_table)
+    )
   step_rng = jax.random.fold_in(rng, state.step)
   query_rng = jax.random.fold_in(step_rng, 0x51)  # its own stream; the views' draws unchanged
   views = (
@@ -335,6 +412,8 @@ def train_step(
       opt_state=opt_state,
       emb_state=emb_state,
     )
+  if freq is not None:
+    new_state = new_state.replace(freq=freq)
   metrics["data/oov_ids"] = oov.astype(jnp.float32)
   if config.train.skip_nonfinite:  # a non-finite loss or gradient: keep params and optimizer state
     ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
@@ -345,10 +424,19 @@ def train_step(
 
 
 def compile_train_step(
-  model, tx, config, mi: np.ndarray, mesh, state_sharding, emb_opt=None, total_steps=None
+  model,
+  tx,
+  config,
+  mi: np.ndarray,
+  mesh,
+  state_sharding,
+  emb_opt=None,
+  total_steps=None,
+  log_q_table=None,
 ) -> Callable[..., tuple[TrainState, dict]]:
   """``train_step`` jit-compiled with explicit in/out shardings (state donated); ``total_steps``:
-  the run's length, which caps the warmup (``warmup_steps``)."""
+  the run's length, which caps the warmup (``warmup_steps``); ``log_q_table``: ``stats.log_q``
+  (streaming logQ and mixed negatives)."""
   data = parallel.data_sharding(mesh)
   rep = parallel.replicated(mesh)
   step = functools.partial(
@@ -359,6 +447,7 @@ def compile_train_step(
     mi=jnp.asarray(mi, jnp.float32),
     emb_opt=emb_opt,
     warmup=warmup_steps(config, total_steps),
+    log_q_table=None if log_q_table is None else np.asarray(log_q_table, np.float32),
   )
   return jax.jit(
     step,

@@ -95,7 +95,9 @@ class Run:
     self.tx = step_lib.create_optimizer(config, self.num_steps)
     self.emb_opt = step_lib.create_embedding_optimizer(config)
     init_rng, self.step_rng = jax.random.split(jax.random.key(config.seed))
-    init = lambda r: step_lib.create_train_state(r, self.model, self.tx, self.dataset, self.emb_opt)  # noqa: E731
+    init = lambda r: step_lib.create_train_state(  # noqa: E731
+      r, self.model, self.tx, self.dataset, self.emb_opt, config
+    )
     abstract = jax.eval_shape(init, init_rng)
     parallel.check_memory(abstract, self.mesh, dense_update=self.emb_opt is None)
     self.state_sharding = parallel.state_shardings(abstract, self.mesh)
@@ -109,6 +111,7 @@ class Run:
       self.state_sharding,
       self.emb_opt,
       total_steps=self.num_steps,
+      log_q_table=self.stats.log_q,
     )
     self.pair_iter = iter(self.pair_data)
     self.item_iter = iter(self.item_data) if self.item_data is not None else None

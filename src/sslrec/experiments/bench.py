@@ -5,7 +5,7 @@ Every figure is the median of several timed repetitions after compilation; ratio
 one run (this kind of machine is shared and noisy). Each train-step configuration runs in its own
 subprocess so that its peak RSS is its own. Records (a list, written as JSON by ``--out``):
 
-  {"benchmark": "train_step", "variant": "baseline" | "rfm" | "cfm", "update": "dense" | "sparse",
+  {"benchmark": "train_step", "variant": a name of ``VARIANTS``, "update": "dense" | "sparse",
    "table_rows": ..., "examples_per_sec": ..., "step_ms": ..., "peak_rss_bytes": ...,
    "state_bytes": ..., "repeats": ...}
   {"benchmark": "input_pipeline", "examples_per_sec": ..., "repeats": ...}
@@ -42,6 +42,10 @@ VARIANTS = {
   "spread_out": {"ssl.alpha": 0.0, "reg.spread_out_weight": 1.0},
   "rfm": {"ssl.masking": "rfm"},
   "cfm": {"ssl.masking": "cfm"},
+  # the negatives' options, each on the baseline (issue 15)
+  "streaming_logq": {"ssl.alpha": 0.0, "loss.logq_source": "streaming"},
+  "mixed_negatives": {"ssl.alpha": 0.0, "loss.mixed_negatives": True},
+  "corrected_logq": {"ssl.alpha": 0.0, "loss.logq_mode": "corrected"},
 }
 
 
