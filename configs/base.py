@@ -70,7 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.logq_source = "counts"
   c.loss.frequency_buckets = 1 << 20  # streaming: hash buckets per hash function
   c.loss.frequency_hashes = 2  # streaming: hash functions (the most conservative estimate wins)
-  c.loss.frequency_learning_rate = 0.01  # streaming: the moving average's step (paper's alpha)
+  c.loss.frequency_learning_rate = 0.05  # streaming: the moving average step (paper: alpha)
   c.loss.mixed_negatives = False  # the D_item batch also serves as negatives (Yang et al. 2020)
   c.loss.logq_mode = "standard"  # 'standard' | 'corrected' (positive not corrected; RecSys'25)
 

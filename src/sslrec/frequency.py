@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-DEFAULT_LEARNING_RATE = 0.01  # a in B <- (1 - a) B + a gap (the paper's alpha)
+DEFAULT_LEARNING_RATE = 0.05  # a in B <- (1 - a) B + a gap (launch/frequency_check.py)
 _GOLDEN = np.uint32(0x9E3779B1)  # multiplicative hashing constants (Knuth), one per hash
 _MIX = np.uint32(0x85EBCA6B)
 
@@ -72,32 +72,43 @@ def update(
   valid: jax.Array | None = None,
 ) -> dict:
   """The state after the global step ``step`` saw ``ids`` (``int32 [B]``; ``valid``: optional
-  ``bool [B]``, False for padding rows)."""
-  last, gap = state["last_table"].T, state["gap_table"].T  # [H, N]
-  num_hashes, num_buckets = last.shape
+  ``bool [B]``, False for padding rows, which touch nothing).
+
+  Work and memory per step are ``O(B log B)`` per hash, whatever the number of buckets: only
+  the buckets the batch hits are read and written (a bucket hit ``c`` times computes one new
+  value, written by each of its ``c`` rows alike).
+  """
+  last, gap = state["last_table"], state["gap_table"]  # [N, H]
+  num_buckets, num_hashes = last.shape
   t = jnp.asarray(step, jnp.int32)
   b = buckets(ids, num_hashes, num_buckets)  # [H, B]
-  w = jnp.ones(b.shape[1], jnp.float32) if valid is None else jnp.asarray(valid, jnp.float32)
-  rows = jnp.broadcast_to(jnp.arange(num_hashes)[:, None], b.shape)
-  hits = jnp.zeros_like(gap).at[rows, b].add(jnp.broadcast_to(w, b.shape))  # [H, N]
-  seen = hits > 0
-  observed = (t - last).astype(jnp.float32) / jnp.maximum(hits, 1.0)  # read A before it moves
+  ok = jnp.ones(b.shape[1], bool) if valid is None else jnp.asarray(valid, bool)
+  key = jnp.where(ok[None, :], b, num_buckets)  # padding rows: an out-of-range bucket
+  ordered = jnp.sort(key, axis=1)
+  count = jax.vmap(
+    lambda o, k: jnp.searchsorted(o, k, side="right") - jnp.searchsorted(o, k, side="left")
+  )(ordered, key).astype(jnp.float32)  # [H, B] hits of each row's bucket in this batch
+  cols = jnp.broadcast_to(jnp.arange(num_hashes)[:, None], b.shape)
+  prev_last, prev_gap = last[b, cols], gap[b, cols]  # [H, B] read A before it moves
+  observed = (t - prev_last).astype(jnp.float32) / count
   a = jnp.float32(learning_rate)
-  new_gap = jnp.where(last < 0, observed, (1.0 - a) * gap + a * observed)
+  new_gap = jnp.where(prev_last < 0, observed, (1.0 - a) * prev_gap + a * observed)
+  rows = jnp.where(ok[None, :], b, num_buckets)  # dropped by the scatter (out of range)
   return {
-    "last_table": jnp.where(seen, t, last).T,
-    "gap_table": jnp.where(seen, new_gap, gap).T,
+    "last_table": last.at[rows, cols].set(jnp.broadcast_to(t, b.shape), mode="drop"),
+    "gap_table": gap.at[rows, cols].set(new_gap, mode="drop"),
   }
 
 
 def estimate(state: dict, ids: jax.Array) -> jax.Array:
   """``float32 [B]``: each id's expected sightings per step, ``1 / max_h B[h, bucket]`` (0 for an
   id none of whose buckets was seen)."""
-  last, gap = state["last_table"].T, state["gap_table"].T  # [H, N]
-  num_hashes, num_buckets = last.shape
-  b = buckets(ids, num_hashes, num_buckets)
-  g = jnp.take_along_axis(gap, b, axis=1)  # [H, B]
-  seen = jnp.take_along_axis(last, b, axis=1) >= 0
+  last, gap = state["last_table"], state["gap_table"]  # [N, H]
+  num_buckets, num_hashes = last.shape
+  b = buckets(ids, num_hashes, num_buckets)  # [H, B]
+  cols = jnp.broadcast_to(jnp.arange(num_hashes)[:, None], b.shape)
+  g = gap[b, cols]  # [H, B]
+  seen = last[b, cols] >= 0
   g = jnp.where(seen, g, jnp.inf).max(axis=0)  # the most conservative hash
   return jnp.where(jnp.isfinite(g), 1.0 / jnp.maximum(g, 1e-6), 0.0)
 
