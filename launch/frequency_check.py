@@ -65,7 +65,9 @@ def main(argv):
   for setting in _SETTINGS.value:
     buckets, hashes, rate = setting.split(":")
     buckets, hashes, rate = int(buckets), int(hashes), float(rate)
-    fn = jax.jit(lambda s, ids, t, r=rate: frequency.update(s, ids, t, learning_rate=r))
+    fn = jax.jit(
+      lambda s, ids, t, r=rate: frequency.update(s, ids, t, learning_rate=r), donate_argnums=0
+    )
     state = frequency.init(buckets, hashes)
     errs = []
     t0 = None
