@@ -33,9 +33,10 @@ part is there for one reason:
   relevant head items fill the top K and tail recall is 0 for any model).
 
 Queries: ``q_pref`` (the preference, noisy with ``feature_noise``) and ``q_region`` (irrelevant).
-The last ``EVAL_QUERY_FRACTION`` of the queries are held out, the first half of them validation
-users, the rest test users. ``item_spec().groups`` declares the two groups (``ssl.masking=
-'oracle'`` masks them whole; the mask statistics count how often a strategy keeps them whole).
+The last ``synthetic.EVAL_QUERY_FRACTION`` of the queries are held out, the first half of them
+validation users, the rest test users. ``item_spec().groups`` declares the two groups
+(``ssl.masking='oracle'`` masks them whole; the mask statistics count how often a strategy keeps
+them whole).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from __future__ import annotations
 import numpy as np
 
 from sslrec import features as features_lib
-from sslrec.data import table
+from sslrec.data import synthetic, table
 
 NUM_RELEVANCE = 256
 GROUP_NAMES = ("a", "b")
@@ -51,7 +52,6 @@ GROUP_SIZE = 4
 HEAD_FRACTION = 0.2  # the most popular items by construction draw head nuisances
 BETA = 8.0  # log-odds boost of an item whose relevance matches the query's preference
 NUM_REGIONS = 16
-EVAL_QUERY_FRACTION = 0.2
 
 
 def groups() -> tuple[tuple[str, ...], ...]:
@@ -154,17 +154,9 @@ def generate(
     pos = np.clip(np.searchsorted(cum, target, side="right"), start[cell], end[cell] - 1)
     return query.astype(np.int32), order[pos].astype(np.int32)
 
-  num_eval_queries = max(2, int(round(EVAL_QUERY_FRACTION * num_queries)))
-  train_rows = np.arange(num_queries - num_eval_queries)
-  eval_rows = np.arange(num_queries - num_eval_queries, num_queries)
+  train_rows, eval_rows = synthetic.held_out_rows(num_queries)
   train_query, train_item = sample(train_rows, int(num_train_pairs))
   eval_query, eval_item = sample(eval_rows, int(num_eval_pairs))
-  is_valid = eval_query < eval_rows[0] + num_eval_queries // 2
-  if is_valid.all() or not is_valid.any():
-    raise table.DataError(
-      "mechanism: the held-out pairs leave the validation or the test split empty; raise "
-      "data.num_queries / data.num_eval_pairs"
-    )
   return table.Dataset(
     name="mechanism",
     item_spec=item_spec(m, int(embed_dim)),
@@ -173,9 +165,6 @@ def generate(
     queries=queries,
     train_query=train_query,
     train_item=train_item,
-    eval_query=eval_query[~is_valid],
-    eval_item=eval_item[~is_valid],
-    valid_query=eval_query[is_valid],
-    valid_item=eval_item[is_valid],
     item_keys=np.arange(num_items),
+    **synthetic.split_held_out("mechanism", eval_query, eval_item, eval_rows),
   ).validate()

@@ -11,10 +11,9 @@ from sslrec.data import files, mechanism, movielens, synthetic
 from sslrec.data import table as table_lib
 
 
-def _synthetic(config: ml_collections.ConfigDict) -> table_lib.Dataset:
-  d = config.data
-  return synthetic.generate(
-    table_lib.data_seed(config),
+def _generated(d: ml_collections.ConfigDict) -> dict:
+  """The config fields both embedded generators read."""
+  return dict(
     num_items=d.num_items,
     num_queries=d.num_queries,
     num_train_pairs=d.num_train_pairs,
@@ -25,18 +24,14 @@ def _synthetic(config: ml_collections.ConfigDict) -> table_lib.Dataset:
   )
 
 
+def _synthetic(config: ml_collections.ConfigDict) -> table_lib.Dataset:
+  return synthetic.generate(table_lib.data_seed(config), **_generated(config.data))
+
+
 def _mechanism(config: ml_collections.ConfigDict) -> table_lib.Dataset:
   d = config.data
   return mechanism.generate(
-    table_lib.data_seed(config),
-    num_items=d.num_items,
-    num_queries=d.num_queries,
-    num_train_pairs=d.num_train_pairs,
-    num_eval_pairs=d.num_eval_pairs,
-    popularity_exponent=d.popularity_exponent,
-    feature_noise=d.feature_noise,
-    nuisance_values=d.nuisance_values,
-    embed_dim=d.embed_dim,
+    table_lib.data_seed(config), nuisance_values=d.nuisance_values, **_generated(d)
   )
 
 

@@ -433,22 +433,10 @@ def generate(
   pref_style = rng.choice(NUM_STYLES, size=num_queries, p=probs[1])
   queries = _queries(rng, pref_topic, pref_style, noise)
 
-  num_eval_queries = max(1, int(round(EVAL_QUERY_FRACTION * num_queries)))
-  train_rows = np.arange(num_queries - num_eval_queries)
-  eval_rows = np.arange(num_queries - num_eval_queries, num_queries)
+  train_rows, eval_rows = held_out_rows(num_queries)
   sampler = _PairSampler(topic, style, popularity, pref_topic, pref_style)
   train_query, train_item = sampler.sample(rng, train_rows, int(num_train_pairs))
   eval_query, eval_item = sampler.sample(rng, eval_rows, int(num_eval_pairs))
-  # Validation / test: the held-out queries' pairs, split by query (the first half of the held-out
-  # rows are validation users, the rest test users: no user is in both).
-  is_valid = eval_query < eval_rows[0] + num_eval_queries // 2
-  if num_eval_queries < 2 or is_valid.all() or not is_valid.any():
-    raise table.DataError(
-      f"synthetic: {num_eval_queries} held-out queries and {num_eval_pairs} held-out pairs "
-      "leave the validation or the test split empty; raise data.num_queries / "
-      "data.num_eval_pairs"
-    )
-
   return table.Dataset(
     name="synthetic",
     item_spec=item_spec(int(embed_dim), int(num_items)),
@@ -457,9 +445,33 @@ def generate(
     queries=queries,
     train_query=train_query,
     train_item=train_item,
-    eval_query=eval_query[~is_valid],
-    eval_item=eval_item[~is_valid],
-    valid_query=eval_query[is_valid],
-    valid_item=eval_item[is_valid],
     item_keys=np.arange(num_items),
+    **split_held_out("synthetic", eval_query, eval_item, eval_rows),
   ).validate()
+
+
+def held_out_rows(num_queries: int) -> tuple[np.ndarray, np.ndarray]:
+  """``(train_rows, eval_rows)``: the query rows of D_train and the last ``EVAL_QUERY_FRACTION``
+  (at least one), held out for the eval pairs (the embedded generators)."""
+  num_eval = max(1, int(round(EVAL_QUERY_FRACTION * num_queries)))
+  return np.arange(num_queries - num_eval), np.arange(num_queries - num_eval, num_queries)
+
+
+def split_held_out(source: str, eval_query, eval_item, eval_rows: np.ndarray) -> dict:
+  """The ``Dataset`` fields of the held-out pairs split by query: the first half of the held-out
+  rows are validation users, the rest test users (no user is in both). Raises DataError when a
+  split would be empty."""
+  num_eval_queries = eval_rows.size
+  is_valid = eval_query < eval_rows[0] + num_eval_queries // 2
+  if num_eval_queries < 2 or is_valid.all() or not is_valid.any():
+    raise table.DataError(
+      f"{source}: {num_eval_queries} held-out queries and {eval_query.size} held-out pairs "
+      "leave the validation or the test split empty; raise data.num_queries / "
+      "data.num_eval_pairs"
+    )
+  return {
+    "eval_query": eval_query[~is_valid],
+    "eval_item": eval_item[~is_valid],
+    "valid_query": eval_query[is_valid],
+    "valid_item": eval_item[is_valid],
+  }
