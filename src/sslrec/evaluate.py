@@ -448,11 +448,7 @@ class Evaluator:
     hq, hi = self.history
     fraction = self.dataset.train_fraction
     if fraction < 1.0 and hq.size:
-      rng = np.random.default_rng(
-        np.random.SeedSequence([self.dataset.train_fraction_seed, 0x5EE7])
-      )
-      size = max(1, int(round(fraction * hq.size)))
-      keep = np.sort(rng.choice(hq.size, size=size, replace=False))
+      keep = table_lib.seeded_subset(hq.size, fraction, self.dataset.train_fraction_seed, 0x5EE7)
       hq, hi = hq[keep], hi[keep]
     query = np.concatenate([self.dataset.train_query, self.query_rows[hq]])
     item = np.concatenate([self.dataset.train_item, hi])

@@ -94,8 +94,7 @@ def subsample_train(dataset: table_lib.Dataset, fraction: float, seed: int) -> t
   size = max(1, int(round(fraction * n)))
   if size >= n:
     return dataset
-  rng = np.random.default_rng(np.random.SeedSequence([seed, 0x7F4A1C]))
-  keep = np.sort(rng.choice(n, size=size, replace=False))
+  keep = table_lib.seeded_subset(n, fraction, seed, 0x7F4A1C)
 
   # Pin the exclusions to the full training period before the pairs they derive from go.
   def pinned(query, seen_q, seen_i):

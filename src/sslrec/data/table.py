@@ -154,6 +154,15 @@ def take(table: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray
   return {k: v[rows] for k, v in table.items()}
 
 
+def seeded_subset(n: int, fraction: float, seed: int, salt: int) -> np.ndarray:
+  """Sorted indices of a seeded random ``fraction`` of ``range(n)`` (at least one): how
+  ``data.train_fraction`` thins D_train (``sources.subsample_train``) and the references' fit
+  (``Evaluator.interactions``), each with its own ``salt``."""
+  rng = np.random.default_rng(np.random.SeedSequence([seed, salt]))
+  size = max(1, int(round(fraction * n)))
+  return np.sort(rng.choice(n, size=size, replace=False))
+
+
 def data_seed(config) -> int:
   """The seed of the data (generator, split, subsample): ``data.seed``, or ``seed`` when
   ``data.seed`` is -1 (sweeps over ``--seeds`` then vary the data too: paired data seeds)."""
