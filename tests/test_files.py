@@ -366,3 +366,34 @@ def test_config_fields_are_validated():
     with pytest.raises(configuration.ConfigError, match=None) as e:
       configuration.validate(bad)
     assert expect in str(e.value), str(e.value)
+
+
+def test_train_export_retrieve_with_a_hashed_item_feature(tmp_path):
+  """End to end on the configs/files.py fixture, whose ``title_words`` is hashed (1000 buckets):
+  the MI statistics read the buckets the model looks up (the 31-bit fingerprints used as values
+  crashed them), the run trains and tests, the export serves a raw query."""
+  from sslrec import export, serving, train
+  from sslrec.data import stats
+
+  c = _config()
+  c.train.num_epochs = 0.0  # num_steps, not epochs
+  c.train.num_steps = 6
+  c.train.batch_size = 16
+  c.ssl.batch_size = 8
+  c.eval.ks = (1, 5)
+  c.train.select_metric = "recall@5"
+  c.train.eval_every_epochs = 0.0
+  c.train.eval_every = 3
+  d = sources.load(c)
+  mi = stats.mutual_information(d.items, d.item_spec, estimator="permutation")
+  assert mi.shape == (5, 5) and np.isfinite(mi).all()
+  words = d.item_spec.names.index("title_words")
+  assert 0 < mi[words, words] <= np.log(1000)  # an entropy over the buckets, not 2^31 values
+  wd, out = str(tmp_path / "run"), str(tmp_path / "export")
+  result = train.train_and_evaluate(c, wd)  # the test split's figures
+  assert 0.0 <= result["recall@5"] <= 1.0
+  export.export(wd, out, log=lambda _: None)
+  retriever = serving.Retriever.load(out)
+  got = retriever.search({"user": "1", "country": "US", "age": "25"}, k=3)
+  assert len(got.keys[0]) == 3 and set(got.keys[0]) <= set(d.item_keys)
+  assert np.all(np.diff(got.scores[0]) <= 0)

@@ -107,9 +107,13 @@ def _encode(
 
   Returns:
     ``(values int64 [N, L], weights float64 [N, L], cardinality)``; each row's weights sum to 1.
-    Missing ids and empty bags are the extra value ``vocab_size``.
+    Missing ids and empty bags are the extra value ``vocab_size``. A hashed feature's 31-bit
+    fingerprints count as the bucket the model looks up first, ``value % vocab_size``, so MI
+    sees the values the model can tell apart (and its value space is the buckets, not 2^31).
   """
   n = x.shape[0]
+  if f.hashed and f.kind in ("id", "multi"):
+    x = np.where(x >= 0, x.astype(np.int64) % f.vocab_size, -1)
   if f.kind == "id":
     x = x.astype(np.int64)
     values = np.where(x < 0, f.vocab_size, x)[:, None]

@@ -188,7 +188,8 @@ class MetricsWriter:
       if filename.startswith("eval"):
         tag_prefix = f"{tags['split']}/" if "split" in tags else "eval/"
       for k, v in scalars.items():
-        self._tb.add_scalar(tag_prefix + k, float(v), int(step))
+        if math.isfinite(float(v)):  # an empty slice's NaN (no cold items) has no point to draw
+          self._tb.add_scalar(tag_prefix + k, float(v), int(step))
       self._tb.flush()
 
   def close(self):
