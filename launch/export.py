@@ -29,6 +29,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.ERROR)  # orbax warns that the read-only checkpoint is read-only
+  cli.interrupt_on_sigterm()
   from configs import base
   from sslrec import export, serving
 
@@ -44,6 +45,12 @@ def main(argv):
   except (export.ExportError, serving.ServingError) + cli.USER_ERRORS as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
+  except OSError as e:  # a read-only or full file system, a name too long, ...
+    print(f"error: {cli.os_error_line(e)}; nothing was written to --out", file=sys.stderr)
+    sys.exit(2)
+  except KeyboardInterrupt as e:
+    print(f"error: interrupted ({e or 'SIGINT'}); nothing was written to --out", file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == "__main__":

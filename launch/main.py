@@ -46,6 +46,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # keep library INFO chatter (orbax) out of the log
+    cli.quiet_library_errors()  # and its tracebacks of a failed save (reported in one line)
   sys.exit(
     cli.run_main(
       _CONFIG.value,

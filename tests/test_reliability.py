@@ -488,3 +488,36 @@ def test_two_processes_agree_on_the_stop_step(cache, tmp_path):
     os.path.join(wd, "checkpoints")
   )
   assert checkpointing.verify(os.path.join(wd, "checkpoints", str(step)))[0] == "ok"
+
+
+def test_failed_checkpoint_save_stops_the_run_at_once(tmp_path, capsys, monkeypatch):
+  """A disk that fills during a save (orbax raises a RESOURCE_EXHAUSTED ValueError; the same
+  run on a real full tmpfs is in the issue's note): one error line naming the last good
+  checkpoint, the run stops at that step (not a checkpoint interval later), the failed save's
+  folder is gone, a rerun resumes from the named checkpoint."""
+  import orbax.checkpoint as ocp
+
+  full = ValueError("RESOURCE_EXHAUSTED: Failed writing: x: No space left [os_error_code='28']")
+  real = ocp.CheckpointManager.save
+
+  def save(self, step, *a, **k):
+    if "checkpoints" in str(self.directory) and step == 4:
+      raise full
+    return real(self, step, *a, **k)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+  config = tiny_config()
+  config.train.num_steps = 8
+  config.train.checkpoint_every = 2
+  config.train.log_every = 1
+  wd = tmp_path / "run"
+  assert cli.run_main(config, str(wd)) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: saving the checkpoint of step 4") and "\n" not in err, err
+  assert "(No space left on device [errno 28])" in err and "last good checkpoint is step 2" in err
+  logged = [r["step"] for r in workdir_lib.read_jsonl(str(wd / "metrics.jsonl"))]
+  assert max(logged) <= 5  # stopped at the failure, not at the next save
+  assert not checkpointing.unfinished_saves(str(wd / "checkpoints"))
+  monkeypatch.undo()
+  assert cli.run_main(config, str(wd)) == 0
+  assert "resumed from checkpoint at step 2" in capsys.readouterr().out

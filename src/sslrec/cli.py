@@ -24,6 +24,50 @@ USER_ERRORS = (
 )
 
 
+def quiet_library_errors() -> None:
+  """Drops orbax's own ERROR log records (a failed save logs its traceback once per background
+  thread, a hundred lines for a full disk): the run reports the failure itself, in one line
+  (``checkpointing.SaveFailed``). ``--verbosity`` set on the command line keeps them."""
+  import logging as py_logging
+
+  from absl import logging as absl_logging
+
+  class _NoOrbax(py_logging.Filter):
+    def filter(self, record):
+      return "/orbax/" not in record.pathname.replace("\\", "/")
+
+  absl_logging.get_absl_handler().addFilter(_NoOrbax())
+  # ... and asyncio's "exception was never retrieved" for the same failure's pending writes.
+  py_logging.getLogger("asyncio").setLevel(py_logging.CRITICAL)
+  import warnings
+
+  warnings.filterwarnings(
+    "ignore", message="coroutine .* was never awaited", category=RuntimeWarning
+  )
+
+
+def interrupt_on_sigterm() -> None:
+  """SIGTERM raises KeyboardInterrupt in the main thread (as Ctrl-C does), so the ``finally``
+  blocks that remove partial outputs run; for tools without their own stop handling (export)."""
+  import signal
+  import threading
+
+  def handler(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+  if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGTERM, handler)
+
+
+def os_error_line(e: OSError) -> str:
+  """An OSError as one line naming the file: ``PATH: No space left on device``."""
+  where = e.filename or ""
+  if e.filename2:
+    where = f"{where} -> {e.filename2}"
+  what = e.strerror or str(e)
+  return f"{where}: {what}" if where else what
+
+
 def _one_line(text: str) -> str:
   return " ".join(str(text).split())
 

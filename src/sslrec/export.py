@@ -20,6 +20,7 @@ even then only when it is itself an export (never an arbitrary directory).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib.metadata
 import json
@@ -42,6 +43,7 @@ from sslrec import step as step_lib
 from sslrec.data import sources, stats
 from sslrec.data import table as table_lib
 from sslrec.run import checkpointing
+from sslrec.run import lock as lock_lib
 
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")  # the query tower is lowered for each of these
 EMBED_BATCH = 4096  # catalogue rows embedded per item-tower call
@@ -372,31 +374,62 @@ def export(
       f"--step={step}: no checkpoint at that step in {workdir}; available: "
       f"{', '.join(map(str, steps))}"
     )
-  _check_out(os.path.abspath(out), overwrite)  # before the slow part; checked again when writing
+  with own(out, log=log):
+    _check_out(os.path.abspath(out), overwrite)  # before the slow part; again when writing
+    t0 = time.time()
+    config = load_config(workdir, step, defaults)
+    dataset = sources.load(config).validate()
+    model = step_lib.create_model(config, dataset)
+    params = restore_params(workdir, step, model, dataset)
+    log(
+      f"restored step {step} of {workdir} ({dataset.name}: {dataset.num_items} items) in "
+      f"{time.time() - t0:.1f}s"
+    )
+    return write_export(
+      out,
+      model=model,
+      params=params,
+      dataset=dataset,
+      config=config,
+      step=step,
+      workdir=workdir,
+      eval_metrics=eval_record(workdir, step),
+      popularity_prior=prior_weight(workdir, config),
+      overwrite=overwrite,
+      platforms=platforms,
+      log=log,
+      _owned=True,
+    )
 
-  t0 = time.time()
-  config = load_config(workdir, step, defaults)
-  dataset = sources.load(config).validate()
-  model = step_lib.create_model(config, dataset)
-  params = restore_params(workdir, step, model, dataset)
-  log(
-    f"restored step {step} of {workdir} ({dataset.name}: {dataset.num_items} items) in "
-    f"{time.time() - t0:.1f}s"
-  )
-  return write_export(
-    out,
-    model=model,
-    params=params,
-    dataset=dataset,
-    config=config,
-    step=step,
-    workdir=workdir,
-    eval_metrics=eval_record(workdir, step),
-    popularity_prior=prior_weight(workdir, config),
-    overwrite=overwrite,
-    platforms=platforms,
-    log=log,
-  )
+
+@contextlib.contextmanager
+def own(out: str, *, log=print):
+  """Holds ``.<out>.lock`` beside ``out`` (one export per ``--out`` at a time; ExportError naming
+  the other one), and first tidies what an export to ``out`` killed by SIGKILL left behind: its
+  temporary folders are removed, and a previous export moved aside for a replacement that never
+  came is put back."""
+  out = os.path.abspath(out)
+  parent, base = os.path.dirname(out), os.path.basename(out)
+  try:
+    os.makedirs(parent, exist_ok=True)
+    held = lock_lib.acquire(os.path.join(parent, f".{base}.lock"), f"--out={out}")
+  except lock_lib.Busy as e:
+    raise ExportError(str(e)) from None
+  except OSError as e:
+    raise ExportError(f"--out={out}: cannot write beside it ({e.strerror or e})") from None
+  try:
+    for name in sorted(os.listdir(parent)):
+      path = os.path.join(parent, name)
+      if name.startswith(f".{base}.old-") and os.path.isdir(os.path.join(path, "export")):
+        if not os.path.exists(out):
+          os.rename(os.path.join(path, "export"), out)
+          log(f"restored the previous export of {out}, which an interrupted replacement had moved")
+        shutil.rmtree(path, ignore_errors=True)
+      elif name.startswith((f".{base}.tmp-", f".{base}.old-")):
+        shutil.rmtree(path, ignore_errors=True)
+    yield held
+  finally:
+    held.release()
 
 
 def write_export(
@@ -413,6 +446,7 @@ def write_export(
   overwrite: bool = False,
   platforms: Sequence[str] = DEFAULT_PLATFORMS,
   log=print,
+  _owned: bool = False,
 ) -> dict[str, Any]:
   """Writes the export of ``model`` with ``params`` (the layout in the module docstring);
   ``popularity_prior``: the prior's weight folded into the vectors (None: the config's).
@@ -421,6 +455,23 @@ def write_export(
   ``serving.Retriever`` and checked against the model on the dataset's first queries, then renamed
   into place. Returns the summary ``export`` returns.
   """
+  if not _owned:
+    with own(out, log=log):
+      return write_export(
+        out,
+        model=model,
+        params=params,
+        dataset=dataset,
+        config=config,
+        step=step,
+        workdir=workdir,
+        eval_metrics=eval_metrics,
+        popularity_prior=popularity_prior,
+        overwrite=overwrite,
+        platforms=platforms,
+        log=log,
+        _owned=True,
+      )
   out = os.path.abspath(out)
   replace = _check_out(out, overwrite)
   t0 = time.time()
@@ -512,7 +563,11 @@ def write_export(
     if replace:
       old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
       os.rename(out, os.path.join(old, "export"))
-      os.rename(tmp, out)
+      try:
+        os.rename(tmp, out)
+      except BaseException:
+        os.rename(os.path.join(old, "export"), out)  # the previous export stays in place
+        raise
       shutil.rmtree(old)
     else:
       if os.path.isdir(out):

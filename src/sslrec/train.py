@@ -276,15 +276,29 @@ class _Window:
     return {"sums": dict(self.sums), "count": self.count, "skipped": self.skipped}
 
 
-def _save_best(mgr, step: int, params, main):
+def _save_best(mgr, step: int, params, sealer: checkpointing.Sealer):
   """Saves the parameters of a new best validation, synchronously (never two orbax saves in
   flight at once, which processes of a multi-process run could interleave). A resumed run that
-  replays an improvement overwrites that step's earlier save."""
-  main.wait_until_finished()  # the train-state checkpoint's save, if one is in flight
-  if step in mgr.all_steps():
-    mgr.delete(step)
-  mgr.save(step, args=checkpointing.best_args(params, save=True), force=True)
-  mgr.wait_until_finished()
+  replays an improvement overwrites that step's earlier save. A failed save stops the run
+  (``checkpointing.SaveFailed``)."""
+  sealer.flush()  # the train-state checkpoint's save, if one is in flight
+  try:
+    if step in mgr.all_steps():
+      mgr.delete(step)
+    mgr.save(step, args=checkpointing.best_args(params, save=True), force=True)
+    mgr.wait_until_finished()
+  except Exception as e:
+    sealer.failed = True
+    raise checkpointing.SaveFailed(
+      f"saving the best parameters of step {step} to {mgr.directory} failed "
+      f"({checkpointing.first_line(e)}); the run stopped; "
+      + (
+        f"the last good checkpoint is step {sealer.last_good}: rerun the same command to resume "
+        "from it once the cause is fixed"
+        if sealer.last_good is not None
+        else "no checkpoint of this run was saved before it"
+      )
+    ) from None
 
 
 def _warn_if_flat(scalars: dict, config) -> bool:
@@ -415,11 +429,16 @@ def train_and_evaluate(
     workdir, configuration.to_dict(config), allow_config_change=allow_config_change
   )
   workdir_lib.check_free_space(workdir, 0, 0)  # a full disk, before the data is even loaded
-  stop = reliability.StopRequest()  # from here on, SIGTERM / SIGINT wait for a step boundary
+  held = workdir_lib.hold(workdir, log=_log)  # one run per workdir: a second is refused here
   try:
-    return _train(config, workdir, stop)
+    stop = reliability.StopRequest()  # from here on, SIGTERM / SIGINT wait for a step boundary
+    try:
+      return _train(config, workdir, stop)
+    finally:
+      stop.close()
   finally:
-    stop.close()
+    if held is not None:
+      held.release()
 
 
 def _train(config, workdir: str, stop) -> dict[str, float]:
@@ -446,13 +465,14 @@ def _train(config, workdir: str, stop) -> dict[str, float]:
   stop.bind(run.mesh)
   manager = checkpoint_manager(workdir, config)
   best_manager = checkpointing.best_manager(workdir)
-  sealer = checkpointing.Sealer(manager, enabled=is_main)
+  sealer = checkpointing.Sealer(manager, enabled=is_main)  # saves, and stops on a failed one
   writer = None
   try:
     resumed = checkpointing.restore_latest(
       manager, lambda step: run.restore(manager, step), workdir=workdir, log=_log
     )
     start, loop = resumed if resumed is not None else (0, {})
+    sealer.last_good = start if resumed is not None else None
     if resumed is not None:
       _log(f"resumed from checkpoint at step {start}")
     if is_main:
@@ -515,7 +535,7 @@ def _train(config, workdir: str, stop) -> dict[str, float]:
         valid = run.evaluate("valid")
         writer.write("eval.jsonl", step, valid, tags={"split": "valid"})
         if selection.update(step, valid):
-          _save_best(best_manager, step, run.state.params, manager)
+          _save_best(best_manager, step, run.state.params, sealer)
         _log(
           _format_eval("valid", step, valid, config)
           + (
@@ -533,8 +553,7 @@ def _train(config, workdir: str, stop) -> dict[str, float]:
         t_window = time.time()
       if save_now:
         loop_state = dict(window.state(), selection=selection.state())
-        manager.save(step, args=run.checkpoint_args(save=True, loop=loop_state))
-        sealer.saved(step)
+        sealer.save(step, run.checkpoint_args(save=True, loop=loop_state))
         last_saved = step
         t_window = time.time()
       if step == kill_at:
@@ -550,7 +569,7 @@ def _train(config, workdir: str, stop) -> dict[str, float]:
     if selection.best_step is None:  # resumed at or past the end of a run that never validated
       valid = run.evaluate("valid")
       selection.update(last_step, valid)
-      _save_best(best_manager, last_step, run.state.params, manager)
+      _save_best(best_manager, last_step, run.state.params, sealer)
     params = run.state.params  # every best save has completed (_save_best waits)
     selected = selection.best_step
     if selected != last_step:
@@ -591,7 +610,11 @@ def _train(config, workdir: str, stop) -> dict[str, float]:
     try:
       sealer.flush()  # an in-flight save completes (and is sealed) whatever stopped the loop
     finally:
-      manager.close()
+      try:
+        manager.close()
+      except Exception:
+        if not sealer.failed:  # else: orbax re-raises the failed save, already reported
+          raise
       best_manager.close()
       if writer is not None:
         writer.close()

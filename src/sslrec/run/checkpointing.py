@@ -40,6 +40,11 @@ class CheckpointError(ValueError):
   """No checkpoint of the workdir can be used; the message says which and why."""
 
 
+class SaveFailed(CheckpointError):
+  """A checkpoint could not be written (a full disk, a lost mount, no permission); the run stops
+  at once, and the message names the last good checkpoint a rerun resumes from."""
+
+
 class CheckpointMismatch(ValueError):
   """An intact checkpoint whose contents do not fit the run (shapes / structure)."""
 
@@ -145,14 +150,66 @@ def verify(step_dir: str) -> tuple[str, str]:
 
 
 class Sealer:
-  """Seals each checkpoint once its asynchronous save has completed (process 0 only), in a
-  background thread: reading a large checkpoint back does not hold up training."""
+  """Saves through the manager and seals each checkpoint once its asynchronous save has completed
+  (the seal on process 0 only, in a background thread: reading a large checkpoint back does not
+  hold up training).
 
-  def __init__(self, mgr, enabled: bool):
+  A save that fails, synchronously or in orbax's background thread (seen at the next step's
+  ``flush_if_done``), raises ``SaveFailed`` naming the step and the last good checkpoint (the
+  last completed save, or ``last_good`` given at start: the checkpoint the run resumed from); the
+  failed save's temporary folder is removed (it is never restored, and it holds space a full disk
+  needs). After a failure every later call is a no-op, so cleanup on the way out raises nothing
+  more."""
+
+  def __init__(self, mgr, enabled: bool, last_good: int | None = None):
     self.manager = mgr
     self.enabled = enabled
     self.pending: int | None = None
+    self.last_good = last_good
+    self.failed = False
     self._thread: threading.Thread | None = None
+
+  def _fail(self, step: int | None, e: BaseException):
+    self.failed = True
+    try:  # let orbax's background threads end before the run unwinds (no stray tracebacks)
+      self.manager.wait_until_finished()
+    except Exception:
+      pass  # the failure being reported
+    directory_ = str(self.manager.directory)
+    if self.enabled:
+      for name in unfinished_saves(directory_):
+        shutil.rmtree(os.path.join(directory_, name), ignore_errors=True)
+    where = (
+      f"the last good checkpoint is step {self.last_good} "
+      f"({os.path.join(directory_, str(self.last_good))}); rerun the same command to resume from "
+      "it once the cause is fixed"
+      if self.last_good is not None
+      else "no checkpoint of this run was saved before it"
+    )
+    what = f"step {step}" if step is not None else "a checkpoint"
+    raise SaveFailed(
+      f"saving the checkpoint of {what} to {directory_} failed ({first_line(e)}); the run "
+      f"stopped; {where}"
+    ) from None
+
+  def save(self, step: int, args):
+    """``manager.save(step, args)``; SaveFailed when it (or the previous, pending save) fails."""
+    if self.failed:
+      return
+    try:
+      self.manager.save(step, args=args)
+    except Exception as e:  # orbax wraps OS errors as ValueError / OSError / XlaRuntimeError
+      previous = self.pending
+      if previous is not None:  # did the previous save complete? then this one failed
+        try:
+          self.manager.wait_until_finished()
+        except Exception:
+          pass
+        if os.path.isdir(os.path.join(str(self.manager.directory), str(previous))):
+          self._seal(previous)
+          previous = None
+      self._fail(previous if previous is not None else step, e)
+    self.saved(step)
 
   def saved(self, step: int):
     """Call right after ``manager.save(step)``; seals the previous save first if pending."""
@@ -162,14 +219,35 @@ class Sealer:
     self.pending = step
 
   def flush_if_done(self):
-    """Non-blocking: starts sealing the pending checkpoint if its save has completed."""
-    if self.pending is not None and not self.manager.is_saving_in_progress():
-      self._seal(self.pending)
+    """Non-blocking: starts sealing the pending checkpoint if its save has completed (and raises
+    SaveFailed if it failed)."""
+    if self.failed or self.pending is None or self.manager.is_saving_in_progress():
+      return
+    self._check(self.pending)
+    self._seal(self.pending)
+
+  def _check(self, step: int):
+    """SaveFailed unless checkpoint ``step`` (whose save is no longer in progress) completed:
+    orbax reports some background failures (its finalize thread) only on the next save, so the
+    folder is checked too: a completed save has renamed its temporary folder into place."""
+    try:
+      self.manager.check_for_errors()
+      if not os.path.isdir(os.path.join(str(self.manager.directory), str(step))):
+        self.manager.wait_until_finished()  # raises the background thread's error, if it kept one
+        raise OSError(f"the save of step {step} did not complete")
+    except Exception as e:
+      self._fail(step, e)
 
   def flush(self):
     """Waits for the pending save and for its seal."""
-    self.manager.wait_until_finished()
+    if self.failed:
+      return
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      self._fail(self.pending, e)
     if self.pending is not None:
+      self._check(self.pending)
       self._seal(self.pending)
     self._join()
 
@@ -180,6 +258,7 @@ class Sealer:
 
   def _seal(self, step: int):
     self.pending = None
+    self.last_good = step
     if not self.enabled:
       return
     self._join()
@@ -195,7 +274,20 @@ def _seal_if_present(step_dir: str) -> None:
     pass
 
 
-def _first_line(e: BaseException, limit: int = 240) -> str:
+def _os_cause(text: str) -> str | None:
+  """The OS error inside a library's message (orbax / tensorstore: ``[os_error_code='28']``)."""
+  import re
+
+  m = re.search(r"os_error_code='?(\d+)", text)
+  return f"{os.strerror(int(m.group(1)))} [errno {m.group(1)}]" if m else None
+
+
+def first_line(e: BaseException, limit: int = 240) -> str:
+  if isinstance(e, OSError) and e.strerror:
+    return f"{e.filename + ': ' if e.filename else ''}{e.strerror}"
+  cause = _os_cause(str(e))
+  if cause:
+    return cause
   text = " ".join(str(e).split()) or type(e).__name__
   return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
@@ -235,11 +327,11 @@ def restore_latest(
       if status == "ok":  # intact files that do not restore: not a corruption
         raise CheckpointError(
           f"checkpoint {step_dir} cannot be restored into this run "
-          f"({_first_line(e)}); its files are intact: if the model or the "
+          f"({first_line(e)}); its files are intact: if the model or the "
           "data changed since it was saved, use another --workdir"
         ) from None
-      bad.append((step, _first_line(e)))
-      log(f"checkpoint {step_dir} cannot be read ({_first_line(e)}); trying the previous one")
+      bad.append((step, first_line(e)))
+      log(f"checkpoint {step_dir} cannot be read ({first_line(e)}); trying the previous one")
       continue
     if bad:
       _quarantine(workdir, [s for s, _ in bad], log)

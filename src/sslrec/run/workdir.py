@@ -22,6 +22,9 @@ import tempfile
 import time
 
 from sslrec import configuration
+from sslrec.run import lock as lock_lib
+
+LOCK = ".lock"  # WORKDIR/.lock: the run that owns the workdir (sslrec.run.lock)
 
 
 class WorkdirError(ValueError):
@@ -61,6 +64,43 @@ def prepare(workdir: str, config_dict: dict, *, allow_config_change: bool) -> bo
     raise WorkdirError(f"{workdir} has checkpoints but no config.json; refusing to reuse it")
   check_writable(workdir)  # every process: each writes its share of the checkpoints
   return resuming
+
+
+def hold(workdir: str, *, log=print) -> lock_lib.Lock | None:
+  """Makes this run (this process, or this multi-host job through process 0) the workdir's only
+  owner until the returned lock is released. Raises WorkdirError naming the other run when one
+  holds it; nothing in the workdir is changed then. Every process of a job calls it: process 0
+  takes the lock and all agree on the outcome (so no process waits on a job that stopped)."""
+  import jax  # lazily: this module is read by tools that do not start jax
+  import numpy as np
+
+  held, error = None, None
+  if jax.process_index() == 0:
+    try:
+      held = lock_lib.acquire(os.path.join(workdir, LOCK), f"--workdir={workdir}")
+    except lock_lib.Busy as e:
+      error = WorkdirError(str(e))
+    except OSError as e:
+      error = WorkdirError(f"--workdir={workdir}: cannot create its lock file ({e.strerror or e})")
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+    if not int(ok) and error is None:
+      error = WorkdirError(
+        f"--workdir={workdir} is in use by another run (process 0 names it); nothing was changed"
+      )
+  if error is not None:
+    if held is not None:
+      held.release()
+    raise error
+  if held is not None and held.stale:
+    log(f"took over the stale lock of {lock_lib.describe(held.stale)}, which no longer runs")
+  if held is not None and not held.supported:
+    log(
+      f"warning: {workdir}'s file system does not support locks; not guarded against a second run"
+    )
+  return held
 
 
 def save_config(workdir: str, config_dict: dict) -> None:
