@@ -253,3 +253,56 @@ def test_plots(tmp_path):
   for p in out["plots"]:
     assert os.path.getsize(p) > 1000
   assert "recall_head_tail.png" in (tmp_path / "results.md").read_text()
+
+
+def test_ctrl_c_lets_the_running_run_save_then_stops(tmp_path):
+  """A terminal Ctrl-C signals the sweep's whole process group: the run (in a session of its own)
+  receives exactly one SIGTERM from the sweep, saves a checkpoint and stops; a re-run resumes."""
+  import signal
+  import time
+
+  wd = tmp_path / "sweep"
+  args = [
+    "--config=configs/smoke.py",
+    f"--workdir={wd}",
+    "--grid",
+    "loss.temperature=0.1",
+    "--plots=false",
+    *[a for a in TINY if "num_steps" not in a and "checkpoint_every" not in a],
+    "--config.train.num_steps=100000",
+    "--config.train.checkpoint_every=100000",
+  ]
+  p = subprocess.Popen(
+    [sys.executable, "launch/sweep.py", *args],
+    cwd=REPO,
+    env=_env(),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    start_new_session=True,
+  )
+  log = wd / "runs" / "smoke__loss.temperature=0.1__seed=0" / "log.txt"
+  deadline = time.time() + 180
+  while time.time() < deadline and "step 5/" not in (log.read_text() if log.exists() else ""):
+    time.sleep(0.5)
+  os.killpg(p.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+  out, _ = p.communicate(timeout=240)
+  assert p.returncode == 130, out
+  text = log.read_text()
+  assert "stopped at step" in text and "checkpoint saved in" in text, text[-2000:]
+  assert text.count("received") == 1 and "Traceback" not in text  # one signal, not two
+  assert "asking 1 running runs to save a checkpoint and stop" in out
+
+
+def test_spec_that_cannot_load_is_one_line(tmp_path):
+  for text, expect in [
+    ("def get_sweep(:\n  return 1\n", ":1: syntax error"),
+    ("import nope_module\n", "cannot load it (ModuleNotFoundError"),
+    ("def get_sweep():\n  return [1]\n", "get_sweep() failed (TypeError: it returned a list"),
+    ("def get_sweep():\n  return {'grid': 3}\n", "its 'grid' is not a dict"),
+  ]:
+    spec = tmp_path / "spec.py"
+    spec.write_text(text)
+    with pytest.raises(plan.SweepError, match=None) as e:
+      plan.load_spec(str(spec))
+    assert expect in str(e.value) and "\n" not in str(e.value), str(e.value)

@@ -19,6 +19,7 @@ USER_ERRORS = (
   table.DataError,
   features.SchemaError,
   workdir.WorkdirError,
+  workdir.LogError,
   parallel.DistributedError,
   checkpointing.CheckpointError,
 )

@@ -77,10 +77,20 @@ def start_run(
     log.write(f"(no checkpoint to resume: the earlier attempt's config is now {stale})\n")
   log.write("$ " + shlex.join(cmd) + "\n")
   log.flush()
+  # A session of its own: a Ctrl-C at the terminal reaches the sweep only, which forwards one
+  # SIGTERM (the run saves a checkpoint and stops); a second signal would stop it unsaved.
   proc = subprocess.Popen(
-    cmd, stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL
+    cmd,
+    stdout=log,
+    stderr=subprocess.STDOUT,
+    env=env,
+    stdin=subprocess.DEVNULL,
+    start_new_session=True,
   )
   return proc, log
+
+
+STOP_WAIT_S = 600.0  # how long an interrupted sweep waits for its runs to save and stop
 
 
 def last_step_line(path: str) -> str:
@@ -183,12 +193,27 @@ def execute(
           line = _last_step_line(os.path.join(plan.run_dir(workdir, run), "log.txt"))
           say(f"  ...  {name}: {line} ({_fmt_time(time.time() - started)})")
   except KeyboardInterrupt:
-    for proc, _, _, log in running.values():
-      proc.terminate()
-      try:
-        proc.wait(timeout=30)
-      except subprocess.TimeoutExpired:
+    say(
+      f"interrupted: asking {len(running)} running runs to save a checkpoint and stop "
+      "(interrupt again to stop them at once, unsaved)"
+    )
+    for proc, _, _, _ in running.values():
+      proc.terminate()  # once: the run saves at its next step boundary
+    deadline = time.time() + STOP_WAIT_S
+    try:
+      for proc, _, _, _ in running.values():
+        try:
+          proc.wait(timeout=max(deadline - time.time(), 0.1))
+        except subprocess.TimeoutExpired:
+          proc.kill()
+    except KeyboardInterrupt:
+      for proc, _, _, _ in running.values():
         proc.kill()
+      say(
+        "interrupted again: the running runs were killed (they resume from their last checkpoint)"
+      )
+    for proc, _, _, log in running.values():
+      proc.wait()
       log.close()
     say(f"interrupted; {len(running)} running runs stopped (re-run the same command to resume)")
     raise

@@ -162,12 +162,28 @@ def load_spec(path: str) -> dict:
   spec file's own ``get_config``."""
   if not os.path.isfile(path):
     raise SweepError(f"--spec={path}: no such file (e.g. configs/paper.py)")
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", DeprecationWarning)
-    module = config_flags._LoadConfigModule("sweep_spec", path)  # pylint: disable=protected-access
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", DeprecationWarning)
+      module = config_flags._LoadConfigModule("sweep_spec", path)  # pylint: disable=protected-access
+  except SyntaxError as e:
+    raise SweepError(f"--spec={path}:{e.lineno}: syntax error ({e.msg})") from None
+  except Exception as e:  # anything the file raises when imported
+    raise SweepError(f"--spec={path}: cannot load it ({type(e).__name__}: {e})") from None
   if not hasattr(module, "get_sweep"):
     raise SweepError(f"--spec={path}: the file has no get_sweep() (see configs/paper.py)")
-  spec = dict(module.get_sweep())
+  try:
+    spec = module.get_sweep()
+    if not isinstance(spec, dict):
+      raise TypeError(f"it returned a {type(spec).__name__}, not a dict")
+    spec = dict(spec)
+    if not isinstance(spec.get("grid", {}), dict):
+      raise TypeError("its 'grid' is not a dict {field: (values...)}")
+    if not isinstance(spec.get("variants", ()), (list, tuple)):
+      raise TypeError("its 'variants' is not a list")
+    int(spec.get("seeds", 1))
+  except Exception as e:
+    raise SweepError(f"--spec={path}: get_sweep() failed ({type(e).__name__}: {e})") from None
   variants = [v if ".py" in v else f"{path}:{v}" for v in spec.get("variants", ())]
   grid = [f"{k}={','.join(str(v) for v in vals)}" for k, vals in spec.get("grid", {}).items()]
   return {"variants": variants, "grid": grid, "seeds": int(spec.get("seeds", 1))}

@@ -137,7 +137,14 @@ def verify(step_dir: str) -> tuple[str, str]:
       raise ValueError("not a mapping")
   except (OSError, ValueError) as e:
     return "bad", f"{SEAL}: unreadable ({e})"
-  for rel, (size, crc) in sorted(entries.items()):
+  for rel, entry in sorted(entries.items()):
+    if (
+      not isinstance(entry, list)
+      or len(entry) != 2
+      or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in entry)
+    ):
+      return "bad", f"{SEAL}: the entry of {rel!r} is {entry!r}, not [size, crc32]"
+    size, crc = entry
     full = os.path.join(step_dir, rel)
     if not os.path.isfile(full):
       return "bad", f"{rel}: missing"

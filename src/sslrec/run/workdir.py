@@ -48,10 +48,15 @@ def prepare(workdir: str, config_dict: dict, *, allow_config_change: bool) -> bo
     try:
       with open(path) as f:
         saved = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
       raise WorkdirError(
         f"{path}: cannot read the saved config ({e}); refusing to touch this workdir"
       ) from None
+    if not isinstance(saved, dict):
+      raise WorkdirError(
+        f"{path}: the saved config is a JSON {type(saved).__name__}, not an object; refusing to "
+        "touch this workdir"
+      )
     diff = configuration.diff_model_fields(saved, config_dict)
     if diff and not allow_config_change:
       shown = "; ".join(diff[:6]) + (f"; ... ({len(diff)} fields)" if len(diff) > 6 else "")
@@ -179,8 +184,9 @@ def truncate_logs(workdir: str, step: int) -> int:
         record = json.loads(line)
       except json.JSONDecodeError:
         continue
-      if isinstance(record, dict) and int(record.get("step", 0)) <= step:
-        kept.append(line)
+      at = record.get("step", 0) if isinstance(record, dict) else None
+      if isinstance(at, int) and not isinstance(at, bool) and at <= step:
+        kept.append(line)  # lines that are not a record of a step are dropped too
     if len(kept) == len(lines):
       continue
     dropped += len(lines) - len(kept)
@@ -237,16 +243,29 @@ class MetricsWriter:
       self._tb.close()
 
 
+class LogError(ValueError):
+  """A damaged line in a run's metrics / eval log; the message names the file and line."""
+
+
 def read_jsonl(path: str) -> list[dict]:
-  """The records of a .jsonl file; a last line cut short by a crash is skipped."""
+  """The records of a .jsonl file; a last line cut short by a crash is skipped. Raises LogError
+  naming ``path:line`` for any other line that is not a JSON object."""
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    lines = [line for line in f if line.strip()]
-  records = [json.loads(line) for line in lines[:-1]]
-  if lines:
+  try:
+    with open(path, encoding="utf-8") as f:
+      lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+  except (OSError, UnicodeDecodeError) as e:
+    raise LogError(f"{path}: cannot read it ({e})") from None
+  records = []
+  for k, (i, line) in enumerate(lines):
     try:
-      records.append(json.loads(lines[-1]))
-    except json.JSONDecodeError:
-      pass
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      if k == len(lines) - 1:
+        break  # cut short by a crash: the resume drops it (truncate_logs)
+      raise LogError(f"{path}:{i}: not a JSON line ({e.msg}); repair or remove that line") from None
+    if not isinstance(record, dict):
+      raise LogError(f"{path}:{i}: a JSON {type(record).__name__}, not an object")
+    records.append(record)
   return records
