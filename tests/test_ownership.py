@@ -134,3 +134,49 @@ def test_export_leaves_nothing_behind_when_interrupted(trained, tmp_path):
   (tmp_path / ".export.tmp-killed" / "item_embeddings.npy").write_bytes(b"partial")
   export.export(trained, str(out), log=lambda _: None)
   assert out.is_dir() and not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+
+
+def test_resume_checks_the_checkpoints_own_config_not_only_config_json(tmp_path, capsys):
+  config = tiny_config()
+  config.train.num_steps = 2
+  wd = tmp_path / "run"
+  assert cli.run_main(config, str(wd)) == 0
+  saved = json.loads((wd / "config.json").read_text())
+  saved["ssl"]["alpha"] = 0.25  # edited to match the new request: config.json no longer tells
+  (wd / "config.json").write_text(json.dumps(saved))
+  config.ssl.alpha = 0.25
+  config.train.num_steps = 4
+  capsys.readouterr()
+  assert cli.run_main(config, str(wd)) == 2
+  err = capsys.readouterr().err.strip()
+  assert "\n" not in err and "the config stored in it describes another model" in err, err
+  assert "ssl.alpha: 1.0 -> 0.25" in err
+
+
+def test_resume_on_changed_data_with_the_same_shapes_is_refused(tmp_path, capsys):
+  """The files fixture with one country renamed: every shape is the same, the vocabulary is not
+  (the rows of the country table would now mean other countries)."""
+  import shutil
+
+  from tests.test_files import FIXTURE, _config
+
+  data = tmp_path / "tables"
+  shutil.copytree(FIXTURE, data)
+  c = _config(data)
+  c.train.num_epochs = 0.0
+  c.train.num_steps = 2
+  c.train.batch_size = 16
+  c.ssl.batch_size = 8
+  c.eval.ks = (1, 5)
+  c.train.select_metric = "recall@5"
+  c.train.eval_every_epochs = 0.0
+  c.train.eval_every = 2
+  wd = tmp_path / "run"
+  assert cli.run_main(c, str(wd)) == 0
+  users = (data / "users.csv").read_text()
+  (data / "users.csv").write_text(users.replace(",US,", ",ZZ,"))
+  c.train.num_steps = 4
+  capsys.readouterr()
+  assert cli.run_main(c, str(wd)) == 2
+  err = capsys.readouterr().err.strip()
+  assert "\n" not in err and "the data changed since it was saved (vocabularies:" in err, err

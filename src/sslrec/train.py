@@ -50,6 +50,7 @@ class Run:
   def __init__(self, config: ml_collections.ConfigDict, devices=None, dataset=None):
     configuration.validate(config)
     self.config = config
+    self._fingerprint = None
     self.dataset = (sources.load(config) if dataset is None else dataset).validate()
     configuration.validate_against_data(
       config,
@@ -175,7 +176,13 @@ class Run:
 
   # Checkpoints: train state + both iterators' positions + config + corpus statistics + the loop's
   # metric sums since the last logged line (so a resumed run logs what an uninterrupted one would).
-  def checkpoint_args(self, save: bool, loop: dict | None = None, restore_loop: bool = False):
+  def checkpoint_args(
+    self,
+    save: bool,
+    loop: dict | None = None,
+    restore_loop: bool = False,
+    restore_meta: tuple[str, ...] = (),
+  ):
     it = grain.checkpoint.CheckpointSave if save else grain.checkpoint.CheckpointRestore
     st = ocp.args.StandardSave if save else ocp.args.StandardRestore
     items = {"state": st(self.state), "pair_iter": it(self.pair_iter)}
@@ -183,21 +190,38 @@ class Run:
       items["item_iter"] = it(self.item_iter)
     if save:
       items["config"] = ocp.args.JsonSave(configuration.to_dict(self.config))
+      items["data"] = ocp.args.JsonSave(self.data_fingerprint())
       items["stats"] = ocp.args.StandardSave(
         {"mi": np.asarray(self.stats.mi), "item_freq": np.asarray(self.stats.item_freq)}
       )
       if loop is not None:
         items["loop"] = ocp.args.JsonSave(loop)
-    elif restore_loop:
-      items["loop"] = ocp.args.JsonRestore()
+    else:
+      if restore_loop:
+        items["loop"] = ocp.args.JsonRestore()
+      for name in restore_meta:
+        items[name] = ocp.args.JsonRestore()
     return ocp.args.Composite(**items)
 
-  def restore(self, manager, step: int) -> dict:
+  def data_fingerprint(self) -> dict:
+    if self._fingerprint is None:
+      self._fingerprint = table_lib.fingerprint(self.dataset)
+    return self._fingerprint
+
+  def restore(self, manager, step: int, *, allow_config_change: bool = False) -> dict:
     """Restores checkpoint ``step`` (state and both streams' positions); returns its loop record
     (``{}`` for checkpoints without one). Raises ``checkpointing.CheckpointMismatch`` when the
-    saved state does not have this run's structure and shapes."""
-    has_loop = os.path.isdir(os.path.join(str(manager.directory), str(step), "loop"))
-    restored = manager.restore(step, args=self.checkpoint_args(save=False, restore_loop=has_loop))
+    saved state does not have this run's structure and shapes, or (unless
+    ``allow_config_change``) when the config stored in the checkpoint describes another model or
+    its data fingerprint (``table.fingerprint``) differs from this run's data."""
+    step_dir = os.path.join(str(manager.directory), str(step))
+    has_loop = os.path.isdir(os.path.join(step_dir, "loop"))
+    meta = tuple(n for n in ("config", "data") if os.path.isdir(os.path.join(step_dir, n)))
+    restored = manager.restore(
+      step, args=self.checkpoint_args(save=False, restore_loop=has_loop, restore_meta=meta)
+    )
+    if not allow_config_change:
+      self._check_meta(restored)
     want = jax.tree_util.tree_structure(self.state)
     got = jax.tree_util.tree_structure(restored["state"])
     if want != got:
@@ -212,6 +236,32 @@ class Run:
         )
     self.state = restored["state"]
     return dict(restored["loop"]) if has_loop else {}
+
+  def _check_meta(self, restored) -> None:
+    """The checkpoint's own record of its config and data against this run's (config.json is
+    only a copy a user can edit)."""
+    saved_config = restored.get("config") if "config" in restored else None
+    if saved_config is not None:
+      if not isinstance(saved_config, dict):
+        raise checkpointing.CheckpointMismatch("its stored config is not a JSON object")
+      diff = configuration.diff_model_fields(saved_config, configuration.to_dict(self.config))
+      if diff:
+        shown = "; ".join(diff[:4]) + (f"; ... ({len(diff)} fields)" if len(diff) > 4 else "")
+        raise checkpointing.CheckpointMismatch(
+          f"the config stored in it describes another model ({shown}); config.json was edited? "
+          "pass --allow_config_change to continue it with this config"
+        )
+    saved_data = restored.get("data") if "data" in restored else None
+    if saved_data is not None:
+      if not isinstance(saved_data, dict):
+        raise checkpointing.CheckpointMismatch("its stored data fingerprint is not a JSON object")
+      diff = table_lib.fingerprint_diff(saved_data, self.data_fingerprint())
+      if diff:
+        shown = "; ".join(diff[:4]) + (f"; ... ({len(diff)} fields)" if len(diff) > 4 else "")
+        raise checkpointing.CheckpointMismatch(
+          f"the data changed since it was saved ({shown}): its embedding rows would belong to "
+          "other items; pass --allow_config_change to continue it on this data anyway"
+        )
 
 
 def checkpoint_manager(workdir: str, config):
@@ -433,7 +483,7 @@ def train_and_evaluate(
   try:
     stop = reliability.StopRequest()  # from here on, SIGTERM / SIGINT wait for a step boundary
     try:
-      return _train(config, workdir, stop)
+      return _train(config, workdir, stop, allow_config_change=allow_config_change)
     finally:
       stop.close()
   finally:
@@ -441,7 +491,7 @@ def train_and_evaluate(
       held.release()
 
 
-def _train(config, workdir: str, stop) -> dict[str, float]:
+def _train(config, workdir: str, stop, *, allow_config_change: bool = False) -> dict[str, float]:
   is_main = jax.process_index() == 0
   t0 = time.time()
   run = Run(config)
@@ -469,7 +519,10 @@ def _train(config, workdir: str, stop) -> dict[str, float]:
   writer = None
   try:
     resumed = checkpointing.restore_latest(
-      manager, lambda step: run.restore(manager, step), workdir=workdir, log=_log
+      manager,
+      lambda step: run.restore(manager, step, allow_config_change=allow_config_change),
+      workdir=workdir,
+      log=_log,
     )
     start, loop = resumed if resumed is not None else (0, {})
     sealer.last_good = start if resumed is not None else None

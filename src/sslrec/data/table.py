@@ -167,3 +167,56 @@ def data_seed(config) -> int:
   """The seed of the data (generator, split, subsample): ``data.seed``, or ``seed`` when
   ``data.seed`` is -1 (sweeps over ``--seeds`` then vary the data too: paired data seeds)."""
   return int(config.seed if config.data.seed < 0 else config.data.seed)
+
+
+def fingerprint(dataset: Dataset) -> dict:
+  """What a checkpoint's embeddings and counts are tied to: sizes, each feature's vocabulary
+  size, and SHA-256 digests of the vocabularies, the item keys and the training pairs. Stored in
+  every checkpoint and compared on resume: a data folder whose vocabulary shifted while the padded
+  shapes still match (the rows would now belong to other items) is refused."""
+  import hashlib
+  import json
+
+  def digest(*arrays) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+      a = np.ascontiguousarray(a)
+      h.update(f"{a.dtype.str}{a.shape}".encode())
+      h.update(a.tobytes() if a.dtype != object else json.dumps(a.tolist(), default=str).encode())
+    return h.hexdigest()[:16]
+
+  vocab = json.dumps(
+    {k: [str(v) for v in vals] for k, vals in sorted((dataset.vocabularies or {}).items())}
+  )
+  return {
+    "num_items": int(dataset.num_items),
+    "num_queries": int(dataset.num_queries),
+    "num_train": int(dataset.num_train),
+    "vocab_sizes": {
+      f.name: int(f.vocab_size)
+      for spec in (dataset.item_spec, dataset.query_spec)
+      for f in spec.features
+      if f.kind != "dense"
+    },
+    "vocabularies": digest(np.frombuffer(vocab.encode(), np.uint8)),
+    "item_keys": digest(np.asarray([str(k) for k in dataset.item_keys]))
+    if dataset.item_keys is not None
+    else None,
+    "train_pairs": digest(dataset.train_query, dataset.train_item),
+  }
+
+
+def fingerprint_diff(saved: dict, now: dict) -> list[str]:
+  """The fields of two fingerprints that differ: ``"num_items: 1682 -> 1700"``."""
+  out = []
+  for key in sorted(set(saved) | set(now)):
+    a, b = saved.get(key), now.get(key)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += [
+        f"{key}.{k}: {a.get(k)} -> {b.get(k)}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+      ]
+    elif a != b:
+      out.append(f"{key}: {a} -> {b}")
+  return out
