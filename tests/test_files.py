@@ -243,6 +243,19 @@ def _edit(path, old, new):
       "7,4,,4",
       r"interactions\.csv:3: empty timestamp",
     ),
+    (
+      "interactions.csv",
+      "7,4,1997-09-23T09:35:00,4",
+      "7,4,875000000,4",
+      r"interactions\.csv:3: timestamp '875000000' is a number in a column of ISO-8601 times",
+    ),
+    (
+      "items.csv",
+      ",1995,10.99",
+      ",1995,1e308",
+      r"items\.csv:3: dense feature 'price' \(column 'price'\) is 1e\+308; allowed: finite",
+    ),
+    ("items.csv", ",1995,10.99", ",1995,inf", r"items\.csv:3: dense feature 'price' .* is inf"),
     ("items.csv", '2,"GoldenEye"', '1,"GoldenEye"', r"items\.csv:3: item key '1' appears twice"),
     ("items.csv", ",1995,10.99", ",1995,cheap", r"items\.csv:3: price 'cheap' is not a number"),
     (
@@ -259,6 +272,15 @@ def test_bad_files_name_file_line_and_text(tmp_path, file, old, new, expect):
   _edit(dst / file, old, new)
   with pytest.raises(table.DataError, match=expect):
     sources.load(_config(dst))
+
+
+def test_csv_with_a_utf8_bom_reads_as_without(tmp_path):
+  dst = _copy(tmp_path)
+  for name in ("interactions.csv", "items.csv", "users.csv"):
+    (dst / name).write_bytes(b"\xef\xbb\xbf" + (dst / name).read_bytes())
+  a, b = sources.load(_config()), sources.load(_config(dst))
+  assert a.item_spec == b.item_spec and list(a.item_keys) == list(b.item_keys)
+  np.testing.assert_array_equal(a.train_item, b.train_item)
 
 
 def test_missing_and_unsupported_files(tmp_path):
@@ -397,3 +419,18 @@ def test_train_export_retrieve_with_a_hashed_item_feature(tmp_path):
   got = retriever.search({"user": "1", "country": "US", "age": "25"}, k=3)
   assert len(got.keys[0]) == 3 and set(got.keys[0]) <= set(d.item_keys)
   assert np.all(np.diff(got.scores[0]) <= 0)
+
+
+def test_a_fifo_is_refused_not_read(tmp_path):
+  """A FIFO (or any non-regular file) would block the reader forever: refused before opening."""
+  dst = _copy(tmp_path)
+  os.remove(dst / "users.csv")
+  os.mkfifo(dst / "users.csv")
+  with pytest.raises(table.DataError, match=r"users\.csv: a FIFO, not a regular file"):
+    sources.load(_config(dst))
+  ml = tmp_path / "ml"
+  shutil.copytree(os.path.join(REPO, "tests", "fixtures", "ml-100k"), ml)
+  os.remove(ml / "u.data")
+  os.mkfifo(ml / "u.data")
+  with pytest.raises(table.DataError, match=r"u\.data: a FIFO"):
+    movielens.load(str(ml))

@@ -5,6 +5,7 @@ examples and counts the cases by kind.
 """
 
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -381,3 +382,68 @@ def test_damaged_data_never_changes_a_checkpoint(trained, damage, monkeypatch, c
   event(f"{damage.kind}: exit {code}")
   assert files_digest(os.path.join(wd, "checkpoints")) == before
   assert not os.path.exists(os.path.join(wd, checkpointing.BAD_DIR))
+
+
+# ---------------------------------------------------------------------------------------------
+# Every file of an export, damaged in every way: the serving side loads it (when the damage is
+# harmless) or refuses it in one line (ServingError); never another exception.
+
+
+def _damages_of(data: bytes, name: str):
+  yield "empty", b""
+  yield "truncated", data[: len(data) // 2]
+  yield "one byte flipped", data[:-1] + bytes([data[-1] ^ 0x55]) if data else b"x"
+  yield "garbage", b"\x00\xff garbage \x01" * 7
+  if name.endswith(".json"):
+    for value in ("[]", '"text"', "3", "null", "{}"):
+      yield f"json {value}", value.encode()
+    try:
+      doc = json.loads(data)
+    except ValueError:
+      return
+    if isinstance(doc, dict):
+      for key in sorted(doc)[:12]:
+        for repl in (None, "x", -1, [], {}):
+          yield f"{key}={repl!r}", json.dumps({**doc, key: repl}).encode()
+    if isinstance(doc, dict) and "query" in doc and isinstance(doc["query"], list) and doc["query"]:
+      for key in sorted(doc["query"][0]):
+        for repl in (None, "x", -5, [], 10**12):
+          q = [dict(doc["query"][0], **{key: repl}), *doc["query"][1:]]
+          yield f"query[0].{key}={repl!r}", json.dumps({**doc, "query": q}).encode()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+  from sslrec import export
+
+  config = tiny_config()
+  config.train.num_steps = 2
+  root = tmp_path_factory.mktemp("hostile_export")
+  train.train_and_evaluate(config, str(root / "run"))
+  export.export(str(root / "run"), str(root / "export"), log=lambda _: None)
+  return root / "export"
+
+
+def test_damaged_export_files_load_or_fail_in_one_line(exported, tmp_path):
+  from sslrec import serving
+
+  query = {"q_region": 1}
+  cases = {"loaded": 0, "refused": 0}
+  for name in sorted(os.listdir(exported)):
+    original = (exported / name).read_bytes()
+    for kind, data in _damages_of(original, name):
+      for verify in (True, False):
+        d = tmp_path / "e"
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.copytree(exported, d)
+        (d / name).write_bytes(data)
+        try:
+          r = serving.Retriever.load(str(d), verify=verify)
+          r.search(query, k=5)
+          cases["loaded"] += 1
+        except serving.ServingError as e:
+          assert one_clear_line(str(e)), (name, kind, verify, str(e))
+          cases["refused"] += 1
+        except Exception as e:  # noqa: BLE001 -- the defect this test looks for
+          pytest.fail(f"{name} ({kind}, verify={verify}): {type(e).__name__}: {e}")
+  assert cases["refused"] > 100, cases

@@ -143,3 +143,19 @@ def test_sparse_training_learns(tmp_path):
   assert m[200]["loss/main"] < 0.8 * m[50]["loss/main"]
   assert m[200]["data/oov_ids"] == 0
   assert out["recall@50"] > 1.5 * out["popularity/recall@50"]
+
+
+def test_unroutable_mesh_and_bad_routing_are_config_errors():
+  import pytest
+
+  from sslrec import configuration, errors, parallel
+  from tests.conftest import tiny_config
+
+  mesh = parallel.make_mesh((4, 2), ("data", "model"), jax.devices()[:8])
+  with pytest.raises(errors.ConfigError, match="embedding_routing='owner'.*mesh"):
+    sparse.check_routable(mesh)
+  sparse.check_routable(parallel.make_mesh((8,), ("data",), jax.devices()[:8]))  # routable
+  config = tiny_config()
+  config.optimizer.embedding_routing = "scatter"
+  with pytest.raises(errors.ConfigError, match="optimizer.embedding_routing"):
+    configuration.validate(config)

@@ -114,9 +114,12 @@ def run_main(
         flush=True,
       )
     return 0
-  except KeyboardInterrupt:
+  except KeyboardInterrupt as e:
+    why = f"{e}; " if str(e) else ""
     print(
-      "error: interrupted (no checkpoint saved since the last one)", file=sys.stderr, flush=True
+      f"error: interrupted ({why}no checkpoint saved since the last one)",
+      file=sys.stderr,
+      flush=True,
     )
     return 130
   return 0

@@ -31,6 +31,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
+import re
 
 import numpy as np
 
@@ -140,7 +141,7 @@ def _missing_columns(path: str, found: list[str], wanted: dict[str, str]):
 
 def _read_csv(path: str, wanted: dict[str, str], separator: str) -> dict[str, Column]:
   try:
-    fh = open(path, newline="", encoding="utf-8")
+    fh = open(path, newline="", encoding="utf-8-sig")  # a UTF-8 BOM (Excel's CSV) is dropped
   except FileNotFoundError:
     raise DataError(f"{path}: no such file") from None
   except OSError as e:
@@ -227,6 +228,7 @@ def _plain(arr, pa) -> np.ndarray:
 
 def read_table(path: str, wanted: dict[str, str], *, separator: str = ",") -> dict[str, Column]:
   """The ``wanted`` columns (``{column: what it is for}``) of a .csv or .parquet file."""
+  table_lib.check_regular_file(path)
   ext = os.path.splitext(path)[1].lower()
   if ext == ".parquet":
     return _read_parquet(path, wanted)
@@ -240,7 +242,7 @@ def _where(path: str, col: Column, row: int) -> str:
 
 
 def _line_text(path: str, lineno: int) -> str:
-  with open(path, encoding="utf-8", errors="replace") as fh:
+  with open(path, encoding="utf-8-sig", errors="replace") as fh:
     for i, line in enumerate(fh, start=1):
       if i == lineno:
         return line.rstrip("\n")
@@ -264,6 +266,17 @@ def numbers(
   except ValueError:
     pass
   if times:
+    # numpy reads a bare number as a year ("875000000" is year 875,000,000): in a column of
+    # ISO-8601 times, a number is refused (a column of numbers only is epoch seconds, above).
+    numeric = np.array([_NUMBER.fullmatch(v.strip()) is not None for v in values.tolist()])
+    numeric &= col.present
+    if numeric.any():
+      row = int(np.flatnonzero(numeric)[0])
+      text = f": {_shown(_line_text(path, int(col.lines[row])))}" if col.lines is not None else ""
+      raise DataError(
+        f"{_where(path, col, row)}: {name} {str(values[row])!r} is a number in a column of "
+        f"ISO-8601 times; write every {name} as epoch seconds or every one as ISO-8601{text}"
+      )
     try:
       return values.astype("datetime64[s]").astype(np.int64)
     except ValueError:
@@ -284,13 +297,29 @@ def numbers(
   raise DataError(f"{path}: column {name!r} mixes numbers and times")
 
 
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+MAX_DENSE = (
+  1e30  # |value| of a dense feature; beyond it standardising would overflow / mean nothing
+)
+
+
 def _raw(path: str, feature: Feature, cols: dict[str, Column]):
   """The raw values of one declared feature (``encode.Single / Bag / Dense``)."""
   d = feature.decl
   if d.kind == "dense":
     x = np.stack([numbers(path, c, cols[c]) for c in feature.columns], axis=1)
     present = np.all([cols[c].present for c in feature.columns], axis=0)
-    return encode.Dense(x, present & np.all(np.isfinite(x), axis=1))
+    for j, c in enumerate(feature.columns):
+      with np.errstate(invalid="ignore"):
+        bad = cols[c].present & ~(np.abs(x[:, j]) <= MAX_DENSE)  # inf, nan, or absurdly large
+      if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise DataError(
+          f"{_where(path, cols[c], row)}: dense feature {d.name!r} (column {c!r}) is "
+          f"{float(x[row, j])!r}; allowed: finite numbers of magnitude at most {MAX_DENSE:g} "
+          "(leave the cell empty for a missing value)"
+        )
+    return encode.Dense(x, present)
   col = cols[feature.columns[0]]
   if col.rows is not None:  # a Parquet list column
     if d.kind == "id":

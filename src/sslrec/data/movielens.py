@@ -98,6 +98,7 @@ def detect_layout(path: str) -> str:
 
 
 def _read_bytes(path: str) -> bytes:
+  table_lib.check_regular_file(path)
   try:
     with open(path, "rb") as f:
       return f.read().replace(b"\r\n", b"\n")

@@ -149,6 +149,23 @@ class Dataset:
         raise DataError(f"{self.name}: {what} pair index out of range")
 
 
+def check_regular_file(path: str) -> None:
+  """DataError unless ``path`` is a regular file (or missing: the reader says so): a FIFO, a
+  socket or a device would block or stream forever instead of being read."""
+  import os
+  import stat
+
+  try:
+    mode = os.stat(path).st_mode
+  except OSError:
+    return
+  if not stat.S_ISREG(mode):
+    kind = (
+      "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a file"
+    )
+    raise DataError(f"{path}: {kind}, not a regular file; data files must be regular files")
+
+
 def take(table: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
   """Gathers ``rows`` of every column: ``{name: [len(rows), ...]}``."""
   return {k: v[rows] for k, v in table.items()}

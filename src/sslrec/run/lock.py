@@ -9,7 +9,7 @@ The lock is ``fcntl.flock`` on the file: the kernel drops it when its holder exi
 exits (SIGKILL, a crash, a lost machine's NFS lease), so a lock is never left held by a dead
 process. A lock file that still names a holder but is not locked is *stale* (its holder ended
 without releasing it, e.g. on SIGKILL): it is taken over, and the caller is told whose it was.
-A clean release empties the file. Where the file system does not support locks (some network
+A clean release removes the file. Where the file system does not support locks (some network
 file systems), the run goes on without one and says so once.
 """
 
@@ -74,10 +74,11 @@ class Lock:
     self.path, self._fd, self.stale, self.supported = path, fd, stale, supported
 
   def release(self) -> None:
+    """Removes the lock file (a clean release leaves nothing behind) and drops the lock."""
     if self._fd is None:
       return
     try:
-      os.ftruncate(self._fd, 0)  # a clean release leaves no holder named
+      os.unlink(self.path)  # while still held: a process that opened it re-checks (acquire)
     except OSError:
       pass
     finally:
@@ -94,19 +95,27 @@ class Lock:
 def acquire(path: str, what: str) -> Lock:
   """Takes the lock file ``path`` (created if needed); ``what`` names the locked thing in the
   error (e.g. ``--workdir=runs/x``). Raises Busy when a live process holds it."""
-  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-  try:
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except OSError as e:
-    if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-      holder = _read(fd)
+  while True:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+        holder = _read(fd)
+        os.close(fd)
+        raise Busy(
+          f"{what} is in use by another process: {describe(holder)}; wait for it to finish, "
+          f"stop it, or use another directory (lock file {path})"
+        ) from None
       os.close(fd)
-      raise Busy(
-        f"{what} is in use by another process: {describe(holder)}; wait for it to finish, stop "
-        f"it, or use another directory (lock file {path})"
-      ) from None
-    os.close(fd)
-    return Lock(path, None, None, supported=False)  # e.g. ENOLCK on a network file system
+      return Lock(path, None, None, supported=False)  # e.g. ENOLCK on a network file system
+    try:
+      same = os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+      same = False
+    if same:
+      break
+    os.close(fd)  # the file was released (unlinked) between our open and flock: take the new one
   stale = _read(fd)
   os.ftruncate(fd, 0)
   os.lseek(fd, 0, os.SEEK_SET)

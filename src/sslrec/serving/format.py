@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import zipfile
 
 import numpy as np
 
@@ -84,7 +85,7 @@ def cannot_read(export_dir: str, e: BaseException) -> ExportDirError:
 
 
 # What reading a file of a damaged export raises (each becomes ``cannot_read``'s one line).
-READ_ERRORS = (OSError, ValueError, KeyError, TypeError)
+READ_ERRORS = (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile)
 
 
 def read_schema(export_dir: str) -> tuple[list[Feature], dict[str, list]]:
@@ -94,10 +95,49 @@ def read_schema(export_dir: str) -> tuple[list[Feature], dict[str, list]]:
       schema = json.load(f)
     with open(os.path.join(export_dir, VOCABULARIES)) as f:
       vocabularies = json.load(f)
-    features = [Feature(**f) for f in schema["query"]]
   except READ_ERRORS as e:
     raise cannot_read(export_dir, e) from None
+  path = os.path.join(export_dir, SCHEMA)
+  if not isinstance(schema, dict) or not isinstance(schema.get("query"), list):
+    raise ExportDirError(f"{path}: not a schema (needs an object with a 'query' list)")
+  features = [_feature(path, i, f) for i, f in enumerate(schema["query"])]
+  names = [f.name for f in features]
+  if len(set(names)) != len(names):
+    raise ExportDirError(f"{path}: query feature names repeat: {names}")
+  vpath = os.path.join(export_dir, VOCABULARIES)
+  if not isinstance(vocabularies, dict) or not all(
+    isinstance(k, str) and isinstance(v, list) for k, v in vocabularies.items()
+  ):
+    raise ExportDirError(f"{vpath}: not an object of {{feature: [values...]}}")
   return features, vocabularies
+
+
+_LIMITS = {"vocab_size": 2**31 - 1, "max_len": 1 << 20, "dense_dim": 1 << 20}
+
+
+def _feature(path: str, i: int, entry) -> Feature:
+  """One ``schema.json`` query entry, checked (a tampered one is an ExportDirError)."""
+  where = f"{path}: query feature {i}"
+  if not isinstance(entry, dict):
+    raise ExportDirError(f"{where}: not an object")
+  unknown = sorted(set(entry) - {f.name for f in dataclasses.fields(Feature)})
+  if unknown:
+    raise ExportDirError(f"{where}: unknown fields {unknown}")
+  name, kind = entry.get("name"), entry.get("kind")
+  if not isinstance(name, str) or not name:
+    raise ExportDirError(f"{where}: 'name' is {name!r}, not a non-empty string")
+  if kind not in ("id", "multi", "dense"):
+    raise ExportDirError(f"{where} ({name}): 'kind' is {kind!r}; allowed: 'id', 'multi', 'dense'")
+  for key, limit in _LIMITS.items():
+    v = entry.get(key, 0)
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= limit:
+      raise ExportDirError(f"{where} ({name}): {key!r} is {v!r}; allowed: an integer 0..{limit}")
+  oov = entry.get("oov_id", OOV_ID)
+  if not isinstance(oov, int) or isinstance(oov, bool) or oov < -1:
+    raise ExportDirError(f"{where} ({name}): 'oov_id' is {oov!r}; allowed: -1 or an id")
+  if not isinstance(entry.get("hashed", False), bool):
+    raise ExportDirError(f"{where} ({name}): 'hashed' is {entry.get('hashed')!r}, not a bool")
+  return Feature(**entry)
 
 
 def read_manifest(export_dir: str, *, verify: bool = True) -> dict:

@@ -33,6 +33,31 @@ from sslrec.serving import search as search_lib
 from sslrec.serving.format import ExportDirError, Feature, QueryError, ServingError, ServingWarning
 
 
+def _check_tower_inputs(export_dir: str, tower, features, query_params) -> None:
+  """The schema's features and the saved parameters against the inputs the exported tower was
+  lowered for (a schema.json or query_params.npz that does not belong to the tower is refused)."""
+  try:
+    (params_avals, feature_avals), _ = jax.tree_util.tree_unflatten(tower.in_tree, tower.in_avals)
+  except Exception as e:  # noqa: BLE001 -- an unexpected signature: not an sslrec tower
+    raise ExportDirError(
+      f"{export_dir}: the query tower has an unexpected signature ({e})"
+    ) from None
+  want = {k: (tuple(a.shape[1:]), np.dtype(a.dtype)) for k, a in feature_avals.items()}
+  got = {f.name: (tuple(f.shape), np.dtype(f.dtype)) for f in features}
+  if want != got:
+    raise ExportDirError(
+      f"{export_dir}/{format_lib.SCHEMA}: the query features {sorted(got.items())} do not match "
+      f"the inputs the query tower was exported for {sorted(want.items())}"
+    )
+  pwant = {k: (tuple(a.shape), np.dtype(a.dtype)) for k, a in params_avals.items()}
+  pgot = {k: (tuple(v.shape), v.dtype) for k, v in query_params.items()}
+  if pwant != pgot:
+    raise ExportDirError(
+      f"{export_dir}/{format_lib.QUERY_PARAMS}: the parameters do not match the ones the query "
+      "tower was exported for (a file from another export?)"
+    )
+
+
 @dataclasses.dataclass
 class Results:
   """The top-K items of a batch of queries, best first.
@@ -133,6 +158,7 @@ class Retriever:
         f"computes on {platform}: re-export with --platforms={','.join(runs_on)} (or run with "
         "JAX_PLATFORMS=cpu)"
       )
+    _check_tower_inputs(export_dir, tower, features, query_params)
     n, d = manifest["num_items"], manifest["embedding_dim"]
     if (
       item_embeddings.dtype != np.float32
