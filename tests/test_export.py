@@ -139,6 +139,8 @@ def test_step_flag_exports_that_checkpoint(run, tmp_path):
   assert not np.allclose(a, b)
   with pytest.raises(export.ExportError, match=r"--step=3: no checkpoint .* available: 2, 4"):
     export.export(wd, str(tmp_path / "step3"), step=3)
+  with pytest.raises(export.ExportError, match=r"--ann=nope: ann backend 'nope'; allowed"):
+    export.export(wd, str(tmp_path / "step3"), ann_backends=["nope"])
   assert not os.path.exists(tmp_path / "step3")
 
 

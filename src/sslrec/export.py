@@ -403,6 +403,11 @@ def export(
       f"{', '.join(map(str, steps))}"
     )
   _check_out(os.path.abspath(out), overwrite)  # before the slow part; checked again when writing
+  for backend in ann_backends:  # a backend that cannot be built fails now, not after the slow part
+    try:
+      serving.ann.resolve(backend)
+    except (ValueError, ImportError) as e:
+      raise ExportError(f"--ann={backend}: {e}") from None
 
   t0 = time.time()
   config = load_config(workdir, step, defaults)
