@@ -281,7 +281,7 @@ class Retriever:
         raise QueryError(f"add_items: item keys of this catalogue are integers; got {bad[0]!r}")
     if len(set(map(str, keys))) != len(keys):
       raise QueryError("add_items: the same key is given twice")
-    emb, notes = self.embed_items(items)
+    emb, _ = self.embed_items(items)  # its notes (OOV values, ...): embed_items / encode_items
     with self._lock:
       by_key, by_str = self._key_rows
       taken = [k for k in keys if k in by_key or str(k) in by_str]
@@ -303,7 +303,6 @@ class Retriever:
         by_str.setdefault(str(key), row)
       self._added += len(keys)
       self._ann.clear()
-    self.last_add_notes = notes
     return rows
 
   # -- Search ------------------------------------------------------------------------------------
