@@ -2,7 +2,8 @@
 
 Writes the catalogue's item embeddings, the query tower (jax.export / StableHLO), the feature
 schema and vocabularies, and a manifest; see docs/serving.md. ``--step=N`` exports that checkpoint
-instead of the latest; an existing non-empty EXPORT_DIR is refused unless ``--overwrite``.
+instead of the latest; an existing non-empty EXPORT_DIR is refused unless ``--overwrite``;
+``--ann=scann`` also builds that ANN index and persists it in the export.
 """
 
 import os
@@ -20,6 +21,9 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: 
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing export in --out.")
 _PLATFORMS = flags.DEFINE_list(
   "platforms", ["cpu", "cuda", "tpu"], "Platforms the query tower is lowered for."
+)
+_ANN = flags.DEFINE_list(
+  "ann", [], "ANN indexes to build and persist in the export (auto, scann, faiss): docs/serving.md."
 )
 flags.mark_flags_as_required(["workdir", "out"])
 
@@ -41,6 +45,7 @@ def main(argv):
       overwrite=_OVERWRITE.value,
       defaults=base.get_config(),
       platforms=_PLATFORMS.value,
+      ann_backends=_ANN.value,
     )
   except (export.ExportError, serving.ServingError) + cli.USER_ERRORS as e:
     print(f"error: {e}", file=sys.stderr, flush=True)

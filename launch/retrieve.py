@@ -3,7 +3,8 @@
 ``--query='name=value,name=v1|v2|v3'``: raw feature values (``|`` separates the values of a
 multi-valued or dense feature); ``--query_json='{"q_history": [1, 2, 3]}'`` for values the short
 syntax cannot hold; ``--item=KEY``: the items most similar to that item (item-to-item). Prints a
-table of items (with names where the dataset has them) and scores. See docs/serving.md.
+table of items (with names where the dataset has them) and scores. ``--exclude=K1,K2`` /
+``--allow=K1,K2``: item keys never returned / the only ones that may be. See docs/serving.md.
 """
 
 import json
@@ -30,6 +31,8 @@ _METHOD = flags.DEFINE_enum(
   "exact (JAX, every item scored) or ann (approximate index, needs the 'ann' extra).",
 )
 _BACKEND = flags.DEFINE_enum("backend", "auto", ["auto", *ann.BACKENDS], "ann backend.")
+_EXCLUDE = flags.DEFINE_list("exclude", None, "Item keys never returned (e.g. seen items).")
+_ALLOW = flags.DEFINE_list("allow", None, "Item keys that alone may be returned.")
 _NO_VERIFY = flags.DEFINE_bool("no_verify", False, "Skip the sha256 check of the export's files.")
 flags.mark_flag_as_required("export")
 
@@ -55,7 +58,13 @@ def main(argv):
     r = serving.Retriever.load(_EXPORT.value, verify=not _NO_VERIFY.value)
     with warnings.catch_warnings():
       warnings.simplefilter("ignore", serving.ServingWarning)  # also in res.notes, printed below
-      kw = dict(k=_K.value, method=_METHOD.value, backend=_BACKEND.value)
+      kw = dict(
+        k=_K.value,
+        method=_METHOD.value,
+        backend=_BACKEND.value,
+        exclude=_EXCLUDE.value,
+        allow=_ALLOW.value,
+      )
       if _ITEM.value is not None:
         res = r.similar_items(_ITEM.value, **kw)
         row = r.item_row(_ITEM.value)

@@ -34,6 +34,7 @@ def run(tmp_path_factory):
 def test_layout_and_manifest(run):
   config, wd, out, summary = run
   assert summary["step"] == 4 and summary["max_abs_diff"] <= 1e-5
+  assert summary["item_max_abs_diff"] <= 1e-5
   assert sorted(os.listdir(out)) == sorted(
     [
       "manifest.json",
@@ -43,6 +44,9 @@ def test_layout_and_manifest(run):
       "query_params.npz",
       "schema.json",
       "vocabularies.json",
+      "item_tower.jax",
+      "item_params.npz",
+      "item_vocabularies.json",
     ]
   )
   m = json.load(open(os.path.join(out, "manifest.json")))
@@ -83,6 +87,17 @@ def test_exported_towers_match_training_code(run):
   items = table_lib.take(r.dataset.items, np.arange(500))
   want_items = np.asarray(r.model.apply(r.state.params, items, method=r.model.item_tower))
   np.testing.assert_allclose(retriever.item_embeddings[:500], want_items, atol=1e-5, rtol=0)
+  # The exported item tower embeds an item like the trained model, from ids or from raw values.
+  np.testing.assert_allclose(retriever.embed_item_batch(items), want_items, atol=1e-5, rtol=0)
+  raw = [
+    {
+      name: (v[v >= 0].tolist() if v.ndim else int(v)) if v.dtype.kind == "i" else v.tolist()
+      for name, v in ((name, items[name][i]) for name in items)
+    }
+    for i in range(7)
+  ]
+  emb, _ = retriever.embed_items(raw)
+  np.testing.assert_allclose(emb, want_items[:7], atol=1e-5, rtol=0)
   # The batch dimension is symbolic: any batch size, same rows.
   for b in (1, 7, 256):
     np.testing.assert_allclose(
@@ -124,6 +139,8 @@ def test_step_flag_exports_that_checkpoint(run, tmp_path):
   assert not np.allclose(a, b)
   with pytest.raises(export.ExportError, match=r"--step=3: no checkpoint .* available: 2, 4"):
     export.export(wd, str(tmp_path / "step3"), step=3)
+  with pytest.raises(export.ExportError, match=r"--ann=nope: ann backend 'nope'; allowed"):
+    export.export(wd, str(tmp_path / "step3"), ann_backends=["nope"])
   assert not os.path.exists(tmp_path / "step3")
 
 

@@ -9,6 +9,10 @@ writes (layout: docs/serving.md; reader: ``sslrec.serving``):
     OUT/item_names.npy        [N] item names (only when the dataset has them)
     OUT/query_tower.jax       jax.export artifact: f(params, features) -> [B, D], B symbolic
     OUT/query_params.npz      the query tower's parameters, {"module/.../leaf": array}
+    OUT/item_tower.jax        jax.export artifact: f(params, item features) -> [B, D]: new items
+    OUT/item_params.npz       the item tower's parameters
+    OUT/item_vocabularies.json  {item feature: [raw value of id 0, ...]} (may be {})
+    OUT/ann/BACKEND/          a persisted ANN index (with ``ann_backends``; serving.index_store)
     OUT/schema.json           both towers' feature schemas (+ oov ids)
     OUT/vocabularies.json     {feature: [raw value of id 0, id 1, ...]} for features that have one
     OUT/manifest.json         format version, config, step, eval metrics, versions, sha256s
@@ -212,23 +216,22 @@ def _path_str(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
-def query_tower_fn(model, params, prior_weight: float = 0.0):
-  """``(fn, used)``: ``fn(used_params, features) -> [B, D]``, the query tower, reading only the
-  parameter leaves it uses (``used``: {"a/b/leaf": array}); the others enter as zeros, which XLA
-  removes, so the artifact and ``query_params.npz`` hold the query tower's weights alone. With a
-  popularity prior (``prior.py``) the vectors get its column of ones: ``[B, D + 1]``."""
+def _tower_fn(model, params, method, spec, post=lambda x: x):
+  """``(fn, used)``: ``fn(used_params, features) -> [B, D]``, ``post(model.method(features))``,
+  reading only the parameter leaves the tower uses (``used``: {"a/b/leaf": array}); the others
+  enter as zeros, which XLA removes, so an artifact and its params file hold that tower's weights
+  alone."""
   leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
   names = [_path_str(p) for p, _ in leaves_with_path]
   leaves = [x for _, x in leaves_with_path]
   shapes = [(x.shape, x.dtype) for x in leaves]
 
   def full(leaf_list, features):
-    q = model.apply(
-      jax.tree_util.tree_unflatten(treedef, leaf_list), features, method=model.query_tower
+    return post(
+      model.apply(jax.tree_util.tree_unflatten(treedef, leaf_list), features, method=method)
     )
-    return prior.with_queries(q, prior_weight)
 
-  example = {f.name: jnp.zeros((1,) + f.shape, f.dtype) for f in model.query_spec.features}
+  example = {f.name: jnp.zeros((1,) + f.shape, f.dtype) for f in spec.features}
   jaxpr = jax.make_jaxpr(full)(leaves, example).jaxpr
   used_vars = {v for eqn in jaxpr.eqns for v in eqn.invars if not hasattr(v, "val")}
   used_vars |= {v for v in jaxpr.outvars if not hasattr(v, "val")}
@@ -244,18 +247,44 @@ def query_tower_fn(model, params, prior_weight: float = 0.0):
   return fn, {names[i]: np.asarray(leaves[i]) for i in used}
 
 
+def query_tower_fn(model, params, prior_weight: float = 0.0):
+  """``(fn, used)`` of the query tower (``_tower_fn``). With a popularity prior (``prior.py``) the
+  vectors get its column of ones: ``[B, D + 1]``."""
+  return _tower_fn(
+    model,
+    params,
+    model.query_tower,
+    model.query_spec,
+    lambda q: prior.with_queries(q, prior_weight),
+  )
+
+
+def item_tower_fn(model, params):
+  """``(fn, used)`` of the item tower: ``[B, D]`` item embeddings, without the popularity prior's
+  column (a new item has no training frequency; ``serving.Retriever.embed_items`` adds it)."""
+  return _tower_fn(model, params, model.item_tower, model.item_spec)
+
+
+def _serialize(fn, used, spec, platforms: Sequence[str]) -> bytes:
+  (b,) = jax.export.symbolic_shape("b")
+  features = {f.name: jax.ShapeDtypeStruct((b,) + f.shape, f.dtype) for f in spec.features}
+  params_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in used.items()}
+  exported = jax.export.export(jax.jit(fn), platforms=tuple(platforms))(params_spec, features)
+  return bytes(exported.serialize())
+
+
+def export_item_tower(model, params, platforms: Sequence[str] = DEFAULT_PLATFORMS):
+  """``(serialized bytes, used params)`` of the item tower with a symbolic batch dimension."""
+  fn, used = item_tower_fn(model, params)
+  return _serialize(fn, used, model.item_spec, platforms), used
+
+
 def export_query_tower(
   model, params, platforms: Sequence[str] = DEFAULT_PLATFORMS, prior_weight: float = 0.0
 ):
   """``(serialized bytes, used params)`` of the query tower with a symbolic batch dimension."""
   fn, used = query_tower_fn(model, params, prior_weight)
-  (b,) = jax.export.symbolic_shape("b")
-  features = {
-    f.name: jax.ShapeDtypeStruct((b,) + f.shape, f.dtype) for f in model.query_spec.features
-  }
-  params_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in used.items()}
-  exported = jax.export.export(jax.jit(fn), platforms=tuple(platforms))(params_spec, features)
-  return bytes(exported.serialize()), used
+  return _serialize(fn, used, model.query_spec, platforms), used
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,6 +383,7 @@ def export(
   overwrite: bool = False,
   defaults: ml_collections.ConfigDict | None = None,
   platforms: Sequence[str] = DEFAULT_PLATFORMS,
+  ann_backends: Sequence[str] = (),
   log=print,
 ) -> dict[str, Any]:
   """Exports checkpoint ``step`` (default: the latest) of the run in ``workdir`` to ``out``.
@@ -376,6 +406,11 @@ def export(
     )
   with own(out, log=log):
     _check_out(os.path.abspath(out), overwrite)  # before the slow part; again when writing
+    for backend in ann_backends:  # a backend that cannot be built fails now, not later
+      try:
+        serving.ann.resolve(backend)
+      except (ValueError, ImportError) as e:
+        raise ExportError(f"--ann={backend}: {e}") from None
     t0 = time.time()
     config = load_config(workdir, step, defaults)
     dataset = sources.load(config).validate()
@@ -397,6 +432,7 @@ def export(
       popularity_prior=prior_weight(workdir, config),
       overwrite=overwrite,
       platforms=platforms,
+      ann_backends=ann_backends,
       log=log,
       _owned=True,
     )
@@ -445,11 +481,14 @@ def write_export(
   popularity_prior: float | None = None,
   overwrite: bool = False,
   platforms: Sequence[str] = DEFAULT_PLATFORMS,
+  ann_backends: Sequence[str] = (),
   log=print,
   _owned: bool = False,
 ) -> dict[str, Any]:
   """Writes the export of ``model`` with ``params`` (the layout in the module docstring);
-  ``popularity_prior``: the prior's weight folded into the vectors (None: the config's).
+  ``popularity_prior``: the prior's weight folded into the vectors (None: the config's);
+  ``ann_backends``: ANN indexes ('auto', 'scann', 'faiss') built, calibrated and persisted in
+  ``OUT/ann/`` (``Retriever.save_ann_index``), so that servers load them instead of building.
 
   The directory is assembled under a temporary name next to ``out``, read back through
   ``serving.Retriever`` and checked against the model on the dataset's first queries, then renamed
@@ -469,6 +508,7 @@ def write_export(
         popularity_prior=popularity_prior,
         overwrite=overwrite,
         platforms=platforms,
+        ann_backends=ann_backends,
         log=log,
         _owned=True,
       )
@@ -485,6 +525,12 @@ def write_export(
   freq = stats.item_frequencies(dataset.train_item, dataset.num_items)
   items = prior.with_items(item_embeddings(model, params, dataset), freq, weight, temperature)
   blob, query_params = export_query_tower(model, params, platforms, weight)
+  item_blob, item_params = export_item_tower(model, params, platforms)
+  item_vocabularies = {
+    name: [_json_value(v) for v in values]
+    for name, values in (dataset.vocabularies or {}).items()
+    if name in dataset.item_spec.names
+  }
   vocabularies = {
     name: [_json_value(v) for v in values]
     for name, values in (dataset.vocabularies or {}).items()
@@ -494,7 +540,9 @@ def write_export(
     "query": [
       _query_feature_json(f, vocabularies.get(f.name)) for f in dataset.query_spec.features
     ],
-    "item": [_feature_json(f) for f in dataset.item_spec.features],
+    "item": [
+      _query_feature_json(f, item_vocabularies.get(f.name)) for f in dataset.item_spec.features
+    ],
   }
 
   parent = os.path.dirname(out)
@@ -523,6 +571,12 @@ def write_export(
     with open(p(serving.VOCABULARIES), "w") as f:
       json.dump(vocabularies, f)
     files += [serving.QUERY_TOWER, serving.QUERY_PARAMS, serving.SCHEMA, serving.VOCABULARIES]
+    with open(p(serving.ITEM_TOWER), "wb") as f:
+      f.write(item_blob)
+    np.savez(p(serving.ITEM_PARAMS), **item_params)
+    with open(p(serving.ITEM_VOCABULARIES), "w") as f:
+      json.dump(item_vocabularies, f)
+    files += [serving.ITEM_TOWER, serving.ITEM_PARAMS, serving.ITEM_VOCABULARIES]
     manifest = {
       "format": serving.FORMAT,
       "format_version": serving.FORMAT_VERSION,
@@ -534,6 +588,7 @@ def write_export(
       "embedding_dim": int(items.shape[1]),
       "popularity_prior": float(weight),
       "query_features": list(dataset.query_spec.names),
+      "item_features": list(dataset.item_spec.names),
       "platforms": list(platforms),
       "eval": eval_metrics,
       "config": json.loads(config.to_json()),
@@ -559,6 +614,17 @@ def write_export(
         f"the exported query tower deviates from the model by {deviation:.3g} "
         f"(> {CHECK_TOLERANCE}); not writing {out}"
       )
+    item_rows = np.arange(min(CHECK_ROWS, dataset.num_items))
+    got = retriever.embed_item_batch(table_lib.take(dataset.items, item_rows))
+    item_deviation = float(np.abs(got - items[item_rows, : got.shape[1]]).max())
+    if not item_deviation <= CHECK_TOLERANCE:
+      raise ExportError(
+        f"the exported item tower deviates from the model by {item_deviation:.3g} "
+        f"(> {CHECK_TOLERANCE}); not writing {out}"
+      )
+    for backend in ann_backends:
+      index = retriever.save_ann_index(backend)
+      log(f"built and saved the {index.backend} index ({index.describe()})")
 
     if replace:
       old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
@@ -577,7 +643,8 @@ def write_export(
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   log(
-    f"exported {items.shape[0]} item embeddings (dim {items.shape[1]}) and the query tower "
+    f"exported {items.shape[0]} item embeddings (dim {items.shape[1]}), the item tower and the "
+    "query tower "
     f"({len(blob) / 1024:.0f} KiB, platforms {', '.join(platforms)}) to {out} in "
     f"{time.time() - t0:.1f}s; exported tower vs model: max |diff| {deviation:.2g}"
     + (" (replaced the previous export)" if replace else "")
@@ -588,5 +655,6 @@ def write_export(
     "num_items": int(items.shape[0]),
     "files": sorted(files + [serving.MANIFEST]),
     "max_abs_diff": deviation,
+    "item_max_abs_diff": item_deviation,
     "replaced": replace,
   }

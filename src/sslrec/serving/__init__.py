@@ -10,22 +10,30 @@ docs/serving.md), checks it (format version, files, sha256 checksums) and serves
 
 This package depends on numpy and jax only (plus, for ``method="ann"``, the optional ``ann``
 extra); it never imports flax, orbax or the training code: the query tower is a ``jax.export``
-artifact (StableHLO) called with its parameters from ``query_params.npz``. Its modules, by role:
+artifact (StableHLO) called with its parameters from ``query_params.npz`` (the item tower, for new
+items, likewise). Its modules, by role:
 
 * ``format``: the export format (file names, manifest, schema) and the errors of reading it;
 * ``query``: raw query values -> the query tower's ids (OOV handling), the command-line syntax;
 * ``search``: exact top-K (JAX matmul + top_k);
 * ``ann``: the approximate backends (ScaNN, faiss) behind one protocol, ``AnnIndex``;
-* ``retriever``: ``Retriever``, which loads an export and answers queries, and its ``Results``.
+* ``index_store``: ANN indexes persisted in the export (``ann/BACKEND/``), checked on load;
+* ``filters``: query-time filters (``exclude`` / ``allow`` item keys);
+* ``retriever``: ``Retriever``, which loads an export and answers queries, and its ``Results``;
+* ``http``: ``sslrec-serve``, the HTTP server (the optional ``serve`` extra; not imported here).
 """
 
-from sslrec.serving import ann
+from sslrec.serving import ann, filters, index_store
 from sslrec.serving.format import (
+  ANN_DIR,
   FORMAT,
   FORMAT_VERSION,
   ITEM_EMBEDDINGS,
   ITEM_KEYS,
   ITEM_NAMES,
+  ITEM_PARAMS,
+  ITEM_TOWER,
+  ITEM_VOCABULARIES,
   MANIFEST,
   OOV_ID,
   QUERY_PARAMS,
@@ -38,6 +46,7 @@ from sslrec.serving.format import (
   QueryError,
   ServingError,
   ServingWarning,
+  read_item_schema,
   read_manifest,
   read_schema,
   sha256_file,
@@ -61,6 +70,9 @@ __all__ = [
   "sha256_file",
   "Feature",
   "ann",
+  "filters",
+  "index_store",
+  "read_item_schema",
   "FORMAT",
   "FORMAT_VERSION",
   "MANIFEST",
@@ -71,6 +83,10 @@ __all__ = [
   "QUERY_PARAMS",
   "SCHEMA",
   "VOCABULARIES",
+  "ITEM_TOWER",
+  "ITEM_PARAMS",
+  "ITEM_VOCABULARIES",
+  "ANN_DIR",
   "REQUIRED_FILES",
   "OOV_ID",
   "MAX_SCORES_PER_CHUNK",

@@ -70,6 +70,19 @@ class AnnIndex(Protocol):
     """The index's structure in a few words (for benchmark reports)."""
     ...
 
+  def state(self) -> dict:
+    """The JSON-able settings ``load`` needs besides the saved files (sizes, knobs)."""
+    ...
+
+  def save(self, directory: str) -> None:
+    """Writes the index's files into the existing, empty ``directory``."""
+    ...
+
+  @classmethod
+  def load(cls, directory: str, state: dict) -> AnnIndex:
+    """The index ``save`` wrote into ``directory``, with the settings of ``state()``."""
+    ...
+
 
 def _import(backend: str):
   """The module of ``backend``, imported now: lazily on purpose, since scann and faiss are heavy
@@ -189,6 +202,30 @@ class ScannIndex:
   def describe(self) -> str:
     return f"num_leaves={self.num_leaves}, AH 2 dims/block, reorder={self.reorder}"
 
+  def state(self) -> dict:
+    return {
+      "num_items": self.num_items,
+      "dim": self.dim,
+      "num_leaves": self.num_leaves,
+      "leaves_to_search": self.leaves_to_search,
+      "reorder": self.reorder,
+    }
+
+  def save(self, directory: str) -> None:
+    self._searcher.serialize(directory, relative_path=True)  # the directory may move
+
+  @classmethod
+  def load(cls, directory: str, state: dict, num_threads: int | None = None) -> ScannIndex:
+    scann = _import(cls.backend)
+    self = cls.__new__(cls)
+    self.num_items, self.dim = int(state["num_items"]), int(state["dim"])
+    self.num_leaves = self.partitions = int(state["num_leaves"])
+    self.leaves_to_search = int(state["leaves_to_search"])
+    self.reorder = int(state["reorder"])
+    self._searcher = scann.scann_ops_pybind.load_searcher(directory)
+    self._searcher.set_num_threads(num_threads or len(os.sched_getaffinity(0)))
+    return self
+
 
 class FaissIndex:
   """faiss: inverted file with exact inner products in the probed cells."""
@@ -252,6 +289,30 @@ class FaissIndex:
 
   def describe(self) -> str:
     return f"IVFFlat nlist={self.nlist}"
+
+  FILE = "index.faiss"
+
+  def state(self) -> dict:
+    return {
+      "num_items": self.num_items,
+      "dim": self.dim,
+      "nlist": self.nlist,
+      "nprobe": self.nprobe,
+    }
+
+  def save(self, directory: str) -> None:
+    _import(self.backend).write_index(self._index, os.path.join(directory, self.FILE))
+
+  @classmethod
+  def load(cls, directory: str, state: dict, num_threads: int | None = None) -> FaissIndex:
+    faiss = _import(cls.backend)
+    faiss.omp_set_num_threads(num_threads or len(os.sched_getaffinity(0)))
+    self = cls.__new__(cls)
+    self.num_items, self.dim = int(state["num_items"]), int(state["dim"])
+    self.nlist = self.partitions = int(state["nlist"])
+    self.nprobe = int(state["nprobe"])
+    self._index = faiss.read_index(os.path.join(directory, cls.FILE))
+    return self
 
 
 # The backends by name, in order of preference for backend='auto'.

@@ -25,6 +25,11 @@ QUERY_TOWER = "query_tower.jax"
 QUERY_PARAMS = "query_params.npz"
 SCHEMA = "schema.json"
 VOCABULARIES = "vocabularies.json"
+# Optional (exports written before they existed lack them; readers of format 1 ignore them):
+ITEM_TOWER = "item_tower.jax"  # f(params, item features) -> [B, D]: embeds new items
+ITEM_PARAMS = "item_params.npz"
+ITEM_VOCABULARIES = "item_vocabularies.json"  # {item feature: [raw value of id 0, ...]}
+ANN_DIR = "ann"  # ann/BACKEND/: persisted ANN indexes (sslrec.serving.index_store)
 REQUIRED_FILES = (ITEM_EMBEDDINGS, ITEM_KEYS, QUERY_TOWER, QUERY_PARAMS, SCHEMA, VOCABULARIES)
 OOV_ID = -1  # what an unknown raw value maps to: the missing id (learned default embedding)
 
@@ -138,6 +143,20 @@ def _feature(path: str, i: int, entry) -> Feature:
   if not isinstance(entry.get("hashed", False), bool):
     raise ExportDirError(f"{where} ({name}): 'hashed' is {entry.get('hashed')!r}, not a bool")
   return Feature(**entry)
+
+
+def read_item_schema(export_dir: str) -> tuple[list[Feature], dict[str, list]]:
+  """``(item features, {item feature: [raw value of id 0, ...]})`` of an export with an item
+  tower (the schema's ``item`` entries and ``item_vocabularies.json``)."""
+  try:
+    with open(os.path.join(export_dir, SCHEMA)) as f:
+      schema = json.load(f)
+    with open(os.path.join(export_dir, ITEM_VOCABULARIES)) as f:
+      vocabularies = json.load(f)
+    features = [Feature(**f) for f in schema["item"]]
+  except READ_ERRORS as e:
+    raise cannot_read(export_dir, e) from None
+  return features, vocabularies
 
 
 def read_manifest(export_dir: str, *, verify: bool = True) -> dict:

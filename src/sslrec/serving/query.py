@@ -102,18 +102,20 @@ def encode(
   queries: Mapping[str, Any] | Sequence[Mapping[str, Any]],
   features: Sequence[Feature],
   lookups: Lookups,
+  tower: str = "query",
 ) -> tuple[dict[str, np.ndarray], list[str]]:
-  """Raw queries -> the query tower's input batch; see ``Retriever.encode``."""
+  """Raw queries (or items, ``tower="item"``) -> the tower's input batch; see
+  ``Retriever.encode``."""
   if isinstance(queries, Mapping):
     queries = [queries]
   queries = list(queries)
   if not queries:
-    raise QueryError("no queries given")
+    raise QueryError(f"no {'items' if tower == 'item' else 'queries'} given")
   known = tuple(f.name for f in features)
   for q in queries:
     if not isinstance(q, Mapping):
       raise QueryError(
-        f"a query must be a dict of feature name to value(s), got {type(q).__name__}"
+        f"a {tower} must be a dict of feature name to value(s), got {type(q).__name__}"
       )
     unknown = [k for k in q if k not in known]
     if unknown:
@@ -124,7 +126,7 @@ def encode(
         for u in unknown
       ]
       raise QueryError(
-        f"unknown query features: {', '.join(hints)}; the query tower reads: {', '.join(known)}"
+        f"unknown {tower} features: {', '.join(hints)}; the {tower} tower reads: {', '.join(known)}"
       )
   b = len(queries)
   batch = {
@@ -132,7 +134,7 @@ def encode(
   }
   notes = []
   for i, q in enumerate(queries):
-    where = f"query {i}: " if b > 1 else ""
+    where = f"{tower} {i}: " if b > 1 else ""
     absent = [f.name for f in features if q.get(f.name) is None]
     if absent:
       notes.append(
