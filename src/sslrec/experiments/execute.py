@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import sslrec
 from sslrec.experiments import plan, plots, report
 
 # ----------------------------------------------------------------------------------------------
@@ -62,15 +63,18 @@ def start_run(
   rd: str,
   flags: Sequence[str],
   *,
-  main_script: str,
+  main_script: str | Sequence[str],
   python: str = sys.executable,
   env: dict | None = None,
 ) -> tuple[subprocess.Popen, Any]:
-  """Starts ``main_script --config=variant_path --workdir=rd *flags`` with its output appended
-  to ``rd/log.txt`` (the command line first); returns the process and the open log file (the
-  caller closes it). A stale config.json with no checkpoint to resume is set aside first."""
+  """Starts ``python main_script --config=variant_path --workdir=rd *flags`` with its output
+  appended to ``rd/log.txt`` (the command line first); returns the process and the open log file
+  (the caller closes it). ``main_script``: a script's path, or the arguments that follow
+  ``python`` (``("-m", "sslrec.commands.train")``). A stale config.json with no checkpoint to
+  resume is set aside first."""
   os.makedirs(rd, exist_ok=True)
-  cmd = [python, main_script, f"--config={variant_path}", f"--workdir={rd}", *flags]
+  script = [main_script] if isinstance(main_script, str) else list(main_script)
+  cmd = [python, *script, f"--config={variant_path}", f"--workdir={rd}", *flags]
   log = open(os.path.join(rd, "log.txt"), "a")
   stale = _set_aside_stale_config(rd)
   if stale:
@@ -254,7 +258,7 @@ def run_command(
   seeds: int | None = None,
   parallel: int = 1,
   overrides: Sequence[str] = (),
-  main_script: str,
+  main_script: str | Sequence[str],
   command: str = "",
   draw: bool = True,
   reference: str | None = None,
@@ -270,11 +274,16 @@ def run_command(
       raise plan.SweepError(f"--workdir={workdir} exists and is not a directory")
     if not isinstance(parallel, int) or parallel < 1:
       raise plan.SweepError(f"--parallel={parallel}: must be an integer >= 1")
+    if spec:
+      spec = plan.resolve_name(spec, flag="--spec", function="get_sweep")
     spec_args = plan.load_spec(spec) if spec else {"variants": [], "grid": [], "seeds": 1}
-    if config and not os.path.isfile(config.split(":", 1)[0]):
-      raise plan.SweepError(
-        f"--config={config}: no such file (configs are in configs/, e.g. configs/base.py)"
-      )
+    if config:
+      config = plan.resolve_name(config)
+      if not os.path.isfile(config.split(":", 1)[0]):
+        raise plan.SweepError(
+          f"--config={config}: no such file (a path, or a shipped config's name such as base)"
+        )
+    variants = [plan.resolve_name(v, flag="--variants") for v in variants if v.strip()]
     chosen = ([config] if config else []) + [v for v in variants if v != config]
     chosen = chosen or spec_args["variants"]
     grid_keys = {g.partition("=")[0].strip() for g in grid}
@@ -297,6 +306,9 @@ def run_command(
   with open(os.path.join(workdir, "sweep_command.txt"), "a") as f:
     f.write(command + "\n")
   env = dict(os.environ)
+  # Each run imports this process's sslrec (a checkout's src/ or the installed package).
+  here = os.path.dirname(os.path.dirname(os.path.abspath(sslrec.__file__)))
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
   try:
     outcomes = execute(sweep, workdir, main_script=main_script, parallel=parallel, env=env, out=out)
   except KeyboardInterrupt:

@@ -27,7 +27,7 @@ import ml_collections
 from absl import flags as absl_flags
 from ml_collections.config_flags import config_flags
 
-from sslrec import configuration
+from sslrec import configuration, shipped
 from sslrec.run import workdir as workdir_lib
 
 _SAFE = re.compile(r"[^A-Za-z0-9._=+-]")
@@ -134,12 +134,24 @@ def variant_label(path: str) -> str:
   return arg or os.path.splitext(os.path.basename(file))[0]
 
 
+def resolve_name(value: str, *, flag: str = "--config", function: str = "get_config") -> str:
+  """A config (or spec) given by path or by a shipped name (``base``, ``movielens:cfm``,
+  ``paper``) as a path; SweepError (listing the names) for an unknown name."""
+  try:
+    path = shipped.resolve(value.strip(), flag=flag, function=function)
+  except configuration.ConfigError as e:
+    raise SweepError(str(e)) from None
+  shipped.make_importable(path)
+  return path
+
+
 def parse_variants(paths: Sequence[str]) -> tuple[Variant, ...]:
   variants = []
   for path in paths:
     path = path.strip()
     if not path:
       continue
+    path = resolve_name(path, flag="variant")
     file = path.split(":", 1)[0]
     if not os.path.isfile(file):
       raise SweepError(

@@ -1,0 +1,52 @@
+"""Export a trained run for serving: ``sslrec-export --workdir=DIR --out=EXPORT_DIR`` (or
+``python launch/export.py ...`` in a checkout).
+
+Writes the catalogue's item embeddings, the query tower (jax.export / StableHLO), the feature
+schema and vocabularies, and a manifest; see docs/serving.md. ``--step=N`` exports that checkpoint
+instead of the latest; an existing non-empty EXPORT_DIR is refused unless ``--overwrite``.
+"""
+
+import sys
+
+from absl import app, flags, logging
+
+from sslrec import cli
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by sslrec-train.")
+_OUT = flags.DEFINE_string("out", None, "Export directory to write.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing export in --out.")
+_PLATFORMS = flags.DEFINE_list(
+  "platforms", ["cpu", "cuda", "tpu"], "Platforms the query tower is lowered for."
+)
+flags.mark_flags_as_required(["workdir", "out"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.ERROR)  # orbax warns that the read-only checkpoint is read-only
+  from sslrec import export, serving, shipped
+
+  try:
+    export.export(
+      _WORKDIR.value,
+      _OUT.value,
+      step=_STEP.value,
+      overwrite=_OVERWRITE.value,
+      defaults=shipped.load("base"),
+      platforms=_PLATFORMS.value,
+    )
+  except (export.ExportError, serving.ServingError) + cli.USER_ERRORS as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def run():
+  """The ``sslrec-export`` console script."""
+  app.run(main, flags_parser=cli.parse_flags)
+
+
+if __name__ == "__main__":
+  run()
