@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 
-from sslrec import configuration
+from sslrec import configuration, paths
 
 
 class WorkdirError(ValueError):
@@ -36,14 +36,15 @@ def prepare(workdir: str, config_dict: dict, *, allow_config_change: bool) -> bo
   touching anything, when the saved config describes a different model and
   ``allow_config_change`` is False, or when the workdir cannot be written.
   """
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  wd = paths.check(workdir, flag="--workdir")  # a remote path's missing client: one line
+  if wd.exists() and not wd.is_dir():
     raise WorkdirError(f"--workdir={workdir} exists and is not a directory")
-  path = os.path.join(workdir, "config.json")
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  resuming = os.path.exists(path)
+  path = wd / "config.json"
+  ckpt_dir = wd / "checkpoints"
+  resuming = path.exists()
   if resuming:
     try:
-      with open(path) as f:
+      with path.open() as f:
         saved = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
       raise WorkdirError(
@@ -57,7 +58,7 @@ def prepare(workdir: str, config_dict: dict, *, allow_config_change: bool) -> bo
         "or pass --allow_config_change to continue that run with the new config (its "
         "checkpoints are kept)"
       )
-  elif os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+  elif ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
     raise WorkdirError(f"{workdir} has checkpoints but no config.json; refusing to reuse it")
   check_writable(workdir)  # every process: each writes its share of the checkpoints
   return resuming
@@ -67,22 +68,42 @@ def save_config(workdir: str, config_dict: dict) -> None:
   """Writes ``workdir/config.json`` (atomically); a saved config of a different model is kept
   aside as ``config.<time>.json``. Call after ``prepare`` has accepted the workdir, and only
   once the run has got far enough (its data loaded) that the config is known to be usable."""
-  path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
-    with open(path) as f:
+  wd = paths.path(workdir)
+  path = wd / "config.json"
+  if path.exists():
+    with path.open() as f:
       saved = json.load(f)
     if saved == config_dict:
       return
     if configuration.diff_model_fields(saved, config_dict):
-      os.replace(path, os.path.join(workdir, f"config.{int(time.time())}.json"))
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(config_dict, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+      path.rename(wd / f"config.{int(time.time())}.json")
+  _write_atomic(path, json.dumps(config_dict, indent=2, sort_keys=True))
+
+
+def _write_atomic(path, text: str) -> None:
+  """Writes ``text`` to the epath ``path``: through a renamed temporary file where the
+  filesystem has renames (local), directly where an object store writes whole objects."""
+  if not paths.is_remote(path):
+    tmp = os.fspath(path) + ".tmp"
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  else:
+    path.write_text(text)
 
 
 def check_writable(workdir: str) -> None:
   """Creates ``workdir`` if needed and a temporary file in it; WorkdirError when it cannot."""
+  if paths.is_remote(workdir):
+    wd = paths.check(workdir, flag="--workdir")
+    try:
+      wd.mkdir(parents=True, exist_ok=True)
+      probe = wd / f".write_probe.{os.getpid()}"
+      probe.write_bytes(b"x")
+      probe.unlink()
+    except OSError as e:
+      raise WorkdirError(f"--workdir={workdir} is not writable ({e})") from None
+    return
   try:
     os.makedirs(workdir, exist_ok=True)
     fd, probe = tempfile.mkstemp(prefix=".write_probe.", dir=workdir)
@@ -128,11 +149,10 @@ def truncate_logs(workdir: str, step: int) -> int:
   crash cut short), rewriting each file atomically. Returns the number of lines dropped."""
   dropped = 0
   for name in ("metrics.jsonl", "eval.jsonl"):
-    path = os.path.join(workdir, name)
-    if not os.path.exists(path):
+    path = paths.path(workdir) / name
+    if not path.exists():
       continue
-    with open(path) as f:
-      lines = f.read().splitlines()
+    lines = path.read_text().splitlines()
     kept = []
     for line in lines:
       try:
@@ -144,10 +164,7 @@ def truncate_logs(workdir: str, step: int) -> int:
     if len(kept) == len(lines):
       continue
     dropped += len(lines) - len(kept)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      f.write("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    _write_atomic(path, "".join(line + "\n" for line in kept))
   return dropped
 
 
@@ -165,12 +182,13 @@ class MetricsWriter:
     self.enabled = enabled
     self._tb = None
     self.workdir = workdir
+    self._remote = {}  # object stores cannot append: a remote file's lines, rewritten whole
     if enabled:
-      os.makedirs(workdir, exist_ok=True)
+      paths.path(workdir).mkdir(parents=True, exist_ok=True)
       try:  # imported lazily on purpose: only the writing process pays for it
         from tensorboardX import SummaryWriter
 
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge_step)
+        self._tb = SummaryWriter(paths.join(workdir, "tensorboard"), purge_step=purge_step)
       except ImportError:  # optional at import time; a dependency of the package
         self._tb = None
 
@@ -181,8 +199,15 @@ class MetricsWriter:
       return
     tags = dict(tags or {})
     record = {"step": int(step), **tags, **{k: _clean(v) for k, v in scalars.items()}}
-    with open(os.path.join(self.workdir, filename), "a") as f:
-      f.write(json.dumps(record) + "\n")
+    if paths.is_remote(self.workdir):
+      target = paths.path(self.workdir) / filename
+      if filename not in self._remote:
+        self._remote[filename] = target.read_text() if target.exists() else ""
+      self._remote[filename] += json.dumps(record) + "\n"
+      target.write_text(self._remote[filename])
+    else:
+      with open(os.path.join(self.workdir, filename), "a") as f:
+        f.write(json.dumps(record) + "\n")
     if self._tb is not None:
       tag_prefix = "train/"
       if filename.startswith("eval"):
@@ -198,10 +223,10 @@ class MetricsWriter:
 
 def read_jsonl(path: str) -> list[dict]:
   """The records of a .jsonl file; a last line cut short by a crash is skipped."""
-  if not os.path.exists(path):
+  p = paths.path(path)
+  if not p.exists():
     return []
-  with open(path) as f:
-    lines = [line for line in f if line.strip()]
+  lines = [line for line in p.read_text().splitlines() if line.strip()]
   records = [json.loads(line) for line in lines[:-1]]
   if lines:
     try:
