@@ -186,15 +186,15 @@ class MetricsWriter:
     if enabled:
       paths.path(workdir).mkdir(parents=True, exist_ok=True)
       try:  # imported lazily on purpose: only the writing process pays for it
-        from tensorboardX import SummaryWriter
+        from sslrec import tracking
 
-        self._tb = SummaryWriter(paths.join(workdir, "tensorboard"), purge_step=purge_step)
+        self._tb = tracking.TensorBoard(paths.join(workdir, "tensorboard"), purge_step=purge_step)
       except ImportError:  # optional at import time; a dependency of the package
         self._tb = None
 
   def write(self, filename: str, step: int, scalars: dict, *, tags: dict | None = None):
     """One JSON line ``{"step", **tags, **scalars}``; ``tags`` (e.g. ``{"split": "valid"}``) are
-    JSON only, scalars also go to TensorBoard (under ``<split>/`` for evaluations)."""
+    JSON only, scalars also go to TensorBoard (``train/loss``, ``valid/recall@50``, ...)."""
     if not self.enabled:
       return
     tags = dict(tags or {})
@@ -208,13 +208,18 @@ class MetricsWriter:
     else:
       with open(os.path.join(self.workdir, filename), "a") as f:
         f.write(json.dumps(record) + "\n")
+    if self._tb is not None:  # tags: sslrec.tracking.tag
+      self._tb.scalars(filename, step, scalars, tags)
+
+  def tensorboard(self, kind: str, step: int, scalars: dict, split: str | None = None):
+    """Scalars for TensorBoard only (``kind``: 'train' or 'eval', as the JSON file names)."""
+    if self.enabled and self._tb is not None:
+      self._tb.scalars(kind, step, scalars, {"split": split} if split else None)
+
+  def start(self, config_dict: dict, references=()):
+    """TensorBoard's HParams session and config text (sslrec.tracking)."""
     if self._tb is not None:
-      tag_prefix = "train/"
-      if filename.startswith("eval"):
-        tag_prefix = f"{tags['split']}/" if "split" in tags else "eval/"
-      for k, v in scalars.items():
-        self._tb.add_scalar(tag_prefix + k, float(v), int(step))
-      self._tb.flush()
+      self._tb.start(config_dict, references)
 
   def close(self):
     if self._tb is not None:
