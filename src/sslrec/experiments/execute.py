@@ -119,15 +119,22 @@ def execute(
   outcomes: dict[str, dict] = {}
   todo = []
   for run in sweep.runs:
-    if plan.final_eval(workdir, run) is not None:
+    if run.same_as is not None:  # shares an equivalent run's results (plan.NO_EFFECT)
+      outcomes[run.name] = {"status": "same", "returncode": 0, "seconds": 0.0}
+    elif plan.final_eval(workdir, run) is not None:
       outcomes[run.name] = {"status": "skipped", "returncode": 0, "seconds": 0.0}
     else:
       todo.append(run)
   total = len(sweep.runs)
+  same = sum(o["status"] == "same" for o in outcomes.values())
   say(
-    f"sweep: {total} runs in {workdir}/runs ({total - len(todo)} already finished, "
-    f"{len(todo)} to run, {parallel} at a time)"
+    f"sweep: {total} runs in {workdir}/runs ({total - len(todo) - same} already finished, "
+    f"{len(todo)} to run, {parallel} at a time"
+    + (f", {same} sharing an equivalent run's result" if same else "")
+    + ")"
   )
+  for note in sweep.notes:
+    say(f"note: {note}")
   running: dict[str, tuple[subprocess.Popen, plan.RunSpec, float, Any]] = {}
   failed = 0
   t0 = time.time()
@@ -135,10 +142,16 @@ def execute(
 
   def progress() -> str:
     done = sum(o["status"] != "failed" for o in outcomes.values())
+    left = total - len(outcomes) - len(running)
+    timed = [o["seconds"] for o in outcomes.values() if o["status"] in ("done", "failed")]
+    eta = ""
+    if timed and (left or running):  # the runs still to finish at the mean run time so far
+      per_run = sum(timed) / len(timed)
+      in_flight = sum(max(per_run - (time.time() - r[2]), 0.0) for r in running.values())
+      eta = f", eta {_fmt_time((left * per_run + in_flight) / max(parallel, 1))}"
     return (
-      f"{done}/{total} done, {len(running)} running, "
-      f"{total - len(outcomes) - len(running)} left, {failed} failed, "
-      f"{_fmt_time(time.time() - t0)}"
+      f"{done}/{total} done, {len(running)} running, {left} left, {failed} failed, "
+      f"{_fmt_time(time.time() - t0)}{eta}"
     )
 
   queue = list(todo)
@@ -227,9 +240,9 @@ def write_results(
   plot_paths, note = [], ""
   if draw:
     try:
-      plot_paths = plots.plot(sweep, summary, workdir)
+      plot_paths = plots.plot(sweep, summary, workdir, records=records, reference=reference)
     except ImportError:
-      note = "matplotlib is not installed: no plots (pip install -e '.[sweep]')"
+      note = "matplotlib is not installed: no plots (pip install matplotlib)"
   md = report.write_markdown(
     sweep, records, summary, workdir, command=command, plots=plot_paths, reference=reference
   )
