@@ -116,3 +116,13 @@ def test_remote_path_without_its_client_is_one_clear_error(tmp_path, monkeypatch
     paths.check("nope://x/y", flag="--workdir")
   assert paths.join("gs://b/x", "checkpoints") == "gs://b/x/checkpoints"
   assert paths.join("rel", "a") == os.path.join("rel", "a")
+
+
+def test_upload_copies_a_folder_through_epath(tmp_path):
+  src = tmp_path / "src"
+  (src / "sub").mkdir(parents=True)
+  (src / "a.json").write_text("{}")
+  (src / "sub" / "b.npy").write_bytes(b"\x00\x01")
+  paths.upload(str(src), str(tmp_path / "dst"))
+  assert (tmp_path / "dst" / "a.json").read_text() == "{}"
+  assert (tmp_path / "dst" / "sub" / "b.npy").read_bytes() == b"\x00\x01"

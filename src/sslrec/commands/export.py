@@ -27,17 +27,36 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.ERROR)  # orbax warns that the read-only checkpoint is read-only
-  from sslrec import export, serving, shipped
+  import tempfile
+
+  from sslrec import export, paths, serving, shipped
 
   try:
+    if paths.is_remote(_WORKDIR.value):
+      raise paths.PathError(
+        f"--workdir={_WORKDIR.value}: export reads a local run directory; copy it here first "
+        "(e.g. gsutil -m cp -r)"
+      )
+    out = _OUT.value
+    remote = paths.is_remote(out)
+    if remote:  # written locally, then copied through etils.epath
+      target = paths.check(out, flag="--out")
+      if target.exists() and any(target.iterdir()) and not _OVERWRITE.value:
+        raise export.ExportError(f"--out={out} is not empty; pass --overwrite to replace it")
+      tmp = tempfile.TemporaryDirectory(prefix="sslrec_export_")
+      out = tmp.name
     export.export(
       _WORKDIR.value,
-      _OUT.value,
+      out,
       step=_STEP.value,
-      overwrite=_OVERWRITE.value,
+      overwrite=_OVERWRITE.value or remote,
       defaults=shipped.load("base"),
       platforms=_PLATFORMS.value,
     )
+    if remote:
+      paths.upload(out, _OUT.value)
+      tmp.cleanup()
+      print(f"copied the export to {_OUT.value}", flush=True)
   except (export.ExportError, serving.ServingError) + cli.USER_ERRORS as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
