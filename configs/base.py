@@ -129,6 +129,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.early_stopping_patience = (
     0  # stop after this many validations without improvement (0 = off)
   )
+  c.train.profile_steps = ()  # (FIRST, LAST): jax.profiler trace of these steps in WORKDIR/profile
 
   c.eval = ml_collections.ConfigDict()
   c.eval.ks = (10, 50, 100)  # Recall@K cut-offs

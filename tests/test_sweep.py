@@ -79,12 +79,14 @@ def test_sweep_runs_every_point_in_its_own_directory(tiny_sweep):
   for name in NAMES:
     rd = wd / "runs" / name
     log = (rd / "log.txt").read_text()
-    assert log.startswith("$ ") and "launch/main.py" in log.splitlines()[0]
+    assert log.startswith("$ ") and "-m sslrec.commands.train" in log.splitlines()[0]
     assert json.loads((rd / "config.json").read_text())["loss"]["temperature"] == float(
       name.split("temperature=")[1].split("__")[0]
     )
     assert (rd / "eval.jsonl").exists()
   assert "4/4 done, 0 running, 0 left, 0 failed" in p.stdout
+  first_done = next(ln for ln in p.stdout.splitlines() if ln.startswith("done "))
+  assert ", eta " in first_done  # runs left after the first: their time at its duration
 
 
 def test_results_tables(tiny_sweep):
@@ -225,9 +227,14 @@ def _fabricate(wd, seeds=2):
     for k in (10, 50, 100):
       for part in ("", "/head", "/tail"):
         rec[f"recall@{k}{part}"] = 0.01 * (i % 7) + k / 1000
+    for d in range(10):
+      rec[f"recall@100/decile_{d}"] = 0.5 / (d + 1)
     with open(os.path.join(rd, "eval.jsonl"), "w") as f:
       f.write(json.dumps({"step": 3, "split": "valid", "recall@50": 0.0}) + "\n")
       f.write(json.dumps(rec) + "\n")
+    with open(os.path.join(rd, "metrics.jsonl"), "w") as f:
+      for step in (3, 7):
+        f.write(json.dumps({"step": step, "loss": 5.0 - step / 10}) + "\n")
   return s
 
 
@@ -248,11 +255,45 @@ def test_plots(tmp_path):
   pytest.importorskip("matplotlib")
   s = _fabricate(tmp_path)
   out = execute.write_results(s, str(tmp_path))
+  from PIL import Image
+
   names = sorted(os.path.basename(p) for p in out["plots"])
-  assert names == ["heatmap_alpha_tau.png", "recall_head_tail.png", "recall_vs_train_fraction.png"]
+  assert names == [
+    "heatmap_alpha_tau.png",
+    "learning_curves.png",
+    "paired_differences.png",
+    "recall_by_decile.png",
+    "recall_head_tail.png",
+    "recall_vs_train_fraction.png",
+  ]
   for p in out["plots"]:
     assert os.path.getsize(p) > 1000
-  assert "recall_head_tail.png" in (tmp_path / "results.md").read_text()
+    with Image.open(p) as im:
+      assert round(im.info["dpi"][0]) == 150, p
+  md = (tmp_path / "results.md").read_text()
+  assert "recall_head_tail.png" in md and "paired_differences.png" in md
+
+
+def test_points_that_cannot_differ_run_once(tmp_path):
+  """ssl.temperature does nothing at ssl.alpha=0: one run per seed there, shared with a note."""
+  s = plan.plan(
+    variants=["configs/smoke.py"],
+    grid=["ssl.alpha=0,0.5", "ssl.temperature=0.05,0.2"],
+    seeds=2,
+  )
+  assert len(s.runs) == 8
+  shared = [r for r in s.runs if r.same_as is not None]
+  assert len(shared) == 2  # alpha=0, tau=0.2, seeds 0 and 1
+  for r in shared:
+    (twin,) = [x for x in s.runs if x.name == r.same_as]
+    assert dict(r.values)["ssl.alpha"] == 0 and twin.seed == r.seed
+    assert dict(twin.values)["ssl.temperature"] == 0.05
+    assert plan.run_dir("W", r) == plan.run_dir("W", twin)
+  assert len(s.notes) == 1 and "ssl.temperature" in s.notes[0] and "ssl.alpha=0" in s.notes[0]
+  alone = plan.plan(variants=["configs/smoke.py"], grid=["ssl.temperature=0.05,0.2"])
+  assert all(r.same_as is None for r in alone.runs)  # alpha=1 (smoke's): every point runs
+  named = plan.plan(variants=["smoke", "cfm"], grid=["ssl.temperature=0.05,0.2"])
+  assert [v.label for v in named.variants] == ["smoke", "cfm"]
 
 
 def test_ctrl_c_lets_the_running_run_save_then_stops(tmp_path):

@@ -10,7 +10,7 @@ import sys
 import jax
 from absl import flags
 
-from sslrec import configuration, features, parallel, train
+from sslrec import configuration, features, parallel, paths, shipped, train
 from sslrec.data import table
 from sslrec.run import checkpointing, reliability, workdir
 
@@ -22,6 +22,7 @@ USER_ERRORS = (
   workdir.LogError,
   parallel.DistributedError,
   checkpointing.CheckpointError,
+  paths.PathError,
 )
 
 
@@ -161,6 +162,23 @@ def flag_error_message(argv, exc: BaseException) -> str:
   return f"bad command line: {text}"
 
 
+def resolve_config_flag(argv, flag: str = "--config", function: str = "get_config") -> list:
+  """``argv`` with a shipped config's name in ``--config=NAME[:ARG]`` replaced by its file's path
+  (``sslrec.shipped``), and that file's ``from configs import ...`` made importable. Raises
+  ConfigError (one line, listing the names) for an unknown name."""
+  argv = list(argv)
+  for i, arg in enumerate(argv[1:], start=1):
+    if arg.startswith(f"{flag}="):
+      value = shipped.resolve(arg.split("=", 1)[1], flag=flag, function=function)
+      argv[i] = f"{flag}={value}"
+    elif arg == flag and i + 1 < len(argv):
+      value = argv[i + 1] = shipped.resolve(argv[i + 1], flag=flag, function=function)
+    else:
+      continue
+    shipped.make_importable(value)
+  return argv
+
+
 def check_config_file(argv) -> str | None:
   """An error line when ``--config=PATH`` names a file that does not exist."""
   for i, arg in enumerate(argv[1:], start=1):
@@ -172,7 +190,10 @@ def check_config_file(argv) -> str | None:
     if path is not None:
       path = path.split(":", 1)[0]
       if not os.path.isfile(path):
-        return f"--config={path}: no such file (configs are in configs/, e.g. configs/base.py)"
+        return (
+          f"--config={path}: no such file (a path, or the name of a shipped config: "
+          f"{', '.join(shipped.names())})"
+        )
   return None
 
 
@@ -189,6 +210,11 @@ def parse_flags(argv, *, config_file: bool = False, set_aside: list | None = Non
       (set_aside if arg.startswith(("--config.", "--noconfig.")) else kept).append(arg)
     argv = kept
   if config_file:
+    try:
+      argv = resolve_config_flag(argv)
+    except configuration.ConfigError as e:
+      print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
+      sys.exit(2)
     bad = check_config_file(argv)
     if bad:
       print(f"error: {bad}", file=sys.stderr, flush=True)

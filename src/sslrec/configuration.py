@@ -35,6 +35,7 @@ RESUMABLE_FIELDS = frozenset(
     "data.prefetch",
     "eval.exclude_train_items",
     "train.skip_nonfinite",
+    "train.profile_steps",
     "train.num_epochs",
     "train.eval_every_epochs",
     "train.early_stopping_patience",

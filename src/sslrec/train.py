@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from sslrec import configuration, parallel
+from sslrec import configuration, parallel, tracking
 from sslrec import evaluate as evaluate_lib
 from sslrec import step as step_lib
 from sslrec.data import pipeline, sources, stats
@@ -516,7 +516,7 @@ def _train(config, workdir: str, stop, *, allow_config_change: bool = False) -> 
   manager = checkpoint_manager(workdir, config)
   best_manager = checkpointing.best_manager(workdir)
   sealer = checkpointing.Sealer(manager, enabled=is_main)  # saves, and stops on a failed one
-  writer = None
+  writer = profiler = None
   try:
     resumed = checkpointing.restore_latest(
       manager,
@@ -533,8 +533,12 @@ def _train(config, workdir: str, stop, *, allow_config_change: bool = False) -> 
       if dropped:
         _log(f"dropped {dropped} metrics / eval lines the interrupted run wrote after step {start}")
     writer = workdir_lib.MetricsWriter(workdir, enabled=is_main, purge_step=start + 1)
+    writer.start(configuration.to_dict(config), references=config.eval.references)
     num_steps = run.num_steps
     tc = config.train
+    lr = step_lib.learning_rate(config, num_steps)  # logged as train/learning_rate
+    eta = tracking.Eta(num_steps, run.eval_every)  # compilation left out, evaluation counted
+    profiler = tracking.Profiler(config, os.path.join(workdir, "profile"), enabled=is_main)
     last_saved = start if resumed is not None else None
     window = _Window(loop)
     selection = _Selection(loop, tc.select_metric, tc.early_stopping_patience)
@@ -544,7 +548,10 @@ def _train(config, workdir: str, stop, *, allow_config_change: bool = False) -> 
     first = start + 1 if not selection.stopped_early else num_steps + 1
     warned_flat = False
     for step in range(first, num_steps + 1):
+      profiler.before(step)
       window.add(step, run.step())
+      eta.stepped(step)
+      profiler.after(step, log=_log)
       n_window += 1
       sealer.flush_if_done()
       stopping = stop.should_stop(step) and step < num_steps
@@ -570,22 +577,27 @@ def _train(config, workdir: str, stop, *, allow_config_change: bool = False) -> 
         dt = time.time() - t_window
         scalars["examples_per_sec"] = n_window * tc.batch_size / max(dt, 1e-9)
         scalars["steps_per_sec"] = n_window / max(dt, 1e-9)
+        scalars["learning_rate"] = float(lr(step - 1))  # the rate of this step's update
+        if eta.step_seconds(step) is not None:
+          scalars["step_time_ms"] = 1000 * eta.step_seconds(step)
         writer.write("metrics.jsonl", step, scalars)
         if not warned_flat and step >= num_steps // 4:
           warned_flat = _warn_if_flat(scalars, config)
-        eta = (num_steps - step) / max(scalars["steps_per_sec"], 1e-9)
         parts = ", ".join(
           f"{k.split('/')[1]} {v:.4f}" for k, v in sorted(scalars.items()) if k.startswith("loss/")
         )
         skipped = f" | {window.skipped} skipped" if window.skipped else ""
         _log(
           f"step {step}/{num_steps} | loss {scalars.get('loss', float('nan')):.4f} "
-          f"({parts}) | {scalars['examples_per_sec']:,.0f} ex/s | eta {_fmt_duration(eta)}"
+          f"({parts}) | {scalars['examples_per_sec']:,.0f} ex/s | "
+          f"{tracking.format_eta(eta.seconds(step), _fmt_duration)}"
           f"{skipped}"
         )
         t_window, n_window = time.time(), 0
       if eval_now:
+        t_eval = time.time()
         valid = run.evaluate("valid")
+        eta.evaluated(time.time() - t_eval)
         writer.write("eval.jsonl", step, valid, tags={"split": "valid"})
         if selection.update(step, valid):
           _save_best(best_manager, step, run.state.params, sealer)
@@ -605,8 +617,10 @@ def _train(config, workdir: str, stop, *, allow_config_change: bool = False) -> 
           save_now = True
         t_window = time.time()
       if save_now:
+        t_save = time.time()
         loop_state = dict(window.state(), selection=selection.state())
         sealer.save(step, run.checkpoint_args(save=True, loop=loop_state))
+        eta.paused(time.time() - t_save)
         last_saved = step
         t_window = time.time()
       if step == kill_at:
@@ -644,6 +658,8 @@ def _train(config, workdir: str, stop, *, allow_config_change: bool = False) -> 
         + ")"
       )
     last_eval = run.evaluate("test", params, prior_weight=weight)
+    if selection.best_value is not None:  # the HParams dashboard's best validation column
+      writer.tensorboard("eval", last_step, {tc.select_metric: selection.best_value}, "valid_best")
     writer.write(
       "eval.jsonl",
       last_step,
@@ -660,6 +676,8 @@ def _train(config, workdir: str, stop, *, allow_config_change: bool = False) -> 
       + f" | checkpoint of step {selected}, selected by validation {tc.select_metric}"
     )
   finally:
+    if profiler is not None:
+      profiler.stop()
     try:
       sealer.flush()  # an in-flight save completes (and is sealed) whatever stopped the loop
     finally:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import sslrec
 from sslrec.experiments import plan, plots, report
 
 # ----------------------------------------------------------------------------------------------
@@ -62,15 +63,18 @@ def start_run(
   rd: str,
   flags: Sequence[str],
   *,
-  main_script: str,
+  main_script: str | Sequence[str],
   python: str = sys.executable,
   env: dict | None = None,
 ) -> tuple[subprocess.Popen, Any]:
-  """Starts ``main_script --config=variant_path --workdir=rd *flags`` with its output appended
-  to ``rd/log.txt`` (the command line first); returns the process and the open log file (the
-  caller closes it). A stale config.json with no checkpoint to resume is set aside first."""
+  """Starts ``python main_script --config=variant_path --workdir=rd *flags`` with its output
+  appended to ``rd/log.txt`` (the command line first); returns the process and the open log file
+  (the caller closes it). ``main_script``: a script's path, or the arguments that follow
+  ``python`` (``("-m", "sslrec.commands.train")``). A stale config.json with no checkpoint to
+  resume is set aside first."""
   os.makedirs(rd, exist_ok=True)
-  cmd = [python, main_script, f"--config={variant_path}", f"--workdir={rd}", *flags]
+  script = [main_script] if isinstance(main_script, str) else list(main_script)
+  cmd = [python, *script, f"--config={variant_path}", f"--workdir={rd}", *flags]
   log = open(os.path.join(rd, "log.txt"), "a")
   stale = _set_aside_stale_config(rd)
   if stale:
@@ -125,15 +129,22 @@ def execute(
   outcomes: dict[str, dict] = {}
   todo = []
   for run in sweep.runs:
-    if plan.final_eval(workdir, run) is not None:
+    if run.same_as is not None:  # shares an equivalent run's results (plan.NO_EFFECT)
+      outcomes[run.name] = {"status": "same", "returncode": 0, "seconds": 0.0}
+    elif plan.final_eval(workdir, run) is not None:
       outcomes[run.name] = {"status": "skipped", "returncode": 0, "seconds": 0.0}
     else:
       todo.append(run)
   total = len(sweep.runs)
+  same = sum(o["status"] == "same" for o in outcomes.values())
   say(
-    f"sweep: {total} runs in {workdir}/runs ({total - len(todo)} already finished, "
-    f"{len(todo)} to run, {parallel} at a time)"
+    f"sweep: {total} runs in {workdir}/runs ({total - len(todo) - same} already finished, "
+    f"{len(todo)} to run, {parallel} at a time"
+    + (f", {same} sharing an equivalent run's result" if same else "")
+    + ")"
   )
+  for note in sweep.notes:
+    say(f"note: {note}")
   running: dict[str, tuple[subprocess.Popen, plan.RunSpec, float, Any]] = {}
   failed = 0
   t0 = time.time()
@@ -141,10 +152,16 @@ def execute(
 
   def progress() -> str:
     done = sum(o["status"] != "failed" for o in outcomes.values())
+    left = total - len(outcomes) - len(running)
+    timed = [o["seconds"] for o in outcomes.values() if o["status"] in ("done", "failed")]
+    eta = ""
+    if timed and (left or running):  # the runs still to finish at the mean run time so far
+      per_run = sum(timed) / len(timed)
+      in_flight = sum(max(per_run - (time.time() - r[2]), 0.0) for r in running.values())
+      eta = f", eta {_fmt_time((left * per_run + in_flight) / max(parallel, 1))}"
     return (
-      f"{done}/{total} done, {len(running)} running, "
-      f"{total - len(outcomes) - len(running)} left, {failed} failed, "
-      f"{_fmt_time(time.time() - t0)}"
+      f"{done}/{total} done, {len(running)} running, {left} left, {failed} failed, "
+      f"{_fmt_time(time.time() - t0)}{eta}"
     )
 
   queue = list(todo)
@@ -248,9 +265,9 @@ def write_results(
   plot_paths, note = [], ""
   if draw:
     try:
-      plot_paths = plots.plot(sweep, summary, workdir)
+      plot_paths = plots.plot(sweep, summary, workdir, records=records, reference=reference)
     except ImportError:
-      note = "matplotlib is not installed: no plots (pip install -e '.[sweep]')"
+      note = "matplotlib is not installed: no plots (pip install matplotlib)"
   md = report.write_markdown(
     sweep, records, summary, workdir, command=command, plots=plot_paths, reference=reference
   )
@@ -279,7 +296,7 @@ def run_command(
   seeds: int | None = None,
   parallel: int = 1,
   overrides: Sequence[str] = (),
-  main_script: str,
+  main_script: str | Sequence[str],
   command: str = "",
   draw: bool = True,
   reference: str | None = None,
@@ -295,11 +312,16 @@ def run_command(
       raise plan.SweepError(f"--workdir={workdir} exists and is not a directory")
     if not isinstance(parallel, int) or parallel < 1:
       raise plan.SweepError(f"--parallel={parallel}: must be an integer >= 1")
+    if spec:
+      spec = plan.resolve_name(spec, flag="--spec", function="get_sweep")
     spec_args = plan.load_spec(spec) if spec else {"variants": [], "grid": [], "seeds": 1}
-    if config and not os.path.isfile(config.split(":", 1)[0]):
-      raise plan.SweepError(
-        f"--config={config}: no such file (configs are in configs/, e.g. configs/base.py)"
-      )
+    if config:
+      config = plan.resolve_name(config)
+      if not os.path.isfile(config.split(":", 1)[0]):
+        raise plan.SweepError(
+          f"--config={config}: no such file (a path, or a shipped config's name such as base)"
+        )
+    variants = [plan.resolve_name(v, flag="--variants") for v in variants if v.strip()]
     chosen = ([config] if config else []) + [v for v in variants if v != config]
     chosen = chosen or spec_args["variants"]
     grid_keys = {g.partition("=")[0].strip() for g in grid}
@@ -322,6 +344,9 @@ def run_command(
   with open(os.path.join(workdir, "sweep_command.txt"), "a") as f:
     f.write(command + "\n")
   env = dict(os.environ)
+  # Each run imports this process's sslrec (a checkout's src/ or the installed package).
+  here = os.path.dirname(os.path.dirname(os.path.abspath(sslrec.__file__)))
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
   try:
     outcomes = execute(sweep, workdir, main_script=main_script, parallel=parallel, env=env, out=out)
   except KeyboardInterrupt:

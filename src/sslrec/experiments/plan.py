@@ -27,7 +27,7 @@ import ml_collections
 from absl import flags as absl_flags
 from ml_collections.config_flags import config_flags
 
-from sslrec import configuration
+from sslrec import configuration, shipped
 from sslrec.run import workdir as workdir_lib
 
 _SAFE = re.compile(r"[^A-Za-z0-9._=+-]")
@@ -58,6 +58,8 @@ class RunSpec:
     flags: the ``--config.KEY=VALUE`` flags passed to main.py (fixed overrides, grid, seed).
     num_steps: the run's final step (``train.num_steps``).
     values: the parsed grid values, ``{key: value}`` (for the report).
+    same_as: the name of the run this one cannot differ from (``NO_EFFECT``): it is not run, its
+      results are that run's.
   """
 
   name: str
@@ -67,6 +69,25 @@ class RunSpec:
   flags: tuple[str, ...]
   num_steps: int
   values: tuple[tuple[str, Any], ...]
+  same_as: str | None = None
+
+
+# Fields that cannot change a run while a condition holds: (condition, its text, fields). Grid
+# points that differ only in such fields run once (the others share its results, with a note).
+NO_EFFECT = (
+  (
+    lambda c: float(c.ssl.alpha) == 0.0,
+    "ssl.alpha=0",
+    ("ssl.temperature", "ssl.mask_fraction", "ssl.dropout_rate"),
+  ),
+)
+
+
+def _no_effect_keys(config) -> tuple[str, tuple[str, ...]] | None:
+  for condition, text, fields in NO_EFFECT:
+    if condition(config):
+      return text, fields
+  return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +97,7 @@ class Sweep:
   seeds: tuple[int, ...]
   overrides: tuple[str, ...]  # fixed --config.KEY=VALUE flags applied to every run
   runs: tuple[RunSpec, ...]
+  notes: tuple[str, ...] = ()  # e.g. the grid points that run once
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,12 +156,24 @@ def variant_label(path: str) -> str:
   return arg or os.path.splitext(os.path.basename(file))[0]
 
 
+def resolve_name(value: str, *, flag: str = "--config", function: str = "get_config") -> str:
+  """A config (or spec) given by path or by a shipped name (``base``, ``movielens:cfm``,
+  ``paper``) as a path; SweepError (listing the names) for an unknown name."""
+  try:
+    path = shipped.resolve(value.strip(), flag=flag, function=function)
+  except configuration.ConfigError as e:
+    raise SweepError(str(e)) from None
+  shipped.make_importable(path)
+  return path
+
+
 def parse_variants(paths: Sequence[str]) -> tuple[Variant, ...]:
   variants = []
   for path in paths:
     path = path.strip()
     if not path:
       continue
+    path = resolve_name(path, flag="variant")
     file = path.split(":", 1)[0]
     if not os.path.isfile(file):
       raise SweepError(
@@ -304,7 +338,7 @@ def plan(
       raise SweepError(f"--grid {key} is also a fixed override --config.{key}; give it once")
   if "seed" in fixed_keys and seeds > 1:
     raise SweepError("--config.seed with --seeds > 1: the sweep sets the seeds")
-  runs, names = [], {}
+  runs, names, canonical, shared = [], {}, {}, {}
   keys = [k for k, _ in grid_items]
   for variant in variant_list:
     raw = build_config(variant.path, ())
@@ -337,6 +371,15 @@ def plan(
         flags = (*overrides, *grid_flags, *seed_flags)
         values = tuple((k, _get(config, k)) for k in keys)
         name = run_name(variant.label, values, run_seed)
+        same_as = None
+        idle = _no_effect_keys(config)
+        if idle and any(k in idle[1] for k in keys):
+          sig = (variant.label, run_seed, tuple((k, v) for k, v in point if k not in idle[1]))
+          same_as = canonical.setdefault(sig, name)
+          if same_as == name:
+            same_as = None
+          else:
+            shared.setdefault(idle[0], set()).update(k for k in keys if k in idle[1])
         if name in names:
           raise SweepError(
             f"runs {names[name]} and {flags} get the same directory {name!r} "
@@ -352,14 +395,23 @@ def plan(
             flags=flags,
             num_steps=int(config.train.num_steps),
             values=values,
+            same_as=same_as,
           )
         )
+  notes = []
+  for text, fields in shared.items():
+    n = sum(r.same_as is not None for r in runs)
+    notes.append(
+      f"{', '.join(sorted(fields))} cannot change a run at {text}: those grid points run once "
+      f"({n} runs share the result of an equivalent one)"
+    )
   return Sweep(
     variants=variant_list,
     grid=grid_items,
     seeds=tuple(range(seeds)),
     overrides=tuple(overrides),
     runs=tuple(runs),
+    notes=tuple(notes),
   )
 
 
@@ -368,7 +420,8 @@ def plan(
 
 
 def run_dir(workdir: str, run: RunSpec) -> str:
-  return os.path.join(workdir, "runs", run.name)
+  """The run's directory (for a run ``same_as`` another, that one's: it shares its results)."""
+  return os.path.join(workdir, "runs", run.same_as or run.name)
 
 
 def final_eval(workdir: str, run: RunSpec) -> dict | None:

@@ -286,6 +286,8 @@ def write_markdown(
     f"Cells: mean ± sample std over seeds (n = finished seeds; std omitted for n = 1); "
     "every metric of every run is in results.csv / summary.csv.",
     "",
+    *[f"Note: {note}." for note in sweep.notes],
+    *([""] if sweep.notes else []),
     markdown_table(sweep, summary),
     "",
   ]

@@ -30,6 +30,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from sslrec import paths
+
 SEAL = "SEAL"  # per-checkpoint file: {relative path: [size, crc32]}
 TMP_MARK = ".orbax-checkpoint-tmp"
 BAD_DIR = "checkpoints_bad"
@@ -49,13 +51,18 @@ class CheckpointMismatch(ValueError):
   """An intact checkpoint whose contents do not fit the run (shapes / structure)."""
 
 
+def _abs(workdir: str) -> str:
+  """A local workdir made absolute; a remote one (``gs://...``) as given."""
+  return workdir if paths.is_remote(workdir) else os.path.abspath(workdir)
+
+
 def directory(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  return paths.join(_abs(workdir), "checkpoints")
 
 
 def best_directory(workdir: str) -> str:
   """The parameters of the checkpoint selected on validation (``train.select_metric``)."""
-  return os.path.join(os.path.abspath(workdir), "best")
+  return paths.join(_abs(workdir), "best")
 
 
 def best_manager(workdir: str):
@@ -114,7 +121,10 @@ def _crc(path: str) -> int:
 
 
 def seal(step_dir: str) -> None:
-  """Writes the seal of a completed checkpoint (atomically: a crash leaves no partial seal)."""
+  """Writes the seal of a completed checkpoint (atomically: a crash leaves no partial seal).
+  A remote checkpoint is not sealed: its object store's writes are whole (orbax commits it)."""
+  if paths.is_remote(step_dir):
+    return
   entries = {
     rel: [os.path.getsize(os.path.join(step_dir, rel)), _crc(os.path.join(step_dir, rel))]
     for rel in _files(step_dir)
@@ -127,6 +137,8 @@ def seal(step_dir: str) -> None:
 
 def verify(step_dir: str) -> tuple[str, str]:
   """``('ok' | 'unsealed' | 'bad', detail)``: the checkpoint's files against its seal."""
+  if paths.is_remote(step_dir):
+    return "unsealed", "remote (not sealed)"
   path = os.path.join(step_dir, SEAL)
   if not os.path.exists(path):
     return "unsealed", "no seal"

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 
-from sslrec import configuration
+from sslrec import configuration, paths
 from sslrec.run import lock as lock_lib
 
 LOCK = ".lock"  # WORKDIR/.lock: the run that owns the workdir (sslrec.run.lock)
@@ -39,14 +39,15 @@ def prepare(workdir: str, config_dict: dict, *, allow_config_change: bool) -> bo
   touching anything, when the saved config describes a different model and
   ``allow_config_change`` is False, or when the workdir cannot be written.
   """
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  wd = paths.check(workdir, flag="--workdir")  # a remote path's missing client: one line
+  if wd.exists() and not wd.is_dir():
     raise WorkdirError(f"--workdir={workdir} exists and is not a directory")
-  path = os.path.join(workdir, "config.json")
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  resuming = os.path.exists(path)
+  path = wd / "config.json"
+  ckpt_dir = wd / "checkpoints"
+  resuming = path.exists()
   if resuming:
     try:
-      with open(path) as f:
+      with path.open() as f:
         saved = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
       raise WorkdirError(
@@ -65,7 +66,7 @@ def prepare(workdir: str, config_dict: dict, *, allow_config_change: bool) -> bo
         "or pass --allow_config_change to continue that run with the new config (its "
         "checkpoints are kept)"
       )
-  elif os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+  elif ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
     raise WorkdirError(f"{workdir} has checkpoints but no config.json; refusing to reuse it")
   check_writable(workdir)  # every process: each writes its share of the checkpoints
   return resuming
@@ -112,22 +113,42 @@ def save_config(workdir: str, config_dict: dict) -> None:
   """Writes ``workdir/config.json`` (atomically); a saved config of a different model is kept
   aside as ``config.<time>.json``. Call after ``prepare`` has accepted the workdir, and only
   once the run has got far enough (its data loaded) that the config is known to be usable."""
-  path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
-    with open(path) as f:
+  wd = paths.path(workdir)
+  path = wd / "config.json"
+  if path.exists():
+    with path.open() as f:
       saved = json.load(f)
     if saved == config_dict:
       return
     if configuration.diff_model_fields(saved, config_dict):
-      os.replace(path, os.path.join(workdir, f"config.{int(time.time())}.json"))
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(config_dict, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+      path.rename(wd / f"config.{int(time.time())}.json")
+  _write_atomic(path, json.dumps(config_dict, indent=2, sort_keys=True))
+
+
+def _write_atomic(path, text: str) -> None:
+  """Writes ``text`` to the epath ``path``: through a renamed temporary file where the
+  filesystem has renames (local), directly where an object store writes whole objects."""
+  if not paths.is_remote(path):
+    tmp = os.fspath(path) + ".tmp"
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  else:
+    path.write_text(text)
 
 
 def check_writable(workdir: str) -> None:
   """Creates ``workdir`` if needed and a temporary file in it; WorkdirError when it cannot."""
+  if paths.is_remote(workdir):
+    wd = paths.check(workdir, flag="--workdir")
+    try:
+      wd.mkdir(parents=True, exist_ok=True)
+      probe = wd / f".write_probe.{os.getpid()}"
+      probe.write_bytes(b"x")
+      probe.unlink()
+    except OSError as e:
+      raise WorkdirError(f"--workdir={workdir} is not writable ({e})") from None
+    return
   try:
     os.makedirs(workdir, exist_ok=True)
     fd, probe = tempfile.mkstemp(prefix=".write_probe.", dir=workdir)
@@ -173,11 +194,10 @@ def truncate_logs(workdir: str, step: int) -> int:
   crash cut short), rewriting each file atomically. Returns the number of lines dropped."""
   dropped = 0
   for name in ("metrics.jsonl", "eval.jsonl"):
-    path = os.path.join(workdir, name)
-    if not os.path.exists(path):
+    path = paths.path(workdir) / name
+    if not path.exists():
       continue
-    with open(path) as f:
-      lines = f.read().splitlines()
+    lines = path.read_text().splitlines()
     kept = []
     for line in lines:
       try:
@@ -190,10 +210,7 @@ def truncate_logs(workdir: str, step: int) -> int:
     if len(kept) == len(lines):
       continue
     dropped += len(lines) - len(kept)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      f.write("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    _write_atomic(path, "".join(line + "\n" for line in kept))
   return dropped
 
 
@@ -211,32 +228,44 @@ class MetricsWriter:
     self.enabled = enabled
     self._tb = None
     self.workdir = workdir
+    self._remote = {}  # object stores cannot append: a remote file's lines, rewritten whole
     if enabled:
-      os.makedirs(workdir, exist_ok=True)
+      paths.path(workdir).mkdir(parents=True, exist_ok=True)
       try:  # imported lazily on purpose: only the writing process pays for it
-        from tensorboardX import SummaryWriter
+        from sslrec import tracking
 
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge_step)
+        self._tb = tracking.TensorBoard(paths.join(workdir, "tensorboard"), purge_step=purge_step)
       except ImportError:  # optional at import time; a dependency of the package
         self._tb = None
 
   def write(self, filename: str, step: int, scalars: dict, *, tags: dict | None = None):
     """One JSON line ``{"step", **tags, **scalars}``; ``tags`` (e.g. ``{"split": "valid"}``) are
-    JSON only, scalars also go to TensorBoard (under ``<split>/`` for evaluations)."""
+    JSON only, scalars also go to TensorBoard (``train/loss``, ``valid/recall@50``, ...)."""
     if not self.enabled:
       return
     tags = dict(tags or {})
     record = {"step": int(step), **tags, **{k: _clean(v) for k, v in scalars.items()}}
-    with open(os.path.join(self.workdir, filename), "a") as f:
-      f.write(json.dumps(record) + "\n")
+    if paths.is_remote(self.workdir):
+      target = paths.path(self.workdir) / filename
+      if filename not in self._remote:
+        self._remote[filename] = target.read_text() if target.exists() else ""
+      self._remote[filename] += json.dumps(record) + "\n"
+      target.write_text(self._remote[filename])
+    else:
+      with open(os.path.join(self.workdir, filename), "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if self._tb is not None:  # tags: sslrec.tracking.tag
+      self._tb.scalars(filename, step, scalars, tags)
+
+  def tensorboard(self, kind: str, step: int, scalars: dict, split: str | None = None):
+    """Scalars for TensorBoard only (``kind``: 'train' or 'eval', as the JSON file names)."""
+    if self.enabled and self._tb is not None:
+      self._tb.scalars(kind, step, scalars, {"split": split} if split else None)
+
+  def start(self, config_dict: dict, references=()):
+    """TensorBoard's HParams session and config text (sslrec.tracking)."""
     if self._tb is not None:
-      tag_prefix = "train/"
-      if filename.startswith("eval"):
-        tag_prefix = f"{tags['split']}/" if "split" in tags else "eval/"
-      for k, v in scalars.items():
-        if math.isfinite(float(v)):  # an empty slice's NaN (no cold items) has no point to draw
-          self._tb.add_scalar(tag_prefix + k, float(v), int(step))
-      self._tb.flush()
+      self._tb.start(config_dict, references)
 
   def close(self):
     if self._tb is not None:
@@ -250,11 +279,11 @@ class LogError(ValueError):
 def read_jsonl(path: str) -> list[dict]:
   """The records of a .jsonl file; a last line cut short by a crash is skipped. Raises LogError
   naming ``path:line`` for any other line that is not a JSON object."""
-  if not os.path.exists(path):
+  p = paths.path(path)
+  if not p.exists():
     return []
   try:
-    with open(path, encoding="utf-8") as f:
-      lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+    lines = [(i, line) for i, line in enumerate(p.read_text().splitlines(), 1) if line.strip()]
   except (OSError, UnicodeDecodeError) as e:
     raise LogError(f"{path}: cannot read it ({e})") from None
   records = []
