@@ -216,3 +216,25 @@ def test_chunked_sharded_top_k_matches_numpy():
   v, ids = parallel.make_sharded_top_k(mesh, 50, n, chunk=128)(q, arr)
   expect = np.argsort(-(q @ items.T), axis=1)[:, :50]
   np.testing.assert_array_equal(np.asarray(ids), expect)
+
+
+def test_bench_reads_collective_bytes_from_hlo_and_passes_config_overrides():
+  from sslrec.experiments import bench
+
+  hlo = "\n".join(
+    [
+      "  %p = f32[64,8]{1,0} parameter(0)",
+      '  %all-gather = s32[64,1]{1,0} all-gather(%x), dimensions={0}, metadata={op_name="jit(f)/'
+      'embeddings/gather"}',
+      '  %rs = f32[16,8]{1,0} reduce-scatter(%p), dimensions={0}, metadata={op_name="jit(f)/loss"}',
+      "  %a2a = (f32[1,4]{1,0}, f32[1,4]{1,0}) all-to-all(%p, %p), metadata={op_name="
+      '"jit(f)/embeddings/overflow/x"}',
+      "  ROOT %all-reduce.1 = f32[] all-reduce(%y), to_apply=%add",
+    ]
+  )
+  # all-gather 256 B + reduce-scatter (its operand, 2048 B) + all-reduce 4 B; overflow excluded
+  assert bench.collective_bytes(hlo) == (256 + 2048 + 4, 3)
+  assert bench.collective_bytes(hlo, "embeddings") == (256, 1)
+  assert bench.collective_bytes(hlo, "embeddings", exclude=None) == (256 + 4096, 2)
+  argv = ["--quick", "--config.ssl.alpha=0.5", "--config.data.num_items", "500", "--out=x"]
+  assert bench.config_args(argv) == ["--config.ssl.alpha=0.5", "--config.data.num_items=500"]

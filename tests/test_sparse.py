@@ -210,3 +210,19 @@ def test_owner_routing_overflow_path_matches_gather():
     ),
     steps=1,
   )
+
+
+def test_unroutable_mesh_and_bad_routing_are_config_errors():
+  import pytest
+
+  from sslrec import configuration, errors, parallel
+  from tests.conftest import tiny_config
+
+  mesh = parallel.make_mesh((4, 2), ("data", "model"), jax.devices()[:8])
+  with pytest.raises(errors.ConfigError, match="embedding_routing='owner'.*mesh"):
+    sparse.check_routable(mesh)
+  sparse.check_routable(parallel.make_mesh((8,), ("data",), jax.devices()[:8]))  # routable
+  config = tiny_config()
+  config.optimizer.embedding_routing = "scatter"
+  with pytest.raises(errors.ConfigError, match="optimizer.embedding_routing"):
+    configuration.validate(config)

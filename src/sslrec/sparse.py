@@ -427,6 +427,11 @@ class RoutedPlan:
       self._aux[key] = res[len(ids) :]
     return out
 
+  def overflowed(self) -> Array:
+    """Whether this step took the full-capacity path for some table (after ``gather``)."""
+    flags = [aux[-1].any() for aux in self._aux.values()]
+    return jnp.any(jnp.stack(flags)) if flags else jnp.zeros((), bool)
+
   def lookup(self, rows: Mapping[tuple, Array], *calls: TowerCall) -> dict[str, Any]:
     """The ``ids`` argument of the model for ``calls`` (several: concatenated along the batch
     axis): ``{table: (ids, rows looked up [ids shape..., D], True)}``."""

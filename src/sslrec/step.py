@@ -424,6 +424,7 @@ def train_step(
       max_norm=clip,
     )
     metrics["grad_norm"] = norm
+    metrics["sparse/routing_overflow"] = plan.overflowed().astype(jnp.float32)
     if clip > 0:
       scale = jnp.minimum(1.0, clip / (norm + 1e-12))
       dense_grads = jax.tree.map(lambda g: g * scale, dense_grads)

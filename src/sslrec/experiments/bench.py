@@ -12,7 +12,8 @@ subprocess so that its peak RSS is its own. Records (a list, written as JSON by 
   {"benchmark": "mi_stats", "items": ..., "seconds": ..., "repeats": ...}
   {"benchmark": "eval", "items": ..., "queries_per_sec": ..., "repeats": ...}
   {"benchmark": "collectives", "part": "embeddings" | "step", "devices": n,
-   "per_device_batch": b, "bytes_per_device": x, "collectives": count, "variant": ...,
+   "per_device_batch": b, "bytes_per_device": x, "collectives": count,
+   "overflow_bytes_per_device": ..., "variant": ...,
    "update": ..., "table_rows": ...}
 
 Every ``--config.*`` override of the command reaches every measurement, the train-step
@@ -251,10 +252,15 @@ def _array_bytes(shape_text: str) -> list[int]:
   return out
 
 
-def collective_bytes(hlo_text: str, scope: str | None = None) -> tuple[int, int]:
+def collective_bytes(
+  hlo_text: str, scope: str | None = None, exclude: str | None = "overflow"
+) -> tuple[int, int]:
   """``(bytes, count)`` of the collectives of an optimised (per-device, SPMD-partitioned) HLO
   module: each counted by the larger of its result and its operands (an async ``-start``: its
-  largest buffer). ``scope``: only ops whose ``op_name`` metadata lies under this named scope."""
+  largest buffer). ``scope``: only ops whose ``op_name`` metadata lies under this named scope;
+  ``exclude``: without those under this one (default: the owner-routed path's full-capacity
+  fallback, ``sparse.RoutedPlan``, which runs only in a step whose ids overflow a buffer; its
+  bytes are the records' ``overflow_bytes_per_device``)."""
   shapes = {}
   for line in hlo_text.splitlines():
     m = _INSTR.match(line)
@@ -266,6 +272,8 @@ def collective_bytes(hlo_text: str, scope: str | None = None) -> tuple[int, int]
     if not m:
       continue
     if scope is not None and not re.search(rf'op_name="[^"]*\b{re.escape(scope)}/', line):
+      continue
+    if exclude is not None and re.search(rf'op_name="[^"]*\b{re.escape(exclude)}/', line):
       continue
     _name, result, _op, start, operands = m.groups()
     res = _array_bytes(result)
@@ -292,6 +300,7 @@ def collectives_records(
   out = []
   for part, scope in (("embeddings", "embeddings"), ("step", None)):
     b, c = collective_bytes(hlo, scope)
+    b_all, _ = collective_bytes(hlo, scope, exclude=None)
     out.append(
       {
         "benchmark": "collectives",
@@ -300,6 +309,7 @@ def collectives_records(
         "per_device_batch": per_device_batch,
         "bytes_per_device": b,
         "collectives": c,
+        "overflow_bytes_per_device": b_all - b,
         "variant": variant,
         "update": update,
         "table_rows": table_rows,
