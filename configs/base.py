@@ -56,6 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.item_hidden = (256,)  # item tower hidden layer widths
   c.model.output_dim = 64  # embedding width of both towers (retrieval space)
   c.model.table_row_multiple = 128  # table rows padded to a multiple (row shards must divide it)
+  c.model.replicate_table_rows = 0  # tables with fewer rows are replicated, not row-sharded
   c.model.dtype = "float32"  # compute dtype of the towers: 'float32' | 'bfloat16'
   # training: prob. each query feature of a pair is replaced by its learned default (0 = off)
   c.model.query_feature_dropout = 0.0
@@ -109,6 +110,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.optimizer.sparse_min_rows = (
     0  # sparse: smaller tables keep the dense optimizer (0 = every table sparse)
   )
+  # sparse: how row-sharded tables are reached: 'gather' (global dedupe; traffic grows with the
+  # devices) | 'owner' (ids all-to-all to the row's shard; traffic constant in the devices)
+  c.optimizer.embedding_routing = "gather"
+  c.optimizer.routing_capacity = 2.0  # owner: per-destination ids = ceil(this * slots / devices)
   c.optimizer.embedding_initial_accumulator = (
     0.0  # sparse rowwise_adagrad start; 0 = batch-aware 400 / train.batch_size**2 (docs/method.md)
   )

@@ -235,6 +235,6 @@ def test_bench_reads_collective_bytes_from_hlo_and_passes_config_overrides():
   # all-gather 256 B + reduce-scatter (its operand, 2048 B) + all-reduce 4 B; overflow excluded
   assert bench.collective_bytes(hlo) == (256 + 2048 + 4, 3)
   assert bench.collective_bytes(hlo, "embeddings") == (256, 1)
-  assert bench.collective_bytes(hlo, "embeddings", exclude=None) == (256 + 2048, 2)
+  assert bench.collective_bytes(hlo, "embeddings", exclude=None) == (256 + 4096, 2)
   argv = ["--quick", "--config.ssl.alpha=0.5", "--config.data.num_items", "500", "--out=x"]
   assert bench.config_args(argv) == ["--config.ssl.alpha=0.5", "--config.data.num_items=500"]

@@ -331,6 +331,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
     "a number > 0",
   )
   _check(
+    _is_int(g("model.replicate_table_rows")) and g("model.replicate_table_rows") >= 0,
+    "model.replicate_table_rows",
+    g("model.replicate_table_rows"),
+    "an integer >= 0 (0 = every table row-sharded)",
+  )
+  _check(
+    g("optimizer.embedding_routing") in sparse.ROUTINGS,
+    "optimizer.embedding_routing",
+    g("optimizer.embedding_routing"),
+    f"one of {sparse.ROUTINGS}",
+  )
+  _check(
+    _is_num(g("optimizer.routing_capacity")) and g("optimizer.routing_capacity") >= 1,
+    "optimizer.routing_capacity",
+    g("optimizer.routing_capacity"),
+    "a number >= 1",
+  )
+  _check(
     _is_int(g("optimizer.sparse_min_rows")) and g("optimizer.sparse_min_rows") >= 0,
     "optimizer.sparse_min_rows",
     g("optimizer.sparse_min_rows"),

@@ -3,7 +3,8 @@
 Sharding rules (the train and eval steps are compiled with these explicit in/out shardings):
   * batches: leading (batch) dimension on the 'data' axis;
   * embedding tables (parameters named ``*_table``, ``[rows, dim]``) and their optimizer state:
-    row-sharded on the 'model' axis when the mesh has one of size > 1, otherwise over *all* mesh
+    replicated below ``model.replicate_table_rows`` rows, otherwise row-sharded on the 'model'
+    axis when the mesh has one of size > 1, otherwise over *all* mesh
     axes (with the default 1-D mesh: over every device). Rows are padded to a multiple of
     ``model.table_row_multiple`` so any shard count dividing it works;
   * every other parameter (MLPs, default embeddings) and optimizer state: replicated.
@@ -162,15 +163,17 @@ def _is_table(path) -> bool:
   return any(isinstance(k, jax.tree_util.DictKey) and str(k.key).endswith("_table") for k in path)
 
 
-def state_shardings(state, mesh: Mesh):
+def state_shardings(state, mesh: Mesh, replicate_rows: int = 0):
   """Shardings for a pytree holding parameters and optimizer state (see the module rules):
-  any array under a ``*_table`` key is split on its first (row) dimension."""
+  any array under a ``*_table`` key is split on its first (row) dimension, unless it has fewer
+  than ``replicate_rows`` rows (``model.replicate_table_rows``: a small table is replicated, so
+  its lookups need no communication)."""
   axes = table_axes(mesh)
   rep = replicated(mesh)
 
   def rule(path, x):
     nd = len(np.shape(x))
-    if _is_table(path) and nd >= 1:
+    if _is_table(path) and nd >= 1 and np.shape(x)[0] >= replicate_rows:
       return NamedSharding(mesh, P(axes, *([None] * (nd - 1))))
     return rep
 
@@ -181,7 +184,9 @@ def _host_memory_bytes() -> int:
   return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_memory(abstract_state, mesh: Mesh, *, dense_update: bool, fraction: float = 0.8) -> None:
+def check_memory(
+  abstract_state, mesh: Mesh, *, dense_update: bool, fraction: float = 0.8, replicate_rows: int = 0
+) -> None:
   """Refuses, before anything is allocated, a train state that cannot fit.
 
   Counts the bytes of every array of the state per device after sharding (dense updates also
@@ -189,7 +194,7 @@ def check_memory(abstract_state, mesh: Mesh, *, dense_update: bool, fraction: fl
   (``memory_stats()['bytes_limit']``) or, on CPU, where all devices share the host, the host's
   physical memory. Raises ConfigError with the bytes needed.
   """
-  shardings = state_shardings(abstract_state, mesh)
+  shardings = state_shardings(abstract_state, mesh, replicate_rows)
 
   def per_device(x, s):
     n = math.prod(x.shape) * np.dtype(x.dtype).itemsize

@@ -16,6 +16,22 @@ state), so the step slows down in proportion to the vocabulary. The sparse path 
 Step cost is then O(U * D), independent of the number of rows. Untouched rows and their optimizer
 state stay bit-identical.
 
+Two ways to reach row-sharded tables (``optimizer.embedding_routing``):
+
+  * ``'gather'`` (``Plan``): every device deduplicates the *global* id list and the partitioner
+    all-reduces the gathered rows and their gradients at global size: per-device traffic grows
+    with the device count;
+  * ``'owner'`` (``RoutedPlan``, TorchRec / SparseCore style): inside ``jax.shard_map`` each
+    device deduplicates its *own* ids, sends each to the shard that owns its row (all-to-all),
+    gets the rows back (all-to-all), and after the backward pass sends each row's gradient to
+    the owner (all-to-all), which sums what every device sent for that row and applies the
+    row-wise optimizer to its own rows in place. Per-destination buffers hold
+    ``ceil(routing_capacity * L / n)`` ids (``L`` = the device's id slots of the table, ``n``
+    devices), so per-device traffic stays constant in ``n`` at a fixed per-device batch; a step
+    in which some device has more distinct ids for one owner than that takes the exact
+    full-capacity path instead (``lax.cond``, the same on every device; never wrong, only
+    slower).
+
 Tables with fewer than ``optimizer.sparse_min_rows`` rows stay with the dense parameters and their
 optax optimizer: a batch touches most of a small table anyway, and deduplicating ids costs a sort.
 
@@ -29,12 +45,14 @@ Optimizers (``optimizer.embedding_optimizer``):
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
+from jax.sharding import PartitionSpec as P
 
 from sslrec import features as features_lib
 from sslrec.model import embeddings
@@ -229,7 +247,8 @@ class Plan:
 
   def gather(self, tables: Mapping[TableKey, Array]) -> dict[TableKey, Array]:
     """The rows of every planned table the step reads: ``{(scope, table): [U, D]}``."""
-    return {key: gather_rows(tables[key], uniq) for key, uniq in self.uniq.items()}
+    with jax.named_scope("embeddings"):
+      return {key: gather_rows(tables[key], uniq) for key, uniq in self.uniq.items()}
 
   def lookup(self, rows: Mapping[TableKey, Array], *calls: TowerCall) -> dict[str, Any]:
     """The ``ids`` argument of the model for ``calls`` (several: their batches concatenated
@@ -258,12 +277,256 @@ class Plan:
     Adagrad would undo); returns the new tables and their optimizer state
     (``{"<scope>/<table>": ...}``)."""
     new_tables, new_state = dict(tables), dict(emb_state)
-    for key, uniq in self.uniq.items():
-      skey = state_key(key)
-      new_tables[key], new_state[skey] = opt.update(
-        tables[key], emb_state[skey], uniq, row_grads[key], step, lr_scale
-      )
+    with jax.named_scope("embeddings"):
+      for key, uniq in self.uniq.items():
+        skey = state_key(key)
+        new_tables[key], new_state[skey] = opt.update(
+          tables[key], emb_state[skey], uniq, row_grads[key], step, lr_scale
+        )
     return new_tables, new_state
+
+
+ROUTINGS = ("gather", "owner")  # optimizer.embedding_routing
+
+
+def check_routable(mesh) -> None:
+  """Owner routing needs the tables' rows and the batches split over the same devices: every
+  mesh axis other than 'data' of size 1. Raises ConfigError naming the fields otherwise."""
+  other = {a: mesh.shape[a] for a in mesh.axis_names if a != "data" and mesh.shape[a] > 1}
+  if other:
+    from sslrec import errors
+
+    raise errors.ConfigError(
+      f"config.optimizer.embedding_routing='owner' cannot route on config.mesh.axes="
+      f"{tuple(mesh.axis_names)} / config.mesh.shape={tuple(mesh.devices.shape)}: the tables "
+      f"are split over {other} but the batches over 'data'; use a mesh whose only axis of size "
+      "> 1 is 'data', or embedding_routing='gather'"
+    )
+
+
+def _unique(flat: Array, fill: int) -> tuple[Array, Array]:
+  """``(uniq [L], inverse [L])`` of the ``>= 0`` entries of ``flat`` (others -> ``fill``)."""
+  flat = jnp.where(flat >= 0, flat, fill).astype(jnp.int32)
+  uniq, inv = jnp.unique(flat, size=flat.shape[0], fill_value=jnp.int32(fill), return_inverse=True)
+  return uniq, inv.reshape(-1).astype(jnp.int32)
+
+
+class RoutedPlan:
+  """The owner-routed sparse plan of one step (``optimizer.embedding_routing='owner'``; module
+  docstring). Built inside the jitted step, like ``Plan``; the step differentiates with respect
+  to the rows every call looks up (``gather``: ``{(call, scope, table): [ids..., D]}``, sharded
+  with the call's batch) and hands their gradients to ``apply``, which routes them to the rows'
+  owners, clips and applies the row-wise optimizer there:
+
+    rows = plan.gather(tables)
+    model.apply(..., ids=plan.lookup(rows, call))
+    tables, emb_state, grad_norm = plan.apply(opt, tables, emb_state, row_grads, step, ...)
+  """
+
+  def __init__(
+    self,
+    tables: Mapping[TableKey, Array],
+    calls: Sequence[TowerCall],
+    mesh,
+    capacity: float = 2.0,
+  ):
+    check_routable(mesh)
+    self.mesh, self.capacity = mesh, capacity
+    self.axes = tuple(mesh.axis_names)
+    self.n = mesh.size
+    self.raw = {c.name: embeddings.all_table_ids(c.spec, c.batch) for c in calls}
+    self.calls = {c.name: c for c in calls}
+    deduped = [c for c in calls if c.ids_from is None]
+    self.users: dict[TableKey, list[str]] = {}
+    for (scope, tname), _ in tables.items():
+      users = [c.name for c in deduped if c.scope == scope and tname in self.raw[c.name]]
+      if users:
+        self.users[(scope, tname)] = users
+    self._aux: dict[TableKey, tuple] = {}
+
+  # -- per-device pieces (inside shard_map) --
+
+  def _buckets(self, uniq: Array, rows: int, cap: int) -> tuple[Array, Array]:
+    """Each local unique id's owner and slot in that owner's send buffer (ids sorted, so the
+    owners are non-decreasing); fill ids get owner ``n`` (dropped)."""
+    owner = jnp.minimum(uniq // rows, self.n).astype(jnp.int32)
+    first = jnp.searchsorted(owner, jnp.arange(self.n, dtype=jnp.int32), method="sort")
+    slot = jnp.arange(uniq.shape[0], dtype=jnp.int32) - first[jnp.minimum(owner, self.n - 1)]
+    return owner, slot.astype(jnp.int32)
+
+  def _forward(self, shard: Array, uniq: Array, owner: Array, slot: Array, cap: int):
+    axis = self.axes
+    rows = shard.shape[0]
+    send = jnp.full((self.n, cap), rows, jnp.int32)
+    send = send.at[owner, slot].set(uniq - owner * rows, mode="drop")
+    recv = jax.lax.all_to_all(send, axis, 0, 0, tiled=True)  # [n, cap]: requests from device i
+    got = shard.at[recv].get(mode="fill", fill_value=0)  # [n, cap, D]
+    back = jax.lax.all_to_all(got, axis, 0, 0, tiled=True)  # rows from owner i
+    return back.at[owner, slot].get(mode="fill", fill_value=0), recv
+
+  def _backward(self, grads: Array, owner: Array, slot: Array, recv: Array, cap: int):
+    axis = self.axes
+    d = grads.shape[-1]
+    send = jnp.zeros((self.n, cap, d), grads.dtype).at[owner, slot].set(grads, mode="drop")
+    got = jax.lax.all_to_all(send, axis, 0, 0, tiled=True)  # [n, cap, D] for my rows
+    rows_uniq, inv = _unique(recv[:, :cap].reshape(-1), fill=self._rows)
+    summed = jnp.zeros((rows_uniq.shape[0], d), grads.dtype).at[inv].add(got.reshape(-1, d))
+    return rows_uniq, summed
+
+  def _cap(self, slots: int) -> int:
+    return max(1, min(slots, math.ceil(self.capacity * slots / self.n)))
+
+  # -- the plan's interface --
+
+  def gather(self, tables: Mapping[TableKey, Array]) -> dict[tuple, Array]:
+    """The rows each deduplicated call looks up, per table: ``{(call, scope, table): [ids
+    shape..., D]}`` (zeros where an id is -1)."""
+    out = {}
+    spec = P(self.axes)
+    for key, users in self.users.items():
+      ids = [self.raw[u][key[1]] for u in users]
+      rows_per_shard = tables[key].shape[0] // self.n
+      self._rows = rows_per_shard
+
+      def local(shard, *ids):
+        flat = jnp.concatenate([x.reshape(-1) for x in ids])
+        slots = flat.shape[0]
+        cap = self._cap(slots)
+        uniq, inv = _unique(flat, fill=self.n * shard.shape[0])
+        owner, slot = self._buckets(uniq, shard.shape[0], cap)
+        over = jnp.any((owner < self.n) & (slot >= cap))
+        over = jax.lax.pmax(over.astype(jnp.int32), self.axes) > 0
+
+        def small(_):
+          r, recv = self._forward(shard, uniq, owner, slot, cap)
+          return r, jnp.pad(recv, ((0, 0), (0, slots - cap)), constant_values=shard.shape[0])
+
+        def full(_):
+          with jax.named_scope("overflow"):
+            return self._forward(shard, uniq, owner, slot, slots)
+
+        urows, recv = small(None) if cap == slots else jax.lax.cond(over, full, small, None)
+        valid = jnp.concatenate([x.reshape(-1) for x in ids]) >= 0
+        rows = jnp.where(valid[:, None], urows[inv], 0)
+        parts, start = [], 0
+        for x in ids:
+          parts.append(rows[start : start + x.size].reshape(x.shape + (rows.shape[-1],)))
+          start += x.size
+        return (*parts, inv, owner, slot, recv, over[None])
+
+      with jax.named_scope("embeddings"):
+        res = jax.shard_map(
+          local,
+          mesh=self.mesh,
+          in_specs=(P(self.axes, None),) + (spec,) * len(ids),
+          out_specs=(spec,) * (len(ids) + 5),
+          check_vma=False,
+        )(tables[key], *ids)
+      for u, r in zip(users, res[: len(ids)]):
+        out[(u, *key)] = r
+      self._aux[key] = res[len(ids) :]
+    return out
+
+  def overflowed(self) -> Array:
+    """Whether this step took the full-capacity path for some table (after ``gather``)."""
+    flags = [aux[-1].any() for aux in self._aux.values()]
+    return jnp.any(jnp.stack(flags)) if flags else jnp.zeros((), bool)
+
+  def lookup(self, rows: Mapping[tuple, Array], *calls: TowerCall) -> dict[str, Any]:
+    """The ``ids`` argument of the model for ``calls`` (several: concatenated along the batch
+    axis): ``{table: (ids, rows looked up [ids shape..., D], True)}``."""
+    scope = calls[0].scope
+    out = {}
+    for tname in self.raw[calls[0].name]:
+      if (scope, tname) not in self.users:
+        continue
+      ids = [self.raw[c.name][tname] for c in calls]
+      got = [rows[((c.ids_from or c).name, scope, tname)] for c in calls]
+      if len(calls) == 1:
+        out[tname] = (ids[0], got[0], True)
+      else:
+        out[tname] = (jnp.concatenate(ids, 0), jnp.concatenate(got, 0), True)
+    return out
+
+  def apply(
+    self,
+    opt,
+    tables: Mapping[TableKey, Array],
+    emb_state: Mapping[str, Any],
+    row_grads: Mapping[tuple, Array],
+    step: Array,
+    lr_scale: Array | float = 1.0,
+    *,
+    dense_sq_norm: Array | float = 0.0,
+    max_norm: float = 0.0,
+  ) -> tuple[dict[TableKey, Array], dict[str, Any], Array]:
+    """Routes the row gradients to their owners (duplicates over devices summed), clips them
+    with the dense gradients (``dense_sq_norm``: their squared norm; ``max_norm`` <= 0: off)
+    by the global norm, and applies ``opt`` on each owner's rows. Returns the new tables, their
+    optimizer state and the global gradient norm (dense and rows, as ``Plan``'s path)."""
+    spec = P(self.axes)
+    keys = list(self.users)
+    if not keys:
+      return dict(tables), dict(emb_state), jnp.sqrt(dense_sq_norm)
+    routed = {}
+    for key in keys:
+      users = self.users[key]
+      grads = [row_grads[(u, *key)] for u in users]
+      self._rows = tables[key].shape[0] // self.n
+
+      def local(inv, owner, slot, recv, over, *grads):
+        d = grads[0].shape[-1]
+        flat = jnp.concatenate([g.reshape(-1, d) for g in grads]).astype(jnp.float32)
+        slots = flat.shape[0]
+        cap = self._cap(slots)
+        ug = jnp.zeros((slots, d), jnp.float32).at[inv].add(flat)
+
+        def small(_):
+          u, g = self._backward(ug, owner, slot, recv, cap)
+          pad = self.n * (slots - cap)
+          return (
+            jnp.pad(u, (0, pad), constant_values=self._rows),
+            jnp.pad(g, ((0, pad), (0, 0))),
+          )
+
+        def full(_):
+          with jax.named_scope("overflow"):
+            return self._backward(ug, owner, slot, recv, slots)
+
+        if cap == slots:
+          return small(None)
+        return jax.lax.cond(over[0], full, small, None)
+
+      with jax.named_scope("embeddings"):
+        aux = self._aux[key]
+        routed[key] = jax.shard_map(
+          local,
+          mesh=self.mesh,
+          in_specs=(spec,) * (5 + len(grads)),
+          out_specs=(spec, spec),
+          check_vma=False,
+        )(*aux, *grads)
+    sq = dense_sq_norm + sum(jnp.sum(jnp.square(g)) for _, g in routed.values())
+    norm = jnp.sqrt(sq)
+    scale = jnp.minimum(1.0, max_norm / (norm + 1e-12)) if max_norm > 0 else 1.0
+    new_tables, new_state = dict(tables), dict(emb_state)
+    for key in keys:
+      uniq, g = routed[key]
+      skey = state_key(key)
+
+      scale_arr = jnp.asarray(scale, jnp.float32)
+      state_spec = jax.tree.map(lambda _: P(self.axes), emb_state[skey])
+      with jax.named_scope("embeddings"):
+        new_tables[key], new_state[skey] = jax.shard_map(
+          lambda t, st, u, g, c, w, sc: opt.update(t, st, u, g * sc, c, w),
+          mesh=self.mesh,
+          in_specs=(P(self.axes, None), state_spec, spec, spec, P(), P(), P()),
+          out_specs=(P(self.axes, None), state_spec),
+          check_vma=False,
+        )(
+          tables[key], emb_state[skey], uniq, g, step, jnp.asarray(lr_scale, jnp.float32), scale_arr
+        )
+    return new_tables, new_state, norm
 
 
 def state_key(key: TableKey) -> str:

@@ -103,14 +103,19 @@ def create_optimizer(
 
 
 def create_embedding_optimizer(config: ml_collections.ConfigDict):
-  """The row-wise optimizer of the tables with sparse updates, or None with dense updates."""
+  """The row-wise optimizer of the tables with sparse updates, or None with dense updates. With
+  owner routing, tables replicated by ``model.replicate_table_rows`` take the dense optimizer
+  (their gradient is one all-reduce of the small table)."""
   oc = config.optimizer
   if oc.embedding_update != "sparse":
     return None
+  min_rows = oc.sparse_min_rows
+  if oc.embedding_routing == "owner":  # replicated tables are not routed: the dense optimizer
+    min_rows = max(min_rows, config.model.replicate_table_rows)
   return sparse.make_optimizer(
     oc.embedding_optimizer,
     oc.embedding_learning_rate,
-    min_rows=oc.sparse_min_rows,
+    min_rows=min_rows,
     initial_accumulator_value=oc.embedding_initial_accumulator
     or sparse.batch_aware_accumulator(config.train.batch_size),
   )
@@ -358,6 +363,7 @@ def train_step(
   emb_opt=None,
   warmup: int | None = None,
   log_q_table=None,
+  mesh=None,
 ) -> tuple[TrainState, dict]:
   """One optimisation step on a global pair batch and a global SSL item batch.
 
@@ -368,7 +374,8 @@ def train_step(
   gradient norm is not finite leaves the parameters and optimizer state as they were (only
   ``step`` advances). ``warmup``: the table rows' warmup steps (``warmup_steps``; None: the
   config's). ``log_q_table``: ``[N]`` the static per-item log sampling probability
-  (``stats.log_q``; mixed negatives read it, and ``N`` from its length).
+  (``stats.log_q``; mixed negatives read it, and ``N`` from its length). ``mesh``: the step's
+  mesh (needed by ``optimizer.embedding_routing='owner'``, ``sparse.RoutedPlan``).
   """
   freq = state.freq
   if config.loss.logq_source == "streaming" or config.loss.mixed_negatives:
@@ -393,6 +400,40 @@ def train_step(
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = state.replace(
       step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
+    )
+  elif config.optimizer.embedding_routing == "owner":
+    if mesh is None:
+      raise ValueError("train_step: embedding_routing='owner' needs the mesh")
+    dense, tables = sparse.split_tables(state.params, emb_opt.min_rows)
+    plan = sparse.RoutedPlan(tables, calls.all(), mesh, config.optimizer.routing_capacity)
+    grad_fn = jax.value_and_grad(functools.partial(loss, plan=plan), argnums=(0, 4), has_aux=True)
+    (_, metrics), (dense_grads, row_grads) = grad_fn(
+      dense, pairs, items, views, plan.gather(tables)
+    )
+    w = warmup_steps(config) if warmup is None else warmup
+    warm = jnp.minimum(1.0, (state.step + 1) / max(w, 1))
+    dense_sq = sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(dense_grads))
+    tables, emb_state, norm = plan.apply(
+      emb_opt,
+      tables,
+      state.emb_state,
+      row_grads,
+      state.step,
+      lr_scale=warm,
+      dense_sq_norm=dense_sq,
+      max_norm=clip,
+    )
+    metrics["grad_norm"] = norm
+    metrics["sparse/routing_overflow"] = plan.overflowed().astype(jnp.float32)
+    if clip > 0:
+      scale = jnp.minimum(1.0, clip / (norm + 1e-12))
+      dense_grads = jax.tree.map(lambda g: g * scale, dense_grads)
+    updates, opt_state = tx.update(dense_grads, state.opt_state, dense)
+    new_state = state.replace(
+      step=state.step + 1,
+      params=sparse.merge_tables(optax.apply_updates(dense, updates), tables),
+      opt_state=opt_state,
+      emb_state=emb_state,
     )
   else:
     dense, tables = sparse.split_tables(state.params, emb_opt.min_rows)
@@ -448,6 +489,7 @@ def compile_train_step(
     emb_opt=emb_opt,
     warmup=warmup_steps(config, total_steps),
     log_q_table=None if log_q_table is None else np.asarray(log_q_table, np.float32),
+    mesh=mesh,
   )
   return jax.jit(
     step,

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from sslrec import configuration, parallel, tracking
+from sslrec import configuration, parallel, sparse, tracking
 from sslrec import evaluate as evaluate_lib
 from sslrec import step as step_lib
 from sslrec.data import pipeline, sources, stats
@@ -74,6 +74,11 @@ class Run:
     )
     self.mesh = parallel.make_mesh(config.mesh.shape, config.mesh.axes, devices)
     parallel.check_table_rows(self.mesh, config.model.table_row_multiple)
+    if (
+      config.optimizer.embedding_update == "sparse"
+      and config.optimizer.embedding_routing == "owner"
+    ):
+      sparse.check_routable(self.mesh)
     pair_bs = parallel.local_batch_size(config.train.batch_size, self.mesh, "train.batch_size")
     self.uses_items = step_lib.uses_item_stream(config)
     pair_seed, item_seed = stream_seeds(config.seed)
@@ -100,8 +105,11 @@ class Run:
       r, self.model, self.tx, self.dataset, self.emb_opt, config
     )
     abstract = jax.eval_shape(init, init_rng)
-    parallel.check_memory(abstract, self.mesh, dense_update=self.emb_opt is None)
-    self.state_sharding = parallel.state_shardings(abstract, self.mesh)
+    rep = config.model.replicate_table_rows
+    parallel.check_memory(
+      abstract, self.mesh, dense_update=self.emb_opt is None, replicate_rows=rep
+    )
+    self.state_sharding = parallel.state_shardings(abstract, self.mesh, rep)
     self.state = jax.jit(init, out_shardings=self.state_sharding)(init_rng)
     self.step_fn = step_lib.compile_train_step(
       self.model,

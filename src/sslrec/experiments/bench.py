@@ -11,6 +11,22 @@ subprocess so that its peak RSS is its own. Records (a list, written as JSON by 
   {"benchmark": "input_pipeline", "examples_per_sec": ..., "repeats": ...}
   {"benchmark": "mi_stats", "items": ..., "seconds": ..., "repeats": ...}
   {"benchmark": "eval", "items": ..., "queries_per_sec": ..., "repeats": ...}
+  {"benchmark": "collectives", "part": "embeddings" | "step", "devices": n,
+   "per_device_batch": b, "bytes_per_device": x, "collectives": count,
+   "overflow_bytes_per_device": ..., "variant": ...,
+   "update": ..., "table_rows": ...}
+
+Every ``--config.*`` override of the command reaches every measurement, the train-step
+subprocesses included (``config_args``); the catalogue (``data.num_items``), the schema's widths
+(``data.embed_dim``, ``model.*_hidden``, ``model.output_dim``) and the batch sizes are such
+overrides, so the bench can be matched to another implementation.
+
+``collectives``: the communication of the compiled train step, read from its optimised HLO
+(``collective_bytes``) on ``n`` fake CPU devices at a fixed per-device batch: every all-reduce /
+all-gather / reduce-scatter / all-to-all / collective-permute, each counted by the larger of its
+result and its operands (per device: the HLO is the per-device SPMD program), once per
+occurrence in the program. ``part='embeddings'``: the collectives of the sparse embedding path
+(ops under the ``embeddings`` named scope, ``sparse.Plan``); ``'step'``: all of them.
 """
 
 from __future__ import annotations
@@ -18,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -88,20 +105,37 @@ def with_item_table_rows(dataset, rows: int, seed: int = 0):
   return dataclasses.replace(dataset, item_spec=new_spec, items=items)
 
 
-def train_step_record(
-  base_config, variant: str, update: str, table_rows: int, *, steps: int, repeats: int
-) -> dict:
-  """Examples/sec of the compiled train step alone (device-resident batches, cycled)."""
+def _variant_run(base_config, variant: str, update: str, table_rows: int, devices=None):
   config = apply_overrides(base_config.copy_and_resolve_references(), VARIANTS[variant])
   config.optimizer.embedding_update = update
-  config.data.num_items = min(config.data.num_items, 10_000)  # table_rows >= catalogue
   dataset = with_item_table_rows(sources.load(config).validate(), table_rows, config.seed)
-  run = train.Run(config, dataset=dataset)
-  state_bytes = sum(x.nbytes for x in jax.tree.leaves(run.state))
-  batches = [run.next_batches() for _ in range(4)]
-  batches = [
+  return train.Run(config, dataset=dataset, devices=devices)
+
+
+def _device_batches(run, n: int) -> list:
+  batches = [run.next_batches() for _ in range(n)]
+  return [
     (p, i if i is not None else {"item": p["item"], "item_id": p["item_id"]}) for p, i in batches
   ]
+
+
+def train_step_record(
+  base_config,
+  variant: str,
+  update: str,
+  table_rows: int,
+  *,
+  steps: int,
+  repeats: int,
+  profile_dir: str | None = None,
+) -> dict:
+  """Examples/sec of the compiled train step alone: ``steps`` distinct device-resident batches
+  (drawn from the run's streams before timing, so no batch repeats within a timed repetition).
+  ``profile_dir``: afterwards, ``steps`` more steps under ``jax.profiler.trace`` there."""
+  run = _variant_run(base_config, variant, update, table_rows)
+  config = run.config
+  state_bytes = sum(x.nbytes for x in jax.tree.leaves(run.state))
+  batches = _device_batches(run, steps)
   state = run.state
 
   def go(n):
@@ -114,6 +148,10 @@ def train_step_record(
 
   go(2)  # compile + warm up
   sec = _median_seconds(lambda: go(steps), repeats)
+  if profile_dir:
+    os.makedirs(profile_dir, exist_ok=True)
+    with jax.profiler.trace(profile_dir):
+      go(steps)
   return {
     "benchmark": "train_step",
     "variant": variant,
@@ -130,6 +168,47 @@ def train_step_record(
   }
 
 
+def config_args(argv: Sequence[str]) -> list[str]:
+  """The ``--config.*`` overrides of a command line (``--config.a.b=v`` or ``--config.a.b v``),
+  to pass on to a subprocess unchanged."""
+  out, argv = [], list(argv)
+  for i, a in enumerate(argv):
+    if a.startswith("--config."):
+      out.append(a if "=" in a or i + 1 >= len(argv) else f"{a}={argv[i + 1]}")
+  return out
+
+
+def subprocess_records(
+  config_path: str,
+  spec: dict,
+  overrides: Sequence[str] = (),
+  *,
+  devices: int | None = None,
+) -> list[dict]:
+  """``launch/bench.py --one=spec`` in a fresh process (own peak RSS; ``devices``: that many fake
+  CPU devices) with the command's ``--config.*`` ``overrides``; returns the JSON records it prints.
+  A failure becomes one record with ``error`` (its last stderr line)."""
+  launch = os.path.join(_REPO, "launch", "bench.py")
+  cmd = [sys.executable, launch, f"--config={config_path}", f"--one={json.dumps(spec)}"]
+  env = dict(os.environ)
+  if devices is not None:
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+    env.setdefault("JAX_PLATFORMS", "cpu")
+  p = subprocess.run(cmd + list(overrides), capture_output=True, text=True, env=env)
+  records = [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")]
+  if records:
+    return records
+  keys = ("variant", "update", "table_rows", "devices", "per_device_batch")
+  return [
+    {
+      "benchmark": spec.get("benchmark", "train_step"),
+      **{k: spec[k] for k in keys if k in spec},
+      "error": (p.stderr or p.stdout).strip().splitlines()[-1:],
+    }
+  ]
+
+
 def train_step_subprocess(
   config_path: str,
   variant: str,
@@ -138,37 +217,106 @@ def train_step_subprocess(
   *,
   steps: int,
   repeats: int,
-  embed_dim: int,
+  overrides: Sequence[str] = (),
+  profile_dir: str | None = None,
 ) -> dict:
   """``train_step_record`` in a fresh process (own peak RSS); an error becomes a record too."""
-  launch = os.path.join(_REPO, "launch", "bench.py")
-  spec = json.dumps(
-    {
-      "variant": variant,
-      "update": update,
-      "table_rows": table_rows,
-      "steps": steps,
-      "repeats": repeats,
-    }
-  )
-  cmd = [
-    sys.executable,
-    launch,
-    f"--config={config_path}",
-    f"--one={spec}",
-    f"--config.data.embed_dim={embed_dim}",
-  ]
-  p = subprocess.run(cmd, capture_output=True, text=True)
-  for line in p.stdout.splitlines()[::-1]:
-    if line.startswith("{"):
-      return json.loads(line)
-  return {
-    "benchmark": "train_step",
+  spec = {
     "variant": variant,
     "update": update,
     "table_rows": table_rows,
-    "error": (p.stderr or p.stdout).strip().splitlines()[-1:],
+    "steps": steps,
+    "repeats": repeats,
+    "profile_dir": profile_dir,
   }
+  return subprocess_records(config_path, spec, overrides)[0]
+
+
+_COLLECTIVE = re.compile(
+  r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+"
+  r"(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute|ragged-all-to-all)"
+  r"(-start)?\((.*?)\)"
+)
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\S.*?)\s+[\w\-]+\(")
+_ARRAY = re.compile(r"\b(pred|[subfc]\d+|bf16)\[([\d,]*)\]")
+
+
+def _array_bytes(shape_text: str) -> list[int]:
+  out = []
+  for dtype, dims in _ARRAY.findall(shape_text):
+    n = 1
+    for d in filter(None, dims.split(",")):
+      n *= int(d)
+    bits = 8 if dtype == "pred" else int(re.sub(r"\D", "", dtype))
+    out.append(n * bits // 8)
+  return out
+
+
+def collective_bytes(
+  hlo_text: str, scope: str | None = None, exclude: str | None = "overflow"
+) -> tuple[int, int]:
+  """``(bytes, count)`` of the collectives of an optimised (per-device, SPMD-partitioned) HLO
+  module: each counted by the larger of its result and its operands (an async ``-start``: its
+  largest buffer). ``scope``: only ops whose ``op_name`` metadata lies under this named scope;
+  ``exclude``: without those under this one (default: the owner-routed path's full-capacity
+  fallback, ``sparse.RoutedPlan``, which runs only in a step whose ids overflow a buffer; its
+  bytes are the records' ``overflow_bytes_per_device``)."""
+  shapes = {}
+  for line in hlo_text.splitlines():
+    m = _INSTR.match(line)
+    if m:
+      shapes[m.group(1)] = m.group(2)
+  total = count = 0
+  for line in hlo_text.splitlines():
+    m = _COLLECTIVE.match(line)
+    if not m:
+      continue
+    if scope is not None and not re.search(rf'op_name="[^"]*\b{re.escape(scope)}/', line):
+      continue
+    if exclude is not None and re.search(rf'op_name="[^"]*\b{re.escape(exclude)}/', line):
+      continue
+    _name, result, _op, start, operands = m.groups()
+    res = _array_bytes(result)
+    res_bytes = max(res, default=0) if start else sum(res)
+    ops = sum(sum(_array_bytes(shapes.get(o.strip().lstrip("%"), ""))) for o in operands.split(","))
+    total += max(res_bytes, ops)
+    count += 1
+  return total, count
+
+
+def collectives_records(
+  base_config, variant: str, update: str, table_rows: int, *, per_device_batch: int
+) -> list[dict]:
+  """The collectives of the compiled train step on every device of this process, at
+  ``per_device_batch`` pairs (and SSL items) per device: the records ``embeddings`` and
+  ``step``."""
+  n = jax.device_count()
+  config = base_config.copy_and_resolve_references()
+  config.train.batch_size = per_device_batch * n
+  config.ssl.batch_size = per_device_batch * n
+  run = _variant_run(config, variant, update, table_rows)
+  (p, i) = _device_batches(run, 1)[0]
+  hlo = run.step_fn.lower(run.state, p, i, run.step_rng).compile().as_text()
+  out = []
+  for part, scope in (("embeddings", "embeddings"), ("step", None)):
+    b, c = collective_bytes(hlo, scope)
+    b_all, _ = collective_bytes(hlo, scope, exclude=None)
+    out.append(
+      {
+        "benchmark": "collectives",
+        "part": part,
+        "devices": n,
+        "per_device_batch": per_device_batch,
+        "bytes_per_device": b,
+        "collectives": c,
+        "overflow_bytes_per_device": b_all - b,
+        "variant": variant,
+        "update": update,
+        "table_rows": table_rows,
+        "routing": run.config.optimizer.embedding_routing,
+      }
+    )
+  return out
 
 
 def input_pipeline_record(base_config, *, batches: int, repeats: int) -> dict:
@@ -235,7 +383,12 @@ def eval_record(base_config, *, num_items: int, num_queries: int, repeats: int) 
 def markdown(records: list[dict]) -> str:
   lines = []
   steps = [r for r in records if r["benchmark"] == "train_step"]
-  if steps:
+  if steps and all("error" in r for r in steps):
+    lines += [
+      f"{r['variant']} {r['update']} {r['table_rows']:,}: error: {' '.join(r['error'])}"
+      for r in steps
+    ]
+  elif steps:
     base = {
       (r["update"], r["table_rows"]): r
       for r in steps
@@ -267,6 +420,31 @@ def markdown(records: list[dict]) -> str:
         f"{r['step_ms']:.2f} | {vs_base} | {r['step_ms'] / s['step_ms']:.2f}x | "
         f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['state_bytes'] / 2**30:.2f} |"
       )
+  coll = [r for r in records if r["benchmark"] == "collectives"]
+  if coll:
+    lines += [
+      "| variant | update | table rows | routing | part | devices | per-device batch | "
+      "MiB per device | collectives | vs fewest devices |",
+      "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    first = {}
+    for r in coll:
+      if "error" in r:
+        lines.append(
+          f"| {r['variant']} | {r['update']} | {r['table_rows']:,} | | | {r['devices']} | | "
+          f"error: {' '.join(r['error'])} | | |"
+        )
+        continue
+      key = (r["variant"], r["update"], r["table_rows"], r["part"])
+      f = first.setdefault(key, r)
+      ratio = (
+        f"{r['bytes_per_device'] / f['bytes_per_device']:.2f}x" if f["bytes_per_device"] else "-"
+      )
+      lines.append(
+        f"| {r['variant']} | {r['update']} | {r['table_rows']:,} | {r['routing']} | {r['part']} | "
+        f"{r['devices']} | {r['per_device_batch']} | {r['bytes_per_device'] / 2**20:.3f} | "
+        f"{r['collectives']} | {ratio} |"
+      )
   for r in records:
     if r["benchmark"] == "input_pipeline":
       lines.append(f"\ninput pipeline (both streams): {r['examples_per_sec']:,.0f} examples/sec")
@@ -283,12 +461,18 @@ def run_command(
   config,
   *,
   config_path: str,
+  overrides: Sequence[str] = (),
   quick: bool = False,
   variants: Sequence[str] | None = None,
   updates: Sequence[str] = ("dense", "sparse"),
   table_rows: Sequence[str] | None = None,
   out_path: str | None = None,
   one: str | None = None,
+  collectives: bool = False,
+  collective_devices: Sequence[int] = (2, 4, 8),
+  per_device_batch: int = 512,
+  profile_dir: str | None = None,
+  steps_only: bool = False,
 ) -> list[dict]:
   """The benchmark command (``launch/bench.py`` parses the flags and calls this).
 
@@ -299,26 +483,45 @@ def run_command(
   Args:
     config: the base config (``--config``, overrides applied).
     config_path: its file, passed on to the train-step subprocesses.
+    overrides: the command's ``--config.*`` arguments (``config_args``), passed on to them too.
     quick: a subset (about a minute or two).
     variants: train-step variants (default by mode).
     updates: embedding update paths.
     table_rows: item-id table sizes, e.g. ``'1e6'`` (default by mode).
     out_path: write the records as JSON here.
-    one: internal (a train-step subprocess): measure only this train-step config (JSON) and
-      print its record as one JSON line.
+    one: internal (a subprocess): measure only this spec (JSON) and print its records as JSON
+      lines.
+    collectives: instead of timings, the collectives records of every variant / update / table
+      size on each of ``collective_devices`` fake CPU devices at ``per_device_batch``.
+    profile_dir: a ``jax.profiler`` trace of each train-step configuration, in a subfolder
+      ``<variant>_<update>_<rows>`` of this folder.
+    steps_only: only the train-step records (no input pipeline, MI statistics or evaluation).
   """
-  if one:  # one train-step measurement in this process (own peak RSS)
+  if one:  # one measurement in this process (own peak RSS / own device count)
     spec = json.loads(one)
-    record = train_step_record(
-      config,
-      spec["variant"],
-      spec["update"],
-      spec["table_rows"],
-      steps=spec["steps"],
-      repeats=spec["repeats"],
-    )
-    print(json.dumps(record), flush=True)
-    return [record]
+    if spec.get("benchmark") == "collectives":
+      records = collectives_records(
+        config,
+        spec["variant"],
+        spec["update"],
+        spec["table_rows"],
+        per_device_batch=spec["per_device_batch"],
+      )
+    else:
+      records = [
+        train_step_record(
+          config,
+          spec["variant"],
+          spec["update"],
+          spec["table_rows"],
+          steps=spec["steps"],
+          repeats=spec["repeats"],
+          profile_dir=spec.get("profile_dir"),
+        )
+      ]
+    for r in records:
+      print(json.dumps(r), flush=True)
+    return records
   variants = variants or (["baseline", "cfm"] if quick else ["baseline", "rfm", "cfm"])
   rows = [
     int(float(r))
@@ -329,17 +532,41 @@ def run_command(
   for n in rows:
     for update in updates:
       for v in variants:
+        if collectives:
+          for d in collective_devices:
+            spec = {
+              "benchmark": "collectives",
+              "variant": v,
+              "update": update,
+              "table_rows": n,
+              "devices": d,
+              "per_device_batch": per_device_batch,
+            }
+            rs = subprocess_records(config_path, spec, overrides, devices=d)
+            records += rs
+            for r in rs:
+              print(json.dumps(r), flush=True)
+          continue
+        prof = os.path.join(profile_dir, f"{v}_{update}_{n}") if profile_dir else None
         r = train_step_subprocess(
-          config_path, v, update, n, steps=steps, repeats=repeats, embed_dim=64
+          config_path,
+          v,
+          update,
+          n,
+          steps=steps,
+          repeats=repeats,
+          overrides=overrides,
+          profile_dir=prof,
         )
         records.append(r)
         print(json.dumps(r), flush=True)
-  records.append(input_pipeline_record(config, batches=50, repeats=repeats))
-  for n in (10**5,) if quick else (10**5, 10**6):
-    records.append(mi_stats_record(n, repeats=1 if quick else 3))
-  records.append(
-    eval_record(config, num_items=10**6, num_queries=1024 if quick else 4096, repeats=repeats)
-  )
+  if not (collectives or steps_only):
+    records.append(input_pipeline_record(config, batches=50, repeats=repeats))
+    for n in (10**5,) if quick else (10**5, 10**6):
+      records.append(mi_stats_record(n, repeats=1 if quick else 3))
+    records.append(
+      eval_record(config, num_items=10**6, num_queries=1024 if quick else 4096, repeats=repeats)
+    )
   print(markdown(records))
   if out_path:
     with open(out_path, "w") as f:

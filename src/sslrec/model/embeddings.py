@@ -30,18 +30,22 @@ from sslrec import features as features_lib
 Array = jax.Array
 
 
-def pooled_lookup(table: Array, ids: Array) -> tuple[Array, Array]:
+def pooled_lookup(table: Array, ids: Array, looked_up: bool = False) -> tuple[Array, Array]:
   """Mean of the rows of ``table`` at the present (>= 0) ``ids``.
 
   Args:
-    table: ``[V, D]``.
+    table: ``[V, D]``, or with ``looked_up`` the rows already looked up, ``ids.shape + (D,)``
+      (the owner-routed sparse path, ``sparse.RoutedPlan``).
     ids: ``int32 [B]`` (single-valued) or ``[B, L]`` (multi-valued, -1 padded).
 
   Returns:
     ``(emb [B, D], present bool [B])``; ``emb`` is 0 where nothing is present.
   """
   valid = ids >= 0
-  rows = jnp.take(table, jnp.where(valid, ids, 0), axis=0)  # [B, (L,) D]
+  if looked_up:
+    rows = table
+  else:
+    rows = jnp.take(table, jnp.where(valid, ids, 0), axis=0)  # [B, (L,) D]
   if ids.ndim == 1:
     return jnp.where(valid[:, None], rows, 0.0), valid
   w = valid.astype(rows.dtype)
@@ -123,7 +127,8 @@ class InputLayer(nn.Module):
     ids: optional ``{table param name: (row ids [B(, L)], rows [U, D])}``: look up ``row ids``
       in ``rows`` instead of ``table_ids(batch)`` in the table parameter. The sparse update path
       passes each table's gathered rows and the batch's positions into them here (the table
-      parameter is then not read at all).
+      parameter is then not read at all); the owner-routed path passes the rows already looked
+      up, as ``(row ids, rows [B(, L), D], True)`` (only the ids' ``>= 0`` is read).
     """
     outs = []
     for idx, f in enumerate(self.spec.features):
@@ -137,14 +142,14 @@ class InputLayer(nn.Module):
         emb, present = 0.0, None
         for (_suffix, rows), name in zip(f.tables, own):
           if ids is not None and name in ids:  # sparse path: gathered rows, positions into them
-            row_ids, table = ids[name]
+            row_ids, table, *looked_up = ids[name]
           else:
             rows = -(-rows // self.row_multiple) * self.row_multiple
             table = self.param(
               name, blockwise_normal(1.0 / (f.embed_dim**0.5)), (rows, f.embed_dim)
             )
-            row_ids = own[name]
-          e, p = pooled_lookup(table, row_ids)
+            row_ids, looked_up = own[name], ()
+          e, p = pooled_lookup(table, row_ids, bool(looked_up))
           emb = emb + e
           present = p if present is None else present
       use_default = ~present
