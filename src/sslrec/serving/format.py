@@ -120,9 +120,9 @@ def read_schema(export_dir: str) -> tuple[list[Feature], dict[str, list]]:
 _LIMITS = {"vocab_size": 2**31 - 1, "max_len": 1 << 20, "dense_dim": 1 << 20}
 
 
-def _feature(path: str, i: int, entry) -> Feature:
-  """One ``schema.json`` query entry, checked (a tampered one is an ExportDirError)."""
-  where = f"{path}: query feature {i}"
+def _feature(path: str, i: int, entry, side: str = "query") -> Feature:
+  """One ``schema.json`` query (or item) entry, checked (a tampered one is an ExportDirError)."""
+  where = f"{path}: {side} feature {i}"
   if not isinstance(entry, dict):
     raise ExportDirError(f"{where}: not an object")
   unknown = sorted(set(entry) - {f.name for f in dataclasses.fields(Feature)})
@@ -153,9 +153,17 @@ def read_item_schema(export_dir: str) -> tuple[list[Feature], dict[str, list]]:
       schema = json.load(f)
     with open(os.path.join(export_dir, ITEM_VOCABULARIES)) as f:
       vocabularies = json.load(f)
-    features = [Feature(**f) for f in schema["item"]]
   except READ_ERRORS as e:
     raise cannot_read(export_dir, e) from None
+  path = os.path.join(export_dir, SCHEMA)
+  if not isinstance(schema, dict) or not isinstance(schema.get("item"), list):
+    raise ExportDirError(f"{path}: not a schema with an 'item' list")
+  features = [_feature(path, i, f, "item") for i, f in enumerate(schema["item"])]
+  vpath = os.path.join(export_dir, ITEM_VOCABULARIES)
+  if not isinstance(vocabularies, dict) or not all(
+    isinstance(k, str) and isinstance(v, list) for k, v in vocabularies.items()
+  ):
+    raise ExportDirError(f"{vpath}: not an object of {{feature: [values...]}}")
   return features, vocabularies
 
 
