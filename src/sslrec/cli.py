@@ -96,6 +96,9 @@ def run_main(
   except USER_ERRORS as e:
     print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
     return 2
+  except OSError as e:  # a file system that turned read-only, filled up, went away, ...
+    print(f"error: {os_error_line(e)}", file=sys.stderr, flush=True)
+    return 2
   except MemoryError as e:
     print(
       f"error: out of host memory ({_one_line(e) or 'MemoryError'}); reduce the data or model "
