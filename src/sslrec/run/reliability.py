@@ -66,16 +66,12 @@ class StopRequest:
     self._multi = False
     self._lag = lag
     self._pending = collections.deque()
-    self._bound = False
     if threading.current_thread() is threading.main_thread():
       for sig in STOP_SIGNALS:
         self._previous[sig] = signal.signal(sig, self._handle)
 
   def bind(self, mesh):
-    """Sets up the agreement across processes (a no-op with one process). Until it is called
-    (the data loading, before any step), a signal stops the run at once: there is nothing new to
-    save, and a read that blocks (a FIFO, a hung network file system) is interrupted."""
-    self._bound = True
+    """Sets up the agreement across processes (a no-op with one process)."""
     self._multi = jax.process_count() > 1
     if self._multi:
       sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))  # one flag per device
@@ -90,9 +86,6 @@ class StopRequest:
   def _handle(self, signum, frame):
     del frame
     name = signal.Signals(signum).name
-    if not self._bound:  # still loading: nothing to save, and the read may never return
-      self.close()
-      raise KeyboardInterrupt(f"{name} while loading the data")
     if self.signal_name is not None:  # asked twice: stop now, without a checkpoint
       self.close()
       if signum == signal.SIGINT:
