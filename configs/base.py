@@ -38,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.embed_dim = 32  # embedding width of every feature
   c.data.num_threads = 2  # grain read threads per stream
   c.data.prefetch = 4  # grain prefetch buffer (batches) per stream
+  c.data.device_prefetch = 2  # steps whose batches are on the devices ahead of the step (>= 1)
   c.data.files = ml_collections.ConfigDict()  # files: tables and schema (docs/data.md)
   c.data.files.interactions = "interactions.csv"  # files: interactions (.csv | .parquet) table
   c.data.files.item_table = "items.csv"  # files: item feature table, one row per item key

@@ -33,6 +33,7 @@ RESUMABLE_FIELDS = frozenset(
     "eval.batch_size",
     "data.num_threads",
     "data.prefetch",
+    "data.device_prefetch",
     "eval.exclude_train_items",
     "train.skip_nonfinite",
     "train.profile_steps",
@@ -135,6 +136,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     "data.prefetch",
     g("data.prefetch"),
     "an integer >= 0",
+  )
+  _check(
+    _is_int(g("data.device_prefetch")) and g("data.device_prefetch") >= 1,
+    "data.device_prefetch",
+    g("data.device_prefetch"),
+    "an integer >= 1 (batches on the devices ahead of the step)",
   )
   _validate_real_data(g)
 

@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 from sslrec import configuration, parallel, sparse, tracking
 from sslrec import evaluate as evaluate_lib
 from sslrec import step as step_lib
-from sslrec.data import pipeline, sources, stats
+from sslrec.data import device_input, pipeline, sources, stats
 from sslrec.data import table as table_lib
 from sslrec.model import augment
 from sslrec.run import checkpointing, reliability
@@ -124,6 +124,7 @@ class Run:
     )
     self.pair_iter = iter(self.pair_data)
     self.item_iter = iter(self.item_data) if self.item_data is not None else None
+    self._input = None  # device_input.DeviceInput, started by the first step()
     self._evaluators: dict[str, evaluate_lib.Evaluator] = {}
 
   def mask_summary(self, draws: int = 4000) -> str:
@@ -154,11 +155,23 @@ class Run:
     return pairs, items
 
   def step(self):
-    pairs, items = self.next_batches()
+    """One training step on the next batches, which a background thread has put on the devices
+    ``data.device_prefetch`` steps ahead (``data/device_input.py``)."""
+    if self._input is None:
+      self._input = device_input.DeviceInput(
+        self.pair_iter, self.item_iter, self.mesh, self.config.data.device_prefetch
+      )
+    pairs, items = next(self._input)
     if items is None:  # the step ignores items; keep the signature fixed
       items = {"item": pairs["item"], "item_id": pairs["item_id"]}
     self.state, metrics = self.step_fn(self.state, pairs, items, self.step_rng)
     return metrics
+
+  def close_input(self) -> None:
+    """Stops the device-input thread; the iterators are left at the last consumed batch."""
+    if self._input is not None:
+      self._input.close()
+      self._input = None
 
   def evaluate(self, split: str = "valid", params=None, prior_weight=None) -> dict[str, float]:
     """Metrics of ``params`` (default: the current state's) on the 'valid' or 'test' split, with
@@ -193,9 +206,13 @@ class Run:
   ):
     it = grain.checkpoint.CheckpointSave if save else grain.checkpoint.CheckpointRestore
     st = ocp.args.StandardSave if save else ocp.args.StandardRestore
-    items = {"state": st(self.state), "pair_iter": it(self.pair_iter)}
+    if not save:
+      self.close_input()  # restoring: the batches read ahead belong to the old position
+    feed = self._input  # saving: the positions of the last batches a step consumed
+    pair_iter = feed.pair.snapshot() if feed is not None else self.pair_iter
+    items = {"state": st(self.state), "pair_iter": it(pair_iter)}
     if self.item_iter is not None:
-      items["item_iter"] = it(self.item_iter)
+      items["item_iter"] = it(feed.item.snapshot() if feed is not None else self.item_iter)
     if save:
       items["config"] = ocp.args.JsonSave(configuration.to_dict(self.config))
       items["data"] = ocp.args.JsonSave(self.data_fingerprint())
@@ -684,6 +701,7 @@ def _train(config, workdir: str, stop, *, allow_config_change: bool = False) -> 
       + f" | checkpoint of step {selected}, selected by validation {tc.select_metric}"
     )
   finally:
+    run.close_input()
     if profiler is not None:
       profiler.stop()
     try:
