@@ -7,7 +7,9 @@ subprocess so that its peak RSS is its own. Records (a list, written as JSON by 
 
   {"benchmark": "train_step", "variant": a name of ``VARIANTS``, "update": "dense" | "sparse",
    "table_rows": ..., "examples_per_sec": ..., "step_ms": ..., "peak_rss_bytes": ...,
-   "state_bytes": ..., "repeats": ...}
+   "state_bytes": ..., "repeats": ..., "loop_step_ms": the same step fed as the training loop
+   feeds it (grain, one packed transfer, ``data.device_prefetch`` thread), "loop_vs_resident":
+   their ratio, "inline_loop_step_ms": fed on the training thread without the prefetch thread}
   {"benchmark": "input_pipeline", "examples_per_sec": ..., "repeats": ...}
   {"benchmark": "mi_stats", "items": ..., "seconds": ..., "repeats": ...}
   {"benchmark": "eval", "items": ..., "queries_per_sec": ..., "repeats": ...}
@@ -148,6 +150,29 @@ def train_step_record(
 
   go(2)  # compile + warm up
   sec = _median_seconds(lambda: go(steps), repeats)
+
+  def loop(n):  # the training loop's path: grain, packed transfer, device prefetch thread
+    m = None
+    for _ in range(n):
+      m = run.step()
+    jax.block_until_ready(m)
+
+  def inline(n):  # the same without the thread: the batches sent on the training thread
+    nonlocal state
+    m = None
+    for _ in range(n):
+      p, i = run.next_batches()
+      if i is None:
+        i = {"item": p["item"], "item_id": p["item_id"]}
+      state, m = run.step_fn(state, p, i, run.step_rng)
+    jax.block_until_ready(m)
+
+  run.state = state  # the resident loop donated the run's first state
+  loop(2)
+  loop_sec = _median_seconds(lambda: loop(steps), repeats)
+  run.close_input()
+  state = run.state
+  inline_sec = _median_seconds(lambda: inline(steps), repeats)
   if profile_dir:
     os.makedirs(profile_dir, exist_ok=True)
     with jax.profiler.trace(profile_dir):
@@ -162,6 +187,9 @@ def train_step_record(
     "ssl_batch_size": config.ssl.batch_size,
     "examples_per_sec": steps * config.train.batch_size / sec,
     "step_ms": 1e3 * sec / steps,
+    "loop_step_ms": 1e3 * loop_sec / steps,
+    "loop_vs_resident": loop_sec / sec,
+    "inline_loop_step_ms": 1e3 * inline_sec / steps,
     "peak_rss_bytes": peak_rss_bytes(),
     "state_bytes": int(state_bytes),
     "repeats": repeats,
@@ -402,14 +430,15 @@ def markdown(records: list[dict]) -> str:
           small[key] = r
     lines += [
       "| variant | update | table rows | examples/sec | step ms | vs baseline | "
-      "vs smallest table | peak RSS GiB | state GiB |",
-      "|---|---|---|---|---|---|---|---|---|",
+      "vs smallest table | peak RSS GiB | state GiB | loop step ms | loop / resident | "
+      "inline loop ms |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in steps:
       if "error" in r:
         lines.append(
           f"| {r['variant']} | {r['update']} | {r['table_rows']:,} | error: "
-          f"{' '.join(r['error'])} | | | | | |"
+          f"{' '.join(r['error'])} | | | | | | | | |"
         )
         continue
       b = base.get((r["update"], r["table_rows"]))
@@ -418,7 +447,8 @@ def markdown(records: list[dict]) -> str:
       lines.append(
         f"| {r['variant']} | {r['update']} | {r['table_rows']:,} | {r['examples_per_sec']:,.0f} | "
         f"{r['step_ms']:.2f} | {vs_base} | {r['step_ms'] / s['step_ms']:.2f}x | "
-        f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['state_bytes'] / 2**30:.2f} |"
+        f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['state_bytes'] / 2**30:.2f} | "
+        f"{r['loop_step_ms']:.2f} | {r['loop_vs_resident']:.2f}x | {r['inline_loop_step_ms']:.2f} |"
       )
   coll = [r for r in records if r["benchmark"] == "collectives"]
   if coll:
