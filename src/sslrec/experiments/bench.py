@@ -12,7 +12,9 @@ subprocess so that its peak RSS is its own. Records (a list, written as JSON by 
    their ratio, "inline_loop_step_ms": fed on the training thread without the prefetch thread}
   {"benchmark": "input_pipeline", "examples_per_sec": ..., "repeats": ...}
   {"benchmark": "mi_stats", "items": ..., "seconds": ..., "repeats": ...}
-  {"benchmark": "eval", "items": ..., "queries_per_sec": ..., "repeats": ...}
+  {"benchmark": "eval", "items": ..., "queries_per_sec": ..., "scoring_flops_per_sec": the
+   blocked score + running top-k kernel alone, "matmul_peak_flops_per_sec": a 2048^3 float32
+   matmul, "fraction_of_matmul_peak": their ratio, "repeats": ...}
   {"benchmark": "collectives", "part": "embeddings" | "step", "devices": n,
    "per_device_batch": b, "bytes_per_device": x, "collectives": count,
    "overflow_bytes_per_device": ..., "variant": ...,
@@ -47,7 +49,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from sslrec import evaluate, train
+from sslrec import evaluate, parallel, train
 from sslrec.data import sources, stats, synthetic, table
 
 # src/sslrec/experiments/bench.py -> the repository root (launch/bench.py runs each train step).
@@ -399,13 +401,48 @@ def eval_record(base_config, *, num_items: int, num_queries: int, repeats: int) 
 
   go()
   sec = _median_seconds(go, repeats)
+  scoring = scoring_flops(run.mesh, emb, batch=run.config.eval.batch_size, repeats=repeats)
+  peak = matmul_peak_flops(repeats=repeats)
   return {
     "benchmark": "eval",
     "items": num_items,
     "queries": num_queries,
     "queries_per_sec": num_queries / sec,
+    "scoring_flops_per_sec": scoring,
+    "matmul_peak_flops_per_sec": peak,
+    "fraction_of_matmul_peak": scoring / peak,
     "repeats": repeats,
   }
+
+
+def scoring_flops(mesh, emb: np.ndarray, *, batch: int, repeats: int) -> float:
+  """FLOP/s of the evaluation's scoring kernel alone: blocked scores + running top-100 of a
+  device-resident query batch against the row-sharded catalogue (``2 * batch * items * dim``
+  multiply-adds per call; the top-k's comparisons are not counted)."""
+  chunk = evaluate.EVAL_ITEM_CHUNK if emb.shape[0] > evaluate.EVAL_ITEM_CHUNK * mesh.size else None
+  items, n = parallel.shard_rows(emb, mesh, chunk or 1)
+  top_k = parallel.make_sharded_top_k(mesh, 100, n, chunk)
+  q = jax.device_put(
+    np.random.default_rng(1).normal(size=(batch, emb.shape[1])).astype(np.float32),
+    parallel.replicated(mesh),
+  )
+  jax.block_until_ready(top_k(q, items))
+  sec = _median_seconds(lambda: jax.block_until_ready(top_k(q, items)), repeats)
+  return 2 * batch * n * emb.shape[1] / sec
+
+
+def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> float:
+  """The machine's measured float32 matmul rate: the best of ``repeats`` timed ``size``-cubed
+  products on the default device (XLA's own kernel, all its threads)."""
+  a = jax.device_put(np.random.default_rng(2).normal(size=(size, size)).astype(np.float32))
+  f = jax.jit(lambda x: x @ x)
+  jax.block_until_ready(f(a))
+  best = float("inf")
+  for _ in range(max(repeats, 3)):
+    t = time.perf_counter()
+    jax.block_until_ready(f(a))
+    best = min(best, time.perf_counter() - t)
+  return 2 * size**3 / best
 
 
 def markdown(records: list[dict]) -> str:
@@ -482,7 +519,10 @@ def markdown(records: list[dict]) -> str:
       lines.append(f"MI statistics over {r['items']:,} items: {r['seconds']:.2f} s")
     if r["benchmark"] == "eval":
       lines.append(
-        f"evaluation against {r['items']:,} items: {r['queries_per_sec']:,.0f} queries/sec"
+        f"evaluation against {r['items']:,} items: {r['queries_per_sec']:,.0f} queries/sec; "
+        f"scoring kernel {r['scoring_flops_per_sec'] / 1e9:.1f} GFLOP/s = "
+        f"{r['fraction_of_matmul_peak']:.0%} of the measured matmul peak "
+        f"({r['matmul_peak_flops_per_sec'] / 1e9:.1f} GFLOP/s)"
       )
   return "\n".join(lines)
 
