@@ -242,3 +242,28 @@ def test_mask_summary_before_training():
   rfm = run.mask_summary(draws=500)
   distinct = int(rfm.split(": ")[1].split(" ")[0])
   assert distinct > 40 and "declared groups whole 100%" not in rfm
+
+
+def test_shared_views_encode_as_two_separate_views():
+  """Complementary masks: the two views come from one dropped-out batch, each feature looked up
+  once (``second_mask``); the embeddings equal those of the 2N-row pass over the two views.
+  'none' masks nothing in either view (two dropouts)."""
+  run = _run()
+  items = jax.device_get(next(run.item_iter))
+  views = step.make_views(
+    jax.random.key(3), items, model=run.model, config=run.config, mi=jnp.asarray(run.stats.mi)
+  )
+  assert views.shared and views.v1 is views.v2
+  np.testing.assert_array_equal(np.asarray(views.m2), ~np.asarray(views.m1))
+  p, m = run.state.params, run.model
+  fast = m.apply(p, views.v1, views.m1, second_mask=views.m2, method=m.ssl_encoder)
+  n = jax.tree.leaves(views.v1)[0].shape[0]
+  both = jax.tree.map(lambda a: np.concatenate([a, a], 0), views.v1)
+  rows = np.concatenate([np.broadcast_to(v, (n, v.size)) for v in (views.m1, views.m2)])
+  slow = m.apply(p, both, rows, method=m.ssl_encoder)
+  np.testing.assert_allclose(np.asarray(fast), np.asarray(slow), rtol=1e-6, atol=1e-6)
+  run.config.ssl.masking = "none"
+  none = step.make_views(
+    jax.random.key(3), items, model=run.model, config=run.config, mi=jnp.asarray(run.stats.mi)
+  )
+  assert not none.shared and not np.asarray(none.m1).any() and not np.asarray(none.m2).any()

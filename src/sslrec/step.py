@@ -168,13 +168,18 @@ def create_train_state(
 
 @dataclasses.dataclass(frozen=True)
 class Views:
-  """The two augmented views of the SSL item batch (``augment.two_views``) and the mask drawn."""
+  """The two augmented views of the SSL item batch and the mask drawn. ``shared``: the masks are
+  complementary (every strategy but 'none'), so each feature is real in exactly one view and
+  both views are one dropped-out batch (``v1 is v2``, ``augment.one_view``) under ``m1`` and
+  ``m2``: the encoder looks each feature up once, for N rows, and the dropout draws its random
+  numbers once. 'none' masks nothing in either view: two batches (``augment.two_views``)."""
 
   v1: PyTree
   m1: Array
   v2: PyTree
   m2: Array
   mask: Array
+  shared: bool = False
 
 
 def query_feature_mask(rng, pairs, *, model, config) -> Array | None:
@@ -201,10 +206,13 @@ def make_views(rng, items, *, model, config, mi) -> Views:
     fraction=config.ssl.mask_fraction,
     groups=model.item_spec.group_indices,
   )
-  v1, m1, v2, m2 = augment.two_views(
-    view_rng, items["item"], model.item_spec, mask, config.ssl.dropout_rate
-  )
-  return Views(v1, m1, v2, m2, mask)
+  if config.ssl.masking == "none":  # both views keep every feature, differ by their dropout
+    v1, m1, v2, _ = augment.two_views(
+      view_rng, items["item"], model.item_spec, mask, config.ssl.dropout_rate
+    )
+    return Views(v1, m1, v2, m1, mask)
+  kept = augment.one_view(view_rng, items["item"], model.item_spec, config.ssl.dropout_rate)
+  return Views(kept, mask, kept, ~mask, mask, shared=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,7 +239,7 @@ def step_calls(pairs, items, views: Views | None, model, config) -> StepCalls:
     item=item("item", pairs["item"]),
     ssl_items=ssl_items,
     view1=None if views is None else item("view1", views.v1, ids_from=ssl_items),
-    view2=None if views is None else item("view2", views.v2, ids_from=ssl_items),
+    view2=None if views is None or views.shared else item("view2", views.v2, ids_from=ssl_items),
   )
 
 
@@ -282,19 +290,28 @@ def loss_fn(
   total = main
   metrics = {"loss/main": main}
   if config.ssl.alpha > 0:
-    # Both views in one encoder pass of 2N rows (per-row feature masks): half the dispatches.
     n = jax.tree.leaves(views.v1)[0].shape[0]
-    both = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=0), views.v1, views.v2)
-    rows_mask = jnp.concatenate(
-      [
-        jnp.broadcast_to(views.m1, (n,) + views.m1.shape),
-        jnp.broadcast_to(views.m2, (n,) + views.m2.shape),
-      ],
-      axis=0,
-    )
-    z = model.apply(
-      params, both, rows_mask, ids=ids(calls.view1, calls.view2), method=model.ssl_encoder
-    )
+    if views.shared:  # one lookup per feature, both views stacked: [2N] rows from N lookups
+      z = model.apply(
+        params,
+        views.v1,
+        views.m1,
+        ids=ids(calls.view1),
+        second_mask=views.m2,
+        method=model.ssl_encoder,
+      )
+    else:  # both views in one encoder pass of 2N rows (per-row feature masks)
+      both = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=0), views.v1, views.v2)
+      rows_mask = jnp.concatenate(
+        [
+          jnp.broadcast_to(views.m1, (n,) + views.m1.shape),
+          jnp.broadcast_to(views.m2, (n,) + views.m2.shape),
+        ],
+        axis=0,
+      )
+      z = model.apply(
+        params, both, rows_mask, ids=ids(calls.view1, calls.view2), method=model.ssl_encoder
+      )
     ssl = losses.ssl_loss(
       z[:n], z[n:], temperature=config.ssl.temperature, item_ids=items["item_id"]
     )

@@ -287,16 +287,22 @@ def two_views(
     raise ValueError(
       f"mask has shape {mask.shape}, expected ({spec.num_features},) for tower {spec.name!r}"
     )
-  views = []
-  for view_rng in jax.random.split(rng, 2):
-    out = dict(batch)
-    for i, f in enumerate(spec.features):
-      if f.kind == "multi":
-        out[f.name] = multi_value_dropout(
-          jax.random.fold_in(view_rng, i), batch[f.name], dropout_rate
-        )
-    views.append(out)
+  views = [one_view(view_rng, batch, spec, dropout_rate) for view_rng in jax.random.split(rng, 2)]
   return views[0], mask, views[1], ~mask
+
+
+def one_view(
+  rng: jax.Array, batch: dict[str, jax.Array], spec: features_lib.TowerSpec, dropout_rate: float
+) -> dict[str, jax.Array]:
+  """``batch`` with independent dropout on each ``multi`` feature of ``spec`` (one key per
+  feature). With complementary masks a feature is real in exactly one of the two views, so one
+  such batch serves both (``step.make_views``): the joint distribution of what the two encoders
+  see is that of ``two_views``, at half the random numbers and lookups."""
+  out = dict(batch)
+  for i, f in enumerate(spec.features):
+    if f.kind == "multi":
+      out[f.name] = multi_value_dropout(jax.random.fold_in(rng, i), batch[f.name], dropout_rate)
+  return out
 
 
 def make_mask(

@@ -119,6 +119,7 @@ class InputLayer(nn.Module):
     batch: Mapping[str, Array],
     feature_mask: Array | None = None,
     ids: Mapping[str, Array] | None = None,
+    second_mask: Array | None = None,
   ) -> Array:
     """Args:
     batch: ``{name: array}`` as in features.py.
@@ -129,6 +130,9 @@ class InputLayer(nn.Module):
       passes each table's gathered rows and the batch's positions into them here (the table
       parameter is then not read at all); the owner-routed path passes the rows already looked
       up, as ``(row ids, rows [B(, L), D], True)`` (only the ids' ``>= 0`` is read).
+    second_mask: ``bool [k]``: two views of ``batch`` in one pass, ``[2B, ...]``: rows ``:B``
+      masked by ``feature_mask``, rows ``B:`` by ``second_mask``. Each feature is looked up once,
+      for ``B`` rows (the SSL views: a feature is real in at most one of them).
     """
     outs = []
     for idx, f in enumerate(self.spec.features):
@@ -153,6 +157,11 @@ class InputLayer(nn.Module):
           emb = emb + e
           present = p if present is None else present
       use_default = ~present
+      if second_mask is not None:  # two views of one lookup
+        both = [use_default | feature_mask[idx], use_default | second_mask[idx]]
+        out = [jnp.where(u[:, None], default[None, :], emb) for u in both]
+        outs.append(jnp.concatenate(out, axis=0).astype(self.dtype))
+        continue
       if feature_mask is not None:  # [k] for the whole batch, or [B, k] per row
         use_default = use_default | feature_mask[..., idx]
       outs.append(jnp.where(use_default[:, None], default[None, :], emb).astype(self.dtype))

@@ -123,9 +123,13 @@ class TwoTower(nn.Module):
     h = self.item_input(item, feature_mask, ids=ids)
     return losses.l2_normalize(self.item_mlp(h).astype(jnp.float32))
 
-  def ssl_encoder(self, view: Mapping[str, Array], feature_mask: Array, ids=None) -> Array:
-    """H = G: ``[N, output_dim]`` L2-normalised embedding of one augmented view."""
-    h = self.item_input(view, feature_mask, ids=ids)
+  def ssl_encoder(
+    self, view: Mapping[str, Array], feature_mask: Array, ids=None, second_mask=None
+  ) -> Array:
+    """H = G: ``[N, output_dim]`` L2-normalised embedding of one augmented view
+    (``second_mask``: ``[2N, output_dim]``, the view under ``feature_mask`` then under
+    ``second_mask``, from one lookup of each feature; see InputLayer)."""
+    h = self.item_input(view, feature_mask, ids=ids, second_mask=second_mask)
     if self.ssl_sharing == "all":
       z = self.item_mlp(h)
     elif self.ssl_sharing == "all_but_last":
