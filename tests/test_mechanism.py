@@ -244,11 +244,25 @@ def test_mask_summary_before_training():
   assert distinct > 40 and "declared groups whole 100%" not in rfm
 
 
-def test_shared_views_encode_as_two_separate_views():
+@pytest.mark.parametrize(
+  "sharing,hidden,encoding",
+  [
+    ("all_but_last", (64,), "stacked"),
+    ("all_but_last", (64,), "blocks"),
+    ("all", (32, 16), "blocks"),
+    ("none", (), "blocks"),
+    ("all_but_last", (), "stacked"),
+  ],
+)
+def test_shared_views_encode_as_two_separate_views(sharing, hidden, encoding):
   """Complementary masks: the two views come from one dropped-out batch, each feature looked up
-  once (``second_mask``); the embeddings equal those of the 2N-row pass over the two views.
-  'none' masks nothing in either view (two dropouts)."""
-  run = _run()
+  once and each first-layer block multiplied once (``second_mask``); the embeddings and their
+  gradients equal those of the 2N-row pass over the two views. 'none' masks nothing in either
+  view (two dropouts)."""
+  config = tiny_config()
+  config.ssl.encoder_sharing, config.model.item_hidden = sharing, hidden
+  config.ssl.view_encoding = encoding
+  run = train.Run(config)
   items = jax.device_get(next(run.item_iter))
   views = step.make_views(
     jax.random.key(3), items, model=run.model, config=run.config, mi=jnp.asarray(run.stats.mi)
@@ -261,7 +275,14 @@ def test_shared_views_encode_as_two_separate_views():
   both = jax.tree.map(lambda a: np.concatenate([a, a], 0), views.v1)
   rows = np.concatenate([np.broadcast_to(v, (n, v.size)) for v in (views.m1, views.m2)])
   slow = m.apply(p, both, rows, method=m.ssl_encoder)
-  np.testing.assert_allclose(np.asarray(fast), np.asarray(slow), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(fast), np.asarray(slow), rtol=1e-5, atol=1e-6)
+  w = jnp.asarray(np.random.default_rng(0).normal(size=fast.shape), jnp.float32)
+  g_fast = jax.grad(
+    lambda p: (w * m.apply(p, views.v1, views.m1, second_mask=views.m2, method=m.ssl_encoder)).sum()
+  )(p)
+  g_slow = jax.grad(lambda p: (w * m.apply(p, both, rows, method=m.ssl_encoder)).sum())(p)
+  for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_slow), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
   run.config.ssl.masking = "none"
   none = step.make_views(
     jax.random.key(3), items, model=run.model, config=run.config, mi=jnp.asarray(run.stats.mi)

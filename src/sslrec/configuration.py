@@ -17,7 +17,7 @@ import ml_collections
 
 from sslrec import errors, losses, references, sparse, step
 from sslrec.data import pipeline, sources, stats
-from sslrec.model import augment
+from sslrec.model import augment, towers
 
 LOGQ_SOURCES = ("counts", "streaming")  # loss.logq_source
 
@@ -34,6 +34,7 @@ RESUMABLE_FIELDS = frozenset(
     "data.num_threads",
     "data.prefetch",
     "data.device_prefetch",
+    "ssl.view_encoding",
     "eval.exclude_train_items",
     "train.skip_nonfinite",
     "train.profile_steps",
@@ -289,6 +290,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     "ssl.encoder_sharing",
     g("ssl.encoder_sharing"),
     f"one of {SSL_SHARING}",
+  )
+  _check(
+    g("ssl.view_encoding") in towers.SSL_VIEW_ENCODINGS,
+    "ssl.view_encoding",
+    g("ssl.view_encoding"),
+    f"one of {towers.SSL_VIEW_ENCODINGS}",
   )
   _check(
     _is_num(g("reg.spread_out_weight")) and g("reg.spread_out_weight") >= 0,

@@ -59,6 +59,7 @@ def create_model(config: ml_collections.ConfigDict, dataset) -> towers.TwoTower:
     item_hidden=tuple(config.model.item_hidden),
     output_dim=config.model.output_dim,
     ssl_sharing=config.ssl.encoder_sharing,
+    ssl_view_encoding=config.ssl.view_encoding,
     dtype=jnp.dtype(config.model.dtype),
     table_row_multiple=config.model.table_row_multiple,
   )

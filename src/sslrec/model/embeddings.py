@@ -119,8 +119,8 @@ class InputLayer(nn.Module):
     batch: Mapping[str, Array],
     feature_mask: Array | None = None,
     ids: Mapping[str, Array] | None = None,
-    second_mask: Array | None = None,
-  ) -> Array:
+    blocks: bool = False,
+  ):
     """Args:
     batch: ``{name: array}`` as in features.py.
     feature_mask: ``bool [k]`` (whole batch) or ``[B, k]`` (per row) or ``None``; True where
@@ -130,11 +130,16 @@ class InputLayer(nn.Module):
       passes each table's gathered rows and the batch's positions into them here (the table
       parameter is then not read at all); the owner-routed path passes the rows already looked
       up, as ``(row ids, rows [B(, L), D], True)`` (only the ids' ``>= 0`` is read).
-    second_mask: ``bool [k]``: two views of ``batch`` in one pass, ``[2B, ...]``: rows ``:B``
-      masked by ``feature_mask``, rows ``B:`` by ``second_mask``. Each feature is looked up once,
-      for ``B`` rows (the SSL views: a feature is real in at most one of them).
+    blocks: return ``(embeddings [B, sum(embed_dim)], defaults [sum(embed_dim)], widths)``
+      instead: every feature's embedding (its default where the row has no value), the default
+      embeddings, and each feature's width, for a caller that masks per view itself
+      (``TwoTower.ssl_encoder`` with two complementary masks); ``feature_mask`` must be None.
+
+    Returns ``[B, sum(embed_dim)]`` (or the ``blocks`` tuple).
     """
-    outs = []
+    if blocks and feature_mask is not None:
+      raise ValueError("InputLayer: blocks=True masks nothing itself (feature_mask must be None)")
+    outs, defaults = [], []
     for idx, f in enumerate(self.spec.features):
       default = self.param(f"{f.name}_default", nn.initializers.normal(0.1), (f.embed_dim,))
       x = batch[f.name]
@@ -157,12 +162,11 @@ class InputLayer(nn.Module):
           emb = emb + e
           present = p if present is None else present
       use_default = ~present
-      if second_mask is not None:  # two views of one lookup
-        both = [use_default | feature_mask[idx], use_default | second_mask[idx]]
-        out = [jnp.where(u[:, None], default[None, :], emb) for u in both]
-        outs.append(jnp.concatenate(out, axis=0).astype(self.dtype))
-        continue
+      defaults.append(default.astype(self.dtype))
       if feature_mask is not None:  # [k] for the whole batch, or [B, k] per row
         use_default = use_default | feature_mask[..., idx]
       outs.append(jnp.where(use_default[:, None], default[None, :], emb).astype(self.dtype))
+    if blocks:
+      widths = tuple(f.embed_dim for f in self.spec.features)
+      return jnp.concatenate(outs, axis=-1), jnp.concatenate(defaults), widths
     return jnp.concatenate(outs, axis=-1)

@@ -31,6 +31,12 @@ from sslrec.model import embeddings
 
 Array = jax.Array
 SSL_SHARING = ("all", "all_but_last", "none")
+# How the SSL encoder's first layer sees the two views (one lookup of each feature either way):
+#   'stacked': both views' masked inputs stacked, one [2N, F] x [F, H] product (fastest measured
+#              on CPU, where one large matmul beats many small ones);
+#   'blocks':  each feature block multiplied once and sent to the view that keeps it (half the
+#              first layer's FLOPs; MLP.two_views_first_layer).
+SSL_VIEW_ENCODINGS = ("stacked", "blocks")
 
 
 class MLP(nn.Module):
@@ -54,6 +60,39 @@ class MLP(nn.Module):
   def __call__(self, x: Array) -> Array:
     return self.out(self.trunk(x))
 
+  def two_views_first_layer(
+    self, emb: Array, defaults: Array, widths: Sequence[int], m1: Array, m2: Array
+  ) -> Array:
+    """The first hidden layer's activations ``[2N, hidden[0]]`` of two views of one batch:
+    view ``v`` feeds feature ``f``'s embedding where ``m_v[f]`` is False, its default where True
+    (``emb [N, F]``, ``defaults [F]``, ``widths``: the feature blocks of ``F``).
+
+    By linearity each view's pre-activation is a sum over the feature blocks of either
+    ``emb_f @ W_f`` (the block kept) or ``default_f @ W_f`` (a per-view constant). With
+    complementary masks each block is kept by one view: the matmuls cost one view's (``N`` rows),
+    not two views' (``2N``), and each block's product is computed once and sent to its view."""
+    first = self.layers[0]
+    if not first.has_variable("params", "kernel"):  # init: create the layer's parameters
+      first(emb[:1])
+    kernel = first.get_variable("params", "kernel").astype(self.dtype)
+    bias = first.get_variable("params", "bias").astype(self.dtype)
+    pre1 = pre2 = bias
+    offset = 0
+    for i, w in enumerate(widths):
+      k = kernel[offset : offset + w]
+      kept = emb[:, offset : offset + w].astype(self.dtype) @ k  # [N, H]
+      const = defaults[offset : offset + w].astype(self.dtype) @ k  # [H]
+      pre1 = pre1 + jnp.where(m1[i], const[None, :], kept)
+      pre2 = pre2 + jnp.where(m2[i], const[None, :], kept)
+      offset += w
+    return nn.relu(jnp.concatenate([pre1, pre2], axis=0))
+
+  def after_first_layer(self, x: Array, *, trunk_only: bool = False) -> Array:
+    """The rest of the MLP from the first hidden layer's activations."""
+    for layer in self.layers[1:]:
+      x = nn.relu(layer(x))
+    return x if trunk_only else self.out(x)
+
 
 class TwoTower(nn.Module):
   """The two-tower retrieval model with its SSL encoder."""
@@ -64,12 +103,17 @@ class TwoTower(nn.Module):
   item_hidden: Sequence[int] = (256,)
   output_dim: int = 64
   ssl_sharing: str = "all_but_last"
+  ssl_view_encoding: str = "stacked"  # ssl.view_encoding: 'stacked' | 'blocks' (SSL_VIEW_ENCODINGS)
   dtype: jnp.dtype = jnp.float32
   table_row_multiple: int = 1  # embedding-table rows padded to a multiple of this
 
   def setup(self):
     if self.ssl_sharing not in SSL_SHARING:
       raise ValueError(f"ssl_sharing={self.ssl_sharing!r}; allowed: {SSL_SHARING}")
+    if self.ssl_view_encoding not in SSL_VIEW_ENCODINGS:
+      raise ValueError(
+        f"ssl_view_encoding={self.ssl_view_encoding!r}; allowed: {SSL_VIEW_ENCODINGS}"
+      )
     if self.shares_item_tables:
       if self.query_spec.features != self.item_spec.features:
         raise ValueError(
@@ -126,16 +170,41 @@ class TwoTower(nn.Module):
   def ssl_encoder(
     self, view: Mapping[str, Array], feature_mask: Array, ids=None, second_mask=None
   ) -> Array:
-    """H = G: ``[N, output_dim]`` L2-normalised embedding of one augmented view
-    (``second_mask``: ``[2N, output_dim]``, the view under ``feature_mask`` then under
-    ``second_mask``, from one lookup of each feature; see InputLayer)."""
-    h = self.item_input(view, feature_mask, ids=ids, second_mask=second_mask)
+    """H = G: ``[N, output_dim]`` L2-normalised embedding of one augmented view.
+
+    ``second_mask``: two views of ``view`` in one pass, ``[2N, output_dim]`` (rows ``:N`` under
+    ``feature_mask``, rows ``N:`` under ``second_mask``, both ``bool [k]``). Each feature is looked
+    up once for ``N`` rows (with complementary masks every feature is real in one view: half the
+    lookups of encoding the views apart); ``ssl_view_encoding='blocks'`` also multiplies each
+    first-layer feature block once (``MLP.two_views_first_layer``)."""
+    if second_mask is not None:
+      return self._two_views(view, feature_mask, second_mask, ids)
+    return self._ssl_mlp(self.item_input(view, feature_mask, ids=ids))
+
+  def _ssl_mlp(self, h: Array) -> Array:
     if self.ssl_sharing == "all":
       z = self.item_mlp(h)
     elif self.ssl_sharing == "all_but_last":
       z = self.ssl_head(self.item_mlp.trunk(h))
     else:
       z = self.ssl_mlp(h)
+    return losses.l2_normalize(z.astype(jnp.float32))
+
+  def _two_views(self, view, m1, m2, ids) -> Array:
+    emb, defaults, widths = self.item_input(view, ids=ids, blocks=True)
+    mlp = self.ssl_mlp if self.ssl_sharing == "none" else self.item_mlp
+    if self.ssl_view_encoding == "stacked" or not mlp.hidden:  # one pass of 2N rows
+      h = []
+      for m in (m1, m2):
+        cols = jnp.repeat(m, jnp.asarray(widths), total_repeat_length=emb.shape[1])
+        h.append(jnp.where(cols[None, :], defaults[None, :], emb))
+      return self._ssl_mlp(jnp.concatenate(h, axis=0))
+    else:
+      h = mlp.two_views_first_layer(emb, defaults, widths, m1, m2)
+      if self.ssl_sharing == "all_but_last":
+        z = self.ssl_head(mlp.after_first_layer(h, trunk_only=True))
+      else:
+        z = mlp.after_first_layer(h)
     return losses.l2_normalize(z.astype(jnp.float32))
 
   def __call__(self, query, item):
