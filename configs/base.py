@@ -159,4 +159,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1,)  # device mesh shape; -1 = all remaining devices
   c.mesh.axes = ("data",)  # mesh axis names; batches are sharded on 'data'
+  # CPU hosts: 0 = one device, XLA's threads over every core (measured fastest); n = n devices
+  c.mesh.cpu_devices = 0
   return c

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from sslrec import parallel, train
+from sslrec import configuration, errors, parallel, train
 from sslrec.run import cluster
 from sslrec.run import workdir as workdir_lib
 from tests.conftest import tiny_config
@@ -238,3 +238,24 @@ def test_bench_reads_collective_bytes_from_hlo_and_passes_config_overrides():
   assert bench.collective_bytes(hlo, "embeddings", exclude=None) == (256 + 4096, 2)
   argv = ["--quick", "--config.ssl.alpha=0.5", "--config.data.num_items", "500", "--out=x"]
   assert bench.config_args(argv) == ["--config.ssl.alpha=0.5", "--config.data.num_items=500"]
+
+
+def test_cpu_devices_sets_the_device_count_before_jax_starts():
+  code = (
+    "from sslrec import parallel; parallel.set_cpu_devices(3); import jax; "
+    "print(jax.device_count(), parallel.make_mesh((-1,), ('data',)).shape['data'])"
+  )
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["PYTHONPATH"] = os.path.join(REPO, "src")
+  p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert p.stdout.split() == ["3", "3"]
+  # here JAX already runs (8 devices): one clear error, nothing changed
+  assert jax.device_count() == 8
+  with pytest.raises(errors.ConfigError, match=r"mesh\.cpu_devices=2: JAX's backends are already"):
+    parallel.set_cpu_devices(2)
+  assert jax.device_count() == 8
+  config = tiny_config()
+  config.mesh.cpu_devices = -1
+  with pytest.raises(errors.ConfigError, match=r"mesh\.cpu_devices=-1 is invalid"):
+    configuration.validate(config)

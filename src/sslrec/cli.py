@@ -90,6 +90,7 @@ def run_main(
   saved. Each failure is one ``error:`` line on stderr."""
   try:
     configuration.validate(config)  # before waiting on other processes
+    parallel.set_cpu_devices(config.mesh.cpu_devices)
     if distributed:
       parallel.initialize_distributed(**distributed)
     train.train_and_evaluate(config, workdir_path, allow_config_change=allow_config_change)

@@ -139,6 +139,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     "an integer >= 0",
   )
   _check(
+    _is_int(g("mesh.cpu_devices")) and 0 <= g("mesh.cpu_devices") <= 4096,
+    "mesh.cpu_devices",
+    g("mesh.cpu_devices"),
+    "0 (the platform's default) or a number of CPU devices 1..4096",
+  )
+  _check(
     _is_int(g("data.device_prefetch")) and g("data.device_prefetch") >= 1,
     "data.device_prefetch",
     g("data.device_prefetch"),

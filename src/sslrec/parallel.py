@@ -105,6 +105,25 @@ def _wait_for_coordinator(address: str, timeout_s: int) -> None:
       time.sleep(0.5)
 
 
+def set_cpu_devices(n: int) -> None:
+  """``mesh.cpu_devices``: 0 keeps the platform's default; on a CPU host that is one device on
+  which XLA's intra-op thread pool spreads every op over all cores, measured 2.4x (baseline) and
+  2.7x (CFM) faster per step on 2 cores than a data-parallel mesh of one device per core
+  (docs/performance.md). ``n >= 1``: ``n`` CPU devices (``jax_num_cpu_devices``), e.g. one per
+  core for a data-parallel mesh, or several to try a multi-device layout on one host. Must run
+  before anything starts JAX's backends; accelerator platforms are not affected."""
+  if not n:
+    return
+  try:
+    jax.config.update("jax_num_cpu_devices", int(n))
+  except RuntimeError:
+    raise errors.ConfigError(
+      f"config.mesh.cpu_devices={n}: JAX's backends are already running in this process; set it "
+      "before JAX is used (the command line does), or use "
+      "XLA_FLAGS=--xla_force_host_platform_device_count"
+    ) from None
+
+
 def make_mesh(shape, axes, devices=None) -> Mesh:
   """A mesh of ``devices`` (default: all) with ``shape`` (one -1 entry = the remaining devices)."""
   devices = list(jax.devices() if devices is None else devices)
