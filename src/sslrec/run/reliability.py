@@ -2,10 +2,14 @@
 
 * ``StopRequest``: SIGTERM / SIGINT ask the loop to save a checkpoint at the next step boundary and
   exit; a second signal stops at once. With several processes, every process must stop after the
-  same step: each step, each process contributes its "stop requested" flag to a tiny jitted
-  all-reduce (one int32 per device) dispatched asynchronously; its result is read ``lag`` steps
-  later, when it is long complete, so the check never stalls the device queue. All processes
-  dispatch the same reductions in the same order and so read the same value at the same step.
+  same step. Where JAX's distributed runtime runs its preemption service (multi-process runs
+  started by ``jax.distributed.initialize``; ``jax_enable_preemption_service``, on by default),
+  the runtime catches SIGTERM itself and agrees on the step: the loop asks
+  ``multihost_utils.reached_preemption_sync_point`` at every step, and SIGINT is forwarded to it
+  as a SIGTERM (a second SIGINT stops at once; a second SIGTERM goes to the runtime, so the
+  scheduler's SIGKILL is what stops at once). Without it, each process contributes its "stop
+  requested" flag to a tiny jitted all-reduce each step (one int32 per device), dispatched
+  asynchronously and read ``lag`` steps later, so the check never stalls the device queue.
 * ``NonFiniteError`` and ``write_nonfinite_report``: the message and the
   ``WORKDIR/nonfinite_step_<N>.json`` debugging record of a step whose loss or gradient is not
   finite.
@@ -56,9 +60,24 @@ def kill_now():
   os.kill(os.getpid(), signal.SIGKILL)
 
 
+def preemption_service() -> bool:
+  """Whether this process runs JAX's preemption sync service (a multi-process run started by
+  ``jax.distributed.initialize`` with ``jax_enable_preemption_service``)."""
+  try:
+    from jax._src import distributed  # the runtime's state: no public accessor for the manager
+  except ImportError:
+    return False
+  state = getattr(distributed, "global_state", None)
+  return (
+    getattr(state, "client", None) is not None
+    and getattr(state, "preemption_sync_manager", None) is not None
+    and getattr(state, "num_processes", 1) > 1
+  )
+
+
 class StopRequest:
   """Catches SIGTERM / SIGINT (from construction to ``close``); the loop asks ``should_stop(step)``
-  at each step boundary. ``bind(mesh)`` before the first step."""
+  at each step boundary (every step, on every process). ``bind(mesh)`` before the first step."""
 
   def __init__(self, lag: int = 2):
     self.signal_name: str | None = None
@@ -66,14 +85,18 @@ class StopRequest:
     self._multi = False
     self._lag = lag
     self._pending = collections.deque()
+    self._service = preemption_service()  # SIGTERM is the runtime's; the sync point decides
+    self._calls = 0
     if threading.current_thread() is threading.main_thread():
       for sig in STOP_SIGNALS:
+        if sig == signal.SIGTERM and self._service:
+          continue
         self._previous[sig] = signal.signal(sig, self._handle)
 
   def bind(self, mesh):
     """Sets up the agreement across processes (a no-op with one process)."""
     self._multi = jax.process_count() > 1
-    if self._multi:
+    if self._multi and not self._service:
       sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))  # one flag per device
       self._flags = [
         jax.make_array_from_callback(
@@ -98,11 +121,23 @@ class StopRequest:
       f"{name} received: the run saves a checkpoint at the next step boundary and "
       f"stops (send it again to stop at once, without saving)\n".encode(),
     )
+    if self._service:  # tell the runtime, which agrees on the step with every process
+      os.kill(os.getpid(), signal.SIGTERM)
 
   def should_stop(self, step: int) -> bool:
     """True when the loop must stop after ``step`` (the same answer on every process)."""
     del step
     local = self.signal_name is not None
+    if self._service:
+      # A call counter, not the step: the service's sync point counts calls from the first one
+      # (a resumed run's first step is not 0), and every process calls once per step.
+      from jax.experimental import multihost_utils
+
+      stop = multihost_utils.reached_preemption_sync_point(self._calls)
+      self._calls += 1
+      if stop and self.signal_name is None:
+        self.signal_name = "SIGTERM (a preemption notice to the distributed runtime)"
+      return stop
     if not self._multi:
       return local
     self._pending.append(self._reduce(self._flags[int(local)]))
