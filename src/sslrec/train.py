@@ -701,7 +701,10 @@ def _train(config, workdir: str, stop, *, allow_config_change: bool = False) -> 
       + f" | checkpoint of step {selected}, selected by validation {tc.select_metric}"
     )
   finally:
-    run.close_input()
+    try:
+      run.close_input()
+    except RuntimeError as e:  # a read that hangs: report it, still flush and close the rest
+      _log(f"warning: {e}")
     if profiler is not None:
       profiler.stop()
     try:
