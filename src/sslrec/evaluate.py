@@ -48,6 +48,14 @@ from sslrec import references as references_lib
 from sslrec.data import table as table_lib
 
 EVAL_ITEM_CHUNK = 32768  # catalogue rows scored per block on a device (running top-k)
+
+
+def item_chunk(num_items: int, mesh) -> int | None:
+  """Catalogue rows scored per block on a device: ``EVAL_ITEM_CHUNK`` when each device holds more
+  than that, else None (its rows in one block)."""
+  return EVAL_ITEM_CHUNK if num_items > EVAL_ITEM_CHUNK * mesh.size else None
+
+
 MIN_EXCLUDED = 256  # smallest padded count of a query chunk's removed (query, item) pairs
 NUM_DECILES = 10
 
@@ -118,7 +126,7 @@ def retrieve(
   """
   rep = parallel.replicated(mesh)
   query_fn = jax.jit(lambda p, b: model.apply(p, b, method=model.query_tower), out_shardings=rep)
-  chunk = EVAL_ITEM_CHUNK if item_emb.shape[0] > EVAL_ITEM_CHUNK * mesh.size else None
+  chunk = item_chunk(item_emb.shape[0], mesh)
   items, n_items = parallel.shard_rows(item_emb.astype(np.float32), mesh, chunk or 1)
   top_k = parallel.make_sharded_top_k(mesh, min(k, n_items), n_items, chunk)
   out = []
@@ -388,7 +396,7 @@ class Evaluator:
     self._query_fn = jax.jit(
       lambda p, b: model.apply(p, b, method=model.query_tower), out_shardings=rep
     )
-    self._item_chunk = EVAL_ITEM_CHUNK if n_items > EVAL_ITEM_CHUNK * mesh.size else None
+    self._item_chunk = item_chunk(n_items, mesh)
     self._top_k = make_excluding_top_k(mesh, min(self.k, n_items), n_items, self._item_chunk)
     self._reference_metrics = None
 
