@@ -110,29 +110,17 @@ class Packer:
 
 
 class Position:
-  """A stream's position as of the last batch the training loop consumed, saved and restored by
-  grain's orbax handler (``grain.checkpoint.CheckpointSave/Restore`` accept any object with
-  ``get_state() -> bytes`` / ``set_state(bytes)``)."""
+  """A stream's position as of the last batch the training loop consumed. A checkpoint saves its
+  ``snapshot()`` through grain's orbax handler (which accepts any object with
+  ``get_state() -> bytes``); a restore goes to the iterator itself, after ``DeviceInput.close``."""
 
-  def __init__(self, owner: DeviceInput, iterator):
-    self._owner = owner
+  def __init__(self, iterator):
     self.iterator = iterator
     self.state = iterator.get_state()
 
-  def get_state(self) -> bytes:
-    return json.dumps(self.state, indent=4).encode()
-
-  def set_state(self, state: bytes) -> None:
-    self._owner.close()  # the queued batches belong to the old position
-    self.state = json.loads(state)
-    self.iterator.set_state(self.state)
-
-  def start_prefetch(self) -> None:  # called by grain's handler after a restore
-    pass
-
   def snapshot(self) -> Snapshot:
     """The position now, frozen (an asynchronous save may read it after more steps ran)."""
-    return Snapshot(self.get_state())
+    return Snapshot(json.dumps(self.state, indent=4).encode())
 
 
 class Snapshot:
@@ -157,8 +145,8 @@ class DeviceInput:
       raise ValueError(f"device prefetch depth {depth!r}: must be an integer >= 1")
     self.mesh = mesh
     self.depth = depth
-    self.pair = Position(self, pair_iter)
-    self.item = Position(self, item_iter) if item_iter is not None else None
+    self.pair = Position(pair_iter)
+    self.item = Position(item_iter) if item_iter is not None else None
     self._packer = None
     self._thread = None
     self._queue = None

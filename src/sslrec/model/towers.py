@@ -199,12 +199,11 @@ class TwoTower(nn.Module):
         cols = jnp.repeat(m, jnp.asarray(widths), total_repeat_length=emb.shape[1])
         h.append(jnp.where(cols[None, :], defaults[None, :], emb))
       return self._ssl_mlp(jnp.concatenate(h, axis=0))
+    h = mlp.two_views_first_layer(emb, defaults, widths, m1, m2)
+    if self.ssl_sharing == "all_but_last":
+      z = self.ssl_head(mlp.after_first_layer(h, trunk_only=True))
     else:
-      h = mlp.two_views_first_layer(emb, defaults, widths, m1, m2)
-      if self.ssl_sharing == "all_but_last":
-        z = self.ssl_head(mlp.after_first_layer(h, trunk_only=True))
-      else:
-        z = mlp.after_first_layer(h)
+      z = mlp.after_first_layer(h)
     return losses.l2_normalize(z.astype(jnp.float32))
 
   def __call__(self, query, item):
