@@ -29,6 +29,7 @@ import threading
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -131,8 +132,6 @@ class StopRequest:
     if self._service:
       # A call counter, not the step: the service's sync point counts calls from the first one
       # (a resumed run's first step is not 0), and every process calls once per step.
-      from jax.experimental import multihost_utils
-
       stop = multihost_utils.reached_preemption_sync_point(self._calls)
       self._calls += 1
       if stop and self.signal_name is None:
