@@ -1,6 +1,8 @@
 """The masking mechanism: control masks, bias-corrected MI, the mechanism dataset, and the step's
 SSL wiring (tests a wrong change would fail)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -245,20 +247,24 @@ def test_mask_summary_before_training():
 
 
 @pytest.mark.parametrize(
-  "sharing,hidden,encoding",
+  "sharing,hidden,encoding,count",
   [
-    ("all_but_last", (64,), "stacked"),
-    ("all_but_last", (64,), "blocks"),
-    ("all", (32, 16), "blocks"),
-    ("none", (), "blocks"),
-    ("all_but_last", (), "stacked"),
+    ("all_but_last", (64,), "stacked", "drawn"),
+    ("all_but_last", (64,), "blocks", "drawn"),
+    ("all_but_last", (64,), "blocks", "other"),
+    ("all", (32, 16), "blocks", "drawn"),
+    ("all", (32, 16), "blocks", None),
+    ("none", (), "blocks", "drawn"),
+    ("all_but_last", (), "stacked", "drawn"),
   ],
 )
-def test_shared_views_encode_as_two_separate_views(sharing, hidden, encoding):
+def test_shared_views_encode_as_two_separate_views(sharing, hidden, encoding, count):
   """Complementary masks: the two views come from one dropped-out batch, each feature looked up
   once and each first-layer block multiplied once (``second_mask``); the embeddings and their
-  gradients equal those of the 2N-row pass over the two views. 'none' masks nothing in either
-  view (two dropouts)."""
+  gradients equal those of the 2N-row pass over the two views. ``count``: the static mask count
+  given to the encoder: the drawn one (each view's kept blocks gathered into one product),
+  another (the draw disagrees: the per-block sums, chosen on the device) or none. 'none' masks
+  nothing in either view (two dropouts)."""
   config = tiny_config()
   config.ssl.encoder_sharing, config.model.item_hidden = sharing, hidden
   config.ssl.view_encoding = encoding
@@ -269,17 +275,18 @@ def test_shared_views_encode_as_two_separate_views(sharing, hidden, encoding):
   )
   assert views.shared and views.v1 is views.v2
   np.testing.assert_array_equal(np.asarray(views.m2), ~np.asarray(views.m1))
+  assert views.num_masked == int(np.asarray(views.m1).sum())
   p, m = run.state.params, run.model
-  fast = m.apply(p, views.v1, views.m1, second_mask=views.m2, method=m.ssl_encoder)
+  given = {"drawn": views.num_masked, "other": views.num_masked - 1, None: None}[count]
+  two = functools.partial(m.apply, second_mask=views.m2, num_masked=given, method=m.ssl_encoder)
+  fast = two(p, views.v1, views.m1)
   n = jax.tree.leaves(views.v1)[0].shape[0]
   both = jax.tree.map(lambda a: np.concatenate([a, a], 0), views.v1)
   rows = np.concatenate([np.broadcast_to(v, (n, v.size)) for v in (views.m1, views.m2)])
   slow = m.apply(p, both, rows, method=m.ssl_encoder)
   np.testing.assert_allclose(np.asarray(fast), np.asarray(slow), rtol=1e-5, atol=1e-6)
   w = jnp.asarray(np.random.default_rng(0).normal(size=fast.shape), jnp.float32)
-  g_fast = jax.grad(
-    lambda p: (w * m.apply(p, views.v1, views.m1, second_mask=views.m2, method=m.ssl_encoder)).sum()
-  )(p)
+  g_fast = jax.grad(lambda p: (w * two(p, views.v1, views.m1)).sum())(p)
   g_slow = jax.grad(lambda p: (w * m.apply(p, both, rows, method=m.ssl_encoder)).sum())(p)
   for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_slow), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)

@@ -181,6 +181,8 @@ class Views:
   m2: Array
   mask: Array
   shared: bool = False
+  num_masked: int | None = None  # shared: the static count of m1's masked features (the draw's
+  # usual count, augment.num_masked; a draw that differs takes the encoder's general path)
 
 
 def query_feature_mask(rng, pairs, *, model, config) -> Array | None:
@@ -213,7 +215,8 @@ def make_views(rng, items, *, model, config, mi) -> Views:
     )
     return Views(v1, m1, v2, m1, mask)
   kept = augment.one_view(view_rng, items["item"], model.item_spec, config.ssl.dropout_rate)
-  return Views(kept, mask, kept, ~mask, mask, shared=True)
+  n = augment.num_masked(k, config.ssl.mask_fraction)
+  return Views(kept, mask, kept, ~mask, mask, shared=True, num_masked=n)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,6 +302,7 @@ def loss_fn(
         views.m1,
         ids=ids(calls.view1),
         second_mask=views.m2,
+        num_masked=views.num_masked,
         method=model.ssl_encoder,
       )
     else:  # both views in one encoder pass of 2N rows (per-row feature masks)

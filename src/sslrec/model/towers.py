@@ -34,8 +34,10 @@ SSL_SHARING = ("all", "all_but_last", "none")
 # How the SSL encoder's first layer sees the two views (one lookup of each feature either way):
 #   'stacked': both views' masked inputs stacked, one [2N, F] x [F, H] product (fastest measured
 #              on CPU, where one large matmul beats many small ones);
-#   'blocks':  each feature block multiplied once and sent to the view that keeps it (half the
-#              first layer's FLOPs; MLP.two_views_first_layer).
+#   'blocks':  each feature block multiplied once, by the view that keeps it (half the first
+#              layer's FLOPs; MLP.two_views_first_layer gathers each view's kept blocks into one
+#              product; on 2 CPU cores no faster than 'stacked': its smaller products leave a core
+#              idle, measured in docs/performance.md).
 SSL_VIEW_ENCODINGS = ("stacked", "blocks")
 
 
@@ -61,7 +63,13 @@ class MLP(nn.Module):
     return self.out(self.trunk(x))
 
   def two_views_first_layer(
-    self, emb: Array, defaults: Array, widths: Sequence[int], m1: Array, m2: Array
+    self,
+    emb: Array,
+    defaults: Array,
+    widths: Sequence[int],
+    m1: Array,
+    m2: Array,
+    num_masked: int | None = None,
   ) -> Array:
     """The first hidden layer's activations ``[2N, hidden[0]]`` of two views of one batch:
     view ``v`` feeds feature ``f``'s embedding where ``m_v[f]`` is False, its default where True
@@ -70,22 +78,50 @@ class MLP(nn.Module):
     By linearity each view's pre-activation is a sum over the feature blocks of either
     ``emb_f @ W_f`` (the block kept) or ``default_f @ W_f`` (a per-view constant). With
     complementary masks each block is kept by one view: the matmuls cost one view's (``N`` rows),
-    not two views' (``2N``), and each block's product is computed once and sent to its view."""
+    not two views' (``2N``).
+
+    ``num_masked``: the static number of features ``m1`` masks, with ``m2 = ~m1`` (the SSL
+    views, ``step.Views``). Where every block has the same width, the blocks are then reordered
+    so that each view's kept blocks are contiguous and each view's pre-activation is *one*
+    product of ``[N, kept * width]`` rows (two products of half the stacked pass's FLOPs, fast
+    where many small products are slow, as on CPU). A draw whose count or complement differs
+    (``lax.cond``, checked on the device) takes the per-block sums, which hold for any masks."""
     first = self.layers[0]
     if not first.has_variable("params", "kernel"):  # init: create the layer's parameters
       first(emb[:1])
     kernel = first.get_variable("params", "kernel").astype(self.dtype)
     bias = first.get_variable("params", "bias").astype(self.dtype)
-    pre1 = pre2 = bias
-    offset = 0
-    for i, w in enumerate(widths):
-      k = kernel[offset : offset + w]
-      kept = emb[:, offset : offset + w].astype(self.dtype) @ k  # [N, H]
-      const = defaults[offset : offset + w].astype(self.dtype) @ k  # [H]
-      pre1 = pre1 + jnp.where(m1[i], const[None, :], kept)
-      pre2 = pre2 + jnp.where(m2[i], const[None, :], kept)
-      offset += w
-    return nn.relu(jnp.concatenate([pre1, pre2], axis=0))
+    emb, defaults = emb.astype(self.dtype), defaults.astype(self.dtype)
+
+    def per_block(emb, defaults, kernel, m1, m2):
+      pre1 = pre2 = bias
+      offset = 0
+      for i, w in enumerate(widths):
+        k = kernel[offset : offset + w]
+        kept = emb[:, offset : offset + w] @ k  # [N, H]
+        const = defaults[offset : offset + w] @ k  # [H]
+        pre1 = pre1 + jnp.where(m1[i], const[None, :], kept)
+        pre2 = pre2 + jnp.where(m2[i], const[None, :], kept)
+        offset += w
+      return jnp.concatenate([pre1, pre2], axis=0)
+
+    f = len(widths)
+    if num_masked is None or len(set(widths)) != 1 or not 0 < num_masked < f:
+      return nn.relu(per_block(emb, defaults, kernel, m1, m2))
+    n, d, h, keep = emb.shape[0], widths[0], kernel.shape[1], f - num_masked
+
+    def gathered(emb, defaults, kernel, m1, m2):
+      del m2  # = ~m1 (checked)
+      order = jnp.argsort(m1, stable=True)  # the blocks view 1 keeps, then those it masks
+      a, c = order[:keep], order[keep:]
+      e, w, dflt = emb.reshape(n, f, d), kernel.reshape(f, d, h), defaults.reshape(f, d)
+      wa, wc = w[a].reshape(keep * d, h), w[c].reshape(num_masked * d, h)
+      pre1 = e[:, a].reshape(n, keep * d) @ wa + dflt[c].reshape(-1) @ wc
+      pre2 = e[:, c].reshape(n, num_masked * d) @ wc + dflt[a].reshape(-1) @ wa
+      return jnp.concatenate([pre1, pre2], axis=0) + bias
+
+    exact = (m1.sum() == num_masked) & jnp.all(m2 == ~m1)
+    return nn.relu(jax.lax.cond(exact, gathered, per_block, emb, defaults, kernel, m1, m2))
 
   def after_first_layer(self, x: Array, *, trunk_only: bool = False) -> Array:
     """The rest of the MLP from the first hidden layer's activations."""
@@ -168,7 +204,12 @@ class TwoTower(nn.Module):
     return losses.l2_normalize(self.item_mlp(h).astype(jnp.float32))
 
   def ssl_encoder(
-    self, view: Mapping[str, Array], feature_mask: Array, ids=None, second_mask=None
+    self,
+    view: Mapping[str, Array],
+    feature_mask: Array,
+    ids=None,
+    second_mask=None,
+    num_masked: int | None = None,
   ) -> Array:
     """H = G: ``[N, output_dim]`` L2-normalised embedding of one augmented view.
 
@@ -176,9 +217,10 @@ class TwoTower(nn.Module):
     ``feature_mask``, rows ``N:`` under ``second_mask``, both ``bool [k]``). Each feature is looked
     up once for ``N`` rows (with complementary masks every feature is real in one view: half the
     lookups of encoding the views apart); ``ssl_view_encoding='blocks'`` also multiplies each
-    first-layer feature block once (``MLP.two_views_first_layer``)."""
+    first-layer feature block once (``MLP.two_views_first_layer``; ``num_masked``: the static
+    number of features ``feature_mask`` masks, ``second_mask`` its complement)."""
     if second_mask is not None:
-      return self._two_views(view, feature_mask, second_mask, ids)
+      return self._two_views(view, feature_mask, second_mask, ids, num_masked)
     return self._ssl_mlp(self.item_input(view, feature_mask, ids=ids))
 
   def _ssl_mlp(self, h: Array) -> Array:
@@ -190,7 +232,7 @@ class TwoTower(nn.Module):
       z = self.ssl_mlp(h)
     return losses.l2_normalize(z.astype(jnp.float32))
 
-  def _two_views(self, view, m1, m2, ids) -> Array:
+  def _two_views(self, view, m1, m2, ids, num_masked) -> Array:
     emb, defaults, widths = self.item_input(view, ids=ids, blocks=True)
     mlp = self.ssl_mlp if self.ssl_sharing == "none" else self.item_mlp
     if self.ssl_view_encoding == "stacked" or not mlp.hidden:  # one pass of 2N rows
@@ -199,7 +241,7 @@ class TwoTower(nn.Module):
         cols = jnp.repeat(m, jnp.asarray(widths), total_repeat_length=emb.shape[1])
         h.append(jnp.where(cols[None, :], defaults[None, :], emb))
       return self._ssl_mlp(jnp.concatenate(h, axis=0))
-    h = mlp.two_views_first_layer(emb, defaults, widths, m1, m2)
+    h = mlp.two_views_first_layer(emb, defaults, widths, m1, m2, num_masked)
     if self.ssl_sharing == "all_but_last":
       z = self.ssl_head(mlp.after_first_layer(h, trunk_only=True))
     else:
