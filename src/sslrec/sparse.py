@@ -263,6 +263,38 @@ class Plan:
       for t, loc in local[0].items()
     }
 
+  def take(self, rows: Mapping[TableKey, Array], *calls: TowerCall) -> dict[str, dict]:
+    """The rows each of ``calls`` reads, looked up in *one* gather per table, so that the
+    backward pass is one scatter-add into one zero buffer per table, not one per call (the
+    item tables serve the training pairs' items and the SSL views): ``{call name: {table:
+    (positions, rows [positions shape..., D])}}``, for ``lookup_taken``."""
+    out = {c.name: {} for c in calls}
+    for (scope, t), r in rows.items():
+      users = [c for c in calls if c.scope == scope and t in self._local[c.name]]
+      if not users:
+        continue
+      pos = [self._local[c.name][t] for c in users]
+      got = jnp.take(r, jnp.maximum(jnp.concatenate([p.reshape(-1) for p in pos]), 0), axis=0)
+      start = 0
+      for c, p in zip(users, pos, strict=True):
+        out[c.name][t] = (p, got[start : start + p.size].reshape(p.shape + r.shape[1:]))
+        start += p.size
+    return out
+
+  @staticmethod
+  def lookup_taken(taken: Mapping[str, dict], *calls: TowerCall) -> dict[str, Any]:
+    """The ``ids`` argument of the model for ``calls`` from ``take``'s rows (several calls:
+    concatenated along the batch axis): ``{table: (positions, rows looked up, True)}``."""
+    got = [taken[c.name] for c in calls]
+    return {
+      t: (
+        jnp.concatenate([g[t][0] for g in got], 0) if len(got) > 1 else got[0][t][0],
+        jnp.concatenate([g[t][1] for g in got], 0) if len(got) > 1 else got[0][t][1],
+        True,
+      )
+      for t in got[0]
+    }
+
   def apply(
     self,
     opt,

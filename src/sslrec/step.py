@@ -267,8 +267,16 @@ def loss_fn(
   (``query_feature_mask``), or None.
   """
   calls = step_calls(pairs, items, views, model, config)
+  extra_on = config.loss.mixed_negatives or config.reg.spread_out_weight > 0
+  taken = None
+  if isinstance(plan, sparse.Plan):  # one gather per table for every call below (Plan.take)
+    used = [calls.query, calls.item] + ([calls.ssl_items] if extra_on else [])
+    used += [c for c in (calls.view1, calls.view2) if c is not None and config.ssl.alpha > 0]
+    taken = plan.take(rows, *used)
 
   def ids(*c):
+    if taken is not None:
+      return plan.lookup_taken(taken, *c)
     return None if plan is None else plan.lookup(rows, *c)
 
   q = model.apply(
@@ -276,7 +284,7 @@ def loss_fn(
   )
   x = model.apply(params, pairs["item"], ids=ids(calls.item), method=model.item_tower)
   extra = None  # the D_item batch through the item tower (mixed negatives, spread-out)
-  if config.loss.mixed_negatives or config.reg.spread_out_weight > 0:
+  if extra_on:
     extra = model.apply(params, items["item"], ids=ids(calls.ssl_items), method=model.item_tower)
   mixed = config.loss.mixed_negatives
   logq, hits = config.loss.logq_correction, config.loss.remove_accidental_hits

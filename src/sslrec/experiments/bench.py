@@ -109,7 +109,7 @@ def with_item_table_rows(dataset, rows: int, seed: int = 0):
   return dataclasses.replace(dataset, item_spec=new_spec, items=items)
 
 
-def _variant_run(base_config, variant: str, update: str, table_rows: int, devices=None):
+def variant_run(base_config, variant: str, update: str, table_rows: int, devices=None):
   config = apply_overrides(base_config.copy_and_resolve_references(), VARIANTS[variant])
   config.optimizer.embedding_update = update
   dataset = with_item_table_rows(sources.load(config).validate(), table_rows, config.seed)
@@ -136,7 +136,7 @@ def train_step_record(
   """Examples/sec of the compiled train step alone: ``steps`` distinct device-resident batches
   (drawn from the run's streams before timing, so no batch repeats within a timed repetition).
   ``profile_dir``: afterwards, ``steps`` more steps under ``jax.profiler.trace`` there."""
-  run = _variant_run(base_config, variant, update, table_rows)
+  run = variant_run(base_config, variant, update, table_rows)
   config = run.config
   state_bytes = sum(x.nbytes for x in jax.tree.leaves(run.state))
   batches = _device_batches(run, steps)
@@ -324,7 +324,7 @@ def collectives_records(
   config = base_config.copy_and_resolve_references()
   config.train.batch_size = per_device_batch * n
   config.ssl.batch_size = per_device_batch * n
-  run = _variant_run(config, variant, update, table_rows)
+  run = variant_run(config, variant, update, table_rows)
   (p, i) = _device_batches(run, 1)[0]
   hlo = run.step_fn.lower(run.state, p, i, run.step_rng).compile().as_text()
   out = []
