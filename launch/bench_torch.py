@@ -5,8 +5,10 @@
 
 PyTorch is not a dependency of sslrec: ``pip install torch`` (a CPU build) first. Both sides train
 on the same batches of the same data (the JAX run's grain streams, drawn before timing) with the
-same schema, widths, batch sizes, losses and optimizer family, and both are timed on batches
-already in memory (the JAX side: ``launch/bench.py``'s device-resident step, in its own process).
+same schema, widths, batch sizes, losses and optimizer family, and both are timed in this process
+on batches already in memory (the JAX side: ``launch/bench.py``'s device-resident step), their
+repetitions interleaved, so that the ratio of each repetition pairs the two sides under the same
+machine load; the record gives the median ratio and its range.
 
 The PyTorch model (eager, ``torch.set_num_threads(--threads)``), written as a careful user would:
   * one ``nn.Embedding(sparse=True)`` per id feature, ``nn.EmbeddingBag(mode='mean',
@@ -25,14 +27,15 @@ The PyTorch model (eager, ``torch.set_num_threads(--threads)``), written as a ca
 
 Records (JSON list, ``--out``): ``{"benchmark": "vs_torch", "variant", "table_rows",
 "batch_size", "ssl_batch_size", "embed_dim", "jax_examples_per_sec", "torch_examples_per_sec",
-"jax_vs_torch", "jax_step_ms", "torch_step_ms", "jax_params", "torch_params", "threads",
-"torch_version"}``.
+"jax_vs_torch" (median of the paired repetitions' ratios), "jax_vs_torch_range", "jax_step_ms",
+"torch_step_ms", "jax_params", "torch_params", "threads", "repeats", "torch_version"}``.
 """
 
 import functools
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -52,6 +55,9 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions (the median is 
 _NUM_ITEMS = flags.DEFINE_integer("num_items", 10_000, "data.num_items unless given as --config.")
 _EMBED_DIM = flags.DEFINE_integer("embed_dim", 64, "data.embed_dim unless given as --config.")
 _OUT = flags.DEFINE_string("out", None, "Write the records as JSON here.")
+_SIDE = flags.DEFINE_string(
+  "side", None, "Internal: serve one side's timings (VARIANT,ROWS,jax|torch)."
+)
 
 SUPPORTED = ("baseline", "rfm", "cfm")
 
@@ -156,9 +162,9 @@ def _diagonal_ce(torch, logits, ids):
   return torch.nn.functional.cross_entropy(logits, torch.arange(logits.shape[0]))
 
 
-def torch_record(torch, run, *, steps: int, repeats: int, losses: list | None = None) -> dict:
-  """Examples/sec of the PyTorch step on ``steps`` batches drawn from ``run``'s streams
-  (``losses``: every step's loss is appended to it)."""
+def torch_stepper(torch, run, *, steps: int, losses: list | None = None):
+  """``(go, parameter count)``: ``go()`` runs the PyTorch step on ``steps`` batches drawn from
+  ``run``'s streams (``losses``: every step's loss is appended to it)."""
   import jax
   import numpy as np
 
@@ -221,18 +227,85 @@ def torch_record(torch, run, *, steps: int, repeats: int, losses: list | None = 
         losses.append(float(loss.detach()))
     return float(loss.detach())
 
-  go()  # warm up
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
+  return go, int(sum(p.numel() for p in net.parameters()))
+
+
+def jax_stepper(run, *, steps: int):
+  """``launch/bench.py``'s device-resident JAX step on ``steps`` batches of ``run``'s streams."""
+  import jax
+
+  from sslrec.experiments import bench
+
+  batches = bench.device_batches(run, steps)
+  state = run.state
+
+  def go():
+    nonlocal state
+    m = None
+    for p, i in batches:
+      state, m = run.step_fn(state, p, i, run.step_rng)
+    return jax.block_until_ready(m)
+
+  return go
+
+
+def serve_side(config, side: str, *, steps: int) -> None:
+  """A worker: builds one side (``VARIANT,ROWS,jax|torch``), warms it up, prints ``ready
+  PARAMS``, then times one repetition per ``go`` line read and prints its seconds."""
+  import jax
+
+  from sslrec.experiments import bench
+
+  variant, rows, kind = side.split(",")
+  run = bench.variant_run(config, variant, "sparse", int(rows))
+  if kind == "jax":
+    go = jax_stepper(run, steps=steps)
+    params = int(sum(x.size for x in jax.tree.leaves(run.state.params)))
+  else:
+    torch = _torch()
+    torch.set_num_threads(_THREADS.value)
+    go, params = torch_stepper(torch, run, steps=steps)
+  run.close_input()
+  go()
+  print(f"ready {params}", flush=True)
+  for line in sys.stdin:
+    if line.strip() != "go":
+      break
+    start = time.perf_counter()
     go()
-    times.append(time.perf_counter() - t)
-  sec = statistics.median(times) / steps
-  return {
-    "torch_examples_per_sec": config.train.batch_size / sec,
-    "torch_step_ms": 1e3 * sec,
-    "torch_params": int(sum(p.numel() for p in net.parameters())),
-  }
+    print(f"{time.perf_counter() - start}", flush=True)
+
+
+def paired_times(variant: str, rows: int, repeats: int) -> tuple[list, list, int, int]:
+  """Seconds per repetition of the JAX and the PyTorch side, each in its own worker process
+  (``serve_side``: neither side's idle threads share a process with the other's work), the
+  repetitions interleaved so that both sides of a repetition ran under the same machine load."""
+  argv = [a for a in sys.argv[1:] if not a.startswith("--side")]
+  workers, params = [], []
+  for kind in ("jax", "torch"):  # one after the other: neither builds while the other does
+    w = subprocess.Popen(
+      [sys.executable, os.path.abspath(__file__), *argv, f"--side={variant},{rows},{kind}"],
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      text=True,
+    )
+    line = w.stdout.readline().split()
+    if not line or line[0] != "ready":
+      w.kill()
+      _fail(f"the {kind} side of {variant} at {rows:,} rows did not start (its error is above)")
+    workers.append(w)
+    params.append(int(line[1]))
+  times = [[], []]
+  for _ in range(repeats):
+    for t, w in zip(times, workers, strict=True):
+      time.sleep(0.2)  # the other side's threads settle
+      w.stdin.write("go\n")
+      w.stdin.flush()
+      t.append(float(w.stdout.readline()))
+  for w in workers:
+    w.stdin.close()
+    w.wait()
+  return times[0], times[1], params[0], params[1]
 
 
 def main(argv):
@@ -247,54 +320,51 @@ def main(argv):
     _fail(f"--table_rows={','.join(_ROWS.value)}: each must be a number of rows (1e6, 1000000)")
   if min(table_rows, default=0) < 1 or _STEPS.value < 1 or _REPEATS.value < 1 or _THREADS.value < 1:
     _fail("--table_rows, --steps, --repeats and --threads must be >= 1")
-  torch = _torch()
-  torch.set_num_threads(_THREADS.value)
-  import jax
-
   from sslrec.experiments import bench
 
-  overrides = bench.config_args(sys.argv[1:])
-  given = {a.split("=")[0][len("--config.") :] for a in overrides}
+  given = {a.split("=")[0][len("--config.") :] for a in bench.config_args(sys.argv[1:])}
   sizes = {"data.num_items": _NUM_ITEMS.value, "data.embed_dim": _EMBED_DIM.value}
-  sizes = {k: v for k, v in sizes.items() if k not in given}
-  config = bench.apply_overrides(_CONFIG.value, sizes)
-  overrides = [f"--config.{k}={v}" for k, v in sizes.items()] + overrides
-  config_path = flags.FLAGS["config"].config_filename
+  config = bench.apply_overrides(_CONFIG.value, {k: v for k, v in sizes.items() if k not in given})
+  if config.ssl.encoder_sharing != "all_but_last":
+    _fail("the PyTorch twin has ssl.encoder_sharing='all_but_last' only")
+  if _SIDE.value:
+    serve_side(config, _SIDE.value, steps=_STEPS.value)
+    return
+  torch = _torch()  # here too: its absence is one line before any worker starts
   records = []
   for variant in _VARIANTS.value:
     for rows in table_rows:
       steps, repeats = _STEPS.value, _REPEATS.value
-      jax_rec = bench.train_step_subprocess(
-        config_path, variant, "sparse", rows, steps=steps, repeats=repeats, overrides=overrides
-      )
-      if "error" in jax_rec:
-        _fail(f"the JAX step failed: {' '.join(jax_rec['error'])}")
-      run = bench.variant_run(config, variant, "sparse", rows)
-      if run.config.ssl.alpha > 0 and run.config.ssl.encoder_sharing != "all_but_last":
-        _fail("the PyTorch twin has ssl.encoder_sharing='all_but_last' only")
-      jax_params = int(sum(x.size for x in jax.tree.leaves(run.state.params)))
-      rec = torch_record(torch, run, steps=steps, repeats=repeats)
-      run.close_input()
+      jax_t, torch_t, jax_params, torch_params = paired_times(variant, rows, repeats)
+      rc = bench.apply_overrides(config.copy_and_resolve_references(), bench.VARIANTS[variant])
+      ratios = [b / a for a, b in zip(jax_t, torch_t, strict=True)]
+      b = rc.train.batch_size
+      jax_sec, torch_sec = statistics.median(jax_t) / steps, statistics.median(torch_t) / steps
       rec = {
         "benchmark": "vs_torch",
         "variant": variant,
         "table_rows": rows,
-        "batch_size": run.config.train.batch_size,
-        "ssl_batch_size": run.config.ssl.batch_size if run.config.ssl.alpha > 0 else 0,
-        "embed_dim": run.config.data.embed_dim,
-        "jax_examples_per_sec": jax_rec["examples_per_sec"],
-        "jax_step_ms": jax_rec["step_ms"],
-        **rec,
-        "jax_vs_torch": jax_rec["examples_per_sec"] / rec["torch_examples_per_sec"],
+        "batch_size": b,
+        "ssl_batch_size": rc.ssl.batch_size if rc.ssl.alpha > 0 else 0,
+        "embed_dim": rc.data.embed_dim,
+        "jax_examples_per_sec": b / jax_sec,
+        "torch_examples_per_sec": b / torch_sec,
+        "jax_vs_torch": statistics.median(ratios),
+        "jax_vs_torch_range": [min(ratios), max(ratios)],
+        "jax_step_ms": 1e3 * jax_sec,
+        "torch_step_ms": 1e3 * torch_sec,
         "jax_params": jax_params,
+        "torch_params": torch_params,
         "threads": _THREADS.value,
+        "repeats": repeats,
         "torch_version": torch.__version__,
       }
       records.append(rec)
       print(
         f"{variant:9s} rows {rows:>11,}: JAX {rec['jax_step_ms']:7.2f} ms, PyTorch "
         f"{rec['torch_step_ms']:7.2f} ms per step -> JAX {rec['jax_vs_torch']:.2f}x the "
-        f"examples/sec (params {jax_params:,} / {rec['torch_params']:,})",
+        f"examples/sec (paired repetitions {min(ratios):.2f}-{max(ratios):.2f}x; params "
+        f"{jax_params:,} / {torch_params:,})",
         flush=True,
       )
   if _OUT.value:

@@ -75,7 +75,8 @@ def test_torch_twin_has_the_models_shapes_and_trains():
       torch_rows, torch_width = inputs.tables[f.name].weight.shape
       assert torch_width == width and f.vocab_size + 1 <= torch_rows <= f.vocab_size + 2
       assert jax_rows >= f.vocab_size + 1
-  rec = bench_torch.torch_record(torch, run, steps=4, repeats=1, losses=(losses := []))
+  go, count = bench_torch.torch_stepper(torch, run, steps=4, losses=(losses := []))
   run.close_input()
-  assert rec["torch_examples_per_sec"] > 0 and rec["torch_params"] > 0
+  go(), go()
+  assert count == sum(p.numel() for p in net.parameters())
   assert np.isfinite(losses).all() and np.mean(losses[-4:]) < np.mean(losses[:4]), losses

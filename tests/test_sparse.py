@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from sslrec import sparse
 
@@ -23,6 +24,22 @@ def test_dedupe_positions_and_fill():
   np.testing.assert_array_equal(uniq[jnp.where(la >= 0, la, 0)][a >= 0], a[a >= 0])
   assert (la[a < 0] == -1).all()
   np.testing.assert_array_equal(uniq[lb], b)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 40, 300, 5000, 100_000])
+def test_dedupe_by_presence_and_by_sort_agree(rows):
+  """Small tables (rows <= DENSE_DEDUPE_RATIO per id slot) dedupe through a presence vector,
+  large ones by sorting: both give the same sorted ids, fill and positions, with padding, every
+  row present (rows=1, 5) or few (100,000 rows)."""
+  rng = np.random.default_rng(rows)
+  ids = [jnp.asarray(rng.integers(-1, rows, size=s), jnp.int32) for s in ((64,), (32, 3), (0,))]
+  flat = jnp.concatenate([x.reshape(-1) for x in ids])
+  by_presence = jax.jit(lambda f, *x: sparse._dedupe_by_presence(f, x, rows))(flat, *ids)
+  by_sort = jax.jit(lambda f, *x: sparse._dedupe_by_sort(f, x, rows))(flat, *ids)
+  for a, b in zip(jax.tree.leaves(by_presence), jax.tree.leaves(by_sort), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  uniq, _ = sparse.dedupe(ids, rows)
+  np.testing.assert_array_equal(np.asarray(uniq), np.asarray(by_sort[0]))
 
 
 def test_rowwise_adagrad_matches_dense_reference_and_leaves_other_rows_untouched():

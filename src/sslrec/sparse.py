@@ -74,10 +74,32 @@ def dedupe(ids: Sequence[Array], num_rows: int) -> tuple[Array, list[Array]]:
     each id's position in ``uniq`` (``-1`` where the id was ``-1``).
   """
   flat = jnp.concatenate([x.reshape(-1) for x in ids]).astype(jnp.int32)
+  if num_rows <= DENSE_DEDUPE_RATIO * flat.shape[0]:
+    return _dedupe_by_presence(flat, ids, num_rows)
+  return _dedupe_by_sort(flat, ids, num_rows)
+
+
+# dedupe: tables of at most this many rows per id slot mark the ids present in a [rows] vector
+# (O(rows + slots), no sort); larger ones sort the ids. Same output either way (tested).
+DENSE_DEDUPE_RATIO = 32
+
+
+def _dedupe_by_sort(flat, ids, num_rows):
   fill = jnp.int32(num_rows)
   uniq = jnp.unique(jnp.where(flat >= 0, flat, fill), size=flat.shape[0], fill_value=fill)
   local = [jnp.where(x >= 0, jnp.searchsorted(uniq, x).astype(jnp.int32), -1) for x in ids]
   return uniq, local
+
+
+def _dedupe_by_presence(flat, ids, num_rows):
+  """The present rows in ascending order (``nonzero`` of a presence vector) and each id's
+  position among them (the running count of present rows): XLA's CPU sort of a few thousand
+  ids costs 3-10x this for the small tables of a schema (measured in docs/performance.md)."""
+  present = jnp.zeros((num_rows + 1,), bool).at[jnp.where(flat >= 0, flat, num_rows)].set(True)
+  present = present[:num_rows]
+  uniq = jnp.nonzero(present, size=flat.shape[0], fill_value=num_rows)[0].astype(jnp.int32)
+  rank = (jnp.cumsum(present) - 1).astype(jnp.int32)
+  return uniq, [jnp.where(x >= 0, rank[jnp.maximum(x, 0)], -1).astype(jnp.int32) for x in ids]
 
 
 def gather_rows(table: Array, uniq: Array) -> Array:

@@ -116,7 +116,7 @@ def variant_run(base_config, variant: str, update: str, table_rows: int, devices
   return train.Run(config, dataset=dataset, devices=devices)
 
 
-def _device_batches(run, n: int) -> list:
+def device_batches(run, n: int) -> list:
   batches = [run.next_batches() for _ in range(n)]
   return [
     (p, i if i is not None else {"item": p["item"], "item_id": p["item_id"]}) for p, i in batches
@@ -139,7 +139,7 @@ def train_step_record(
   run = variant_run(base_config, variant, update, table_rows)
   config = run.config
   state_bytes = sum(x.nbytes for x in jax.tree.leaves(run.state))
-  batches = _device_batches(run, steps)
+  batches = device_batches(run, steps)
   state = run.state
 
   def go(n):
@@ -325,7 +325,7 @@ def collectives_records(
   config.train.batch_size = per_device_batch * n
   config.ssl.batch_size = per_device_batch * n
   run = variant_run(config, variant, update, table_rows)
-  (p, i) = _device_batches(run, 1)[0]
+  (p, i) = device_batches(run, 1)[0]
   hlo = run.step_fn.lower(run.state, p, i, run.step_rng).compile().as_text()
   out = []
   for part, scope in (("embeddings", "embeddings"), ("step", None)):
