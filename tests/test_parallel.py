@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -216,6 +217,61 @@ def test_chunked_sharded_top_k_matches_numpy():
   v, ids = parallel.make_sharded_top_k(mesh, 50, n, chunk=128)(q, arr)
   expect = np.argsort(-(q @ items.T), axis=1)[:, :50]
   np.testing.assert_array_equal(np.asarray(ids), expect)
+
+
+def _reference_top_k(scores: np.ndarray, k: int) -> np.ndarray:
+  """ids of the top ``k`` per row, ties to the lower id (numpy's stable sort)."""
+  return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+@pytest.mark.parametrize("rows,k", [(4096, 20), (2048, 16), (640, 40)])
+def test_two_stage_block_top_k_is_exactly_top_k_with_ties_padding_and_exclusions(rows, k):
+  """The grouped selection (top-k of group maxima, then of the winning groups' scores) returns
+  what one top-k over the whole block does: same ids and scores, ties to the lower id, padding
+  rows and excluded pairs never selected."""
+  g = parallel._top_k_group(rows, k)
+  assert g >= 4, g  # these sizes take the two-stage path
+  rng = np.random.default_rng(rows + k)
+
+  def ints(*shape):  # nonzero small integers: exact sums in any order, scores tie often
+    return rng.choice(np.array([-3, -2, -1, 1, 2, 3], np.float32), size=shape)
+
+  x = ints(rows, 8)
+  x[rng.integers(0, rows, 200)] = x[7]  # more ties, across groups and within one
+  x[rows // 2 : rows // 2 + 3 * g] = x[rows - 1]
+  q = ints(6, 8)
+  start, num_valid = 1000, 1000 + rows - 37  # the last 37 rows are padding
+  ex_q = np.array([0, 0, 1, 5, 9, 2], np.int32)  # query 9 >= B: padding
+  scores = q @ x.T
+  ex_i = start + np.concatenate([_reference_top_k(scores, 3)[0, :2], [5, 7, 11, 1]]).astype(
+    np.int32
+  )
+  top = jax.jit(
+    lambda q, x, a, b: parallel.block_top_k(
+      q, x, jnp.int32(start), k, num_valid, exclude=(a, b), precision=jax.lax.Precision.HIGHEST
+    )
+  )
+  v, ids = map(np.asarray, top(q, x, ex_q, ex_i))
+  want = scores.copy()
+  want[:, num_valid - start :] = -np.inf
+  for a, b in zip(ex_q, ex_i):
+    if a < q.shape[0]:
+      want[a, b - start] = -np.inf
+  expect = _reference_top_k(want, k)
+  np.testing.assert_array_equal(ids, start + expect)
+  np.testing.assert_allclose(v, np.take_along_axis(want, expect, axis=1), rtol=1e-6)
+  assert not np.isin(ids[0], ex_i[:2]).any() and (ids < num_valid).all()
+
+
+def test_two_stage_top_k_through_the_sharded_scorer_matches_numpy():
+  mesh = parallel.make_mesh((2,), ("data",), devices=jax.devices()[:2])
+  rng = np.random.default_rng(3)
+  items = rng.choice(np.array([-2, -1, 1, 2], np.float32), size=(7000, 8))  # exact, many ties
+  q = rng.choice(np.array([-2, -1, 1, 2], np.float32), size=(4, 8))
+  arr, n = parallel.shard_rows(items, mesh, row_multiple=2048)  # 2 x 4096 rows: 2 blocks each
+  assert parallel._top_k_group(2048, 30) >= 4
+  _, ids = parallel.make_sharded_top_k(mesh, 30, n, chunk=2048)(q, arr)
+  np.testing.assert_array_equal(np.asarray(ids), _reference_top_k(q @ items.T, 30))
 
 
 def test_bench_reads_collective_bytes_from_hlo_and_passes_config_overrides():

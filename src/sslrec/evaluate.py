@@ -3,7 +3,7 @@
 **Queries.** The eval pairs ``(eval_query [E], eval_item [E])`` (the first ``max_pairs`` when > 0)
 are grouped by distinct query row; each distinct query is embedded and scored against *every*
 catalogue item once (exact dot product, on device, in chunks of ``batch_size`` queries; the
-catalogue's embeddings row-sharded over all devices, in blocks of ``EVAL_ITEM_CHUNK`` rows per
+catalogue's embeddings row-sharded over all devices, in blocks of ``item_chunk`` rows per
 device, a running top-K per block, the per-device candidates merged), giving its top-K list
 (K = max(ks); ties: the lower item index first, as ``jax.lax.top_k``). All of its held-out items are
 its positives; they are never removed from its ranking.
@@ -38,22 +38,36 @@ Duplicate pairs count twice in recall and once (one positive) in the per-query m
 
 from __future__ import annotations
 
+import math
+
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
 
 from sslrec import parallel, prior
 from sslrec import references as references_lib
 from sslrec.data import table as table_lib
 
-EVAL_ITEM_CHUNK = 32768  # catalogue rows scored per block on a device (running top-k)
+EVAL_ITEM_CHUNK = 131072  # most catalogue rows scored per block on a device (running top-k)
+EVAL_SCORE_BLOCK = 1 << 27  # most scores of one block on a device: 512 MiB of float32
 
 
-def item_chunk(num_items: int, mesh) -> int | None:
-  """Catalogue rows scored per block on a device: ``EVAL_ITEM_CHUNK`` when each device holds more
-  than that, else None (its rows in one block)."""
-  return EVAL_ITEM_CHUNK if num_items > EVAL_ITEM_CHUNK * mesh.size else None
+def item_chunk(num_items: int, mesh, batch_size: int = 1024) -> int | None:
+  """Catalogue rows scored per block on a device for ``batch_size`` queries, or None (each
+  device's rows in one block) when they fit one block. A block holds at most ``EVAL_ITEM_CHUNK``
+  rows and ``EVAL_SCORE_BLOCK`` scores (``batch_size`` x rows, a power of two of at least 4096
+  rows); a device's rows are split into the fewest such blocks of equal length (a multiple of
+  4096), so the padding stays under 4096 rows a block. Long blocks pay: fewer running top-k
+  merges, and ``parallel.block_top_k``'s two-stage selection saves more on a long block
+  (docs/performance.md, issue 16 third part)."""
+  fit = 1 << max(12, int(math.log2(max(1, EVAL_SCORE_BLOCK // max(1, batch_size)))))
+  cap = min(EVAL_ITEM_CHUNK, fit)
+  per_device = math.ceil(num_items / mesh.size)
+  if per_device <= cap:
+    return None
+  blocks = math.ceil(per_device / cap)
+  step = min(4096, cap)
+  rows = math.ceil(per_device / blocks)
+  return math.ceil(rows / step) * step
 
 
 MIN_EXCLUDED = 256  # smallest padded count of a query chunk's removed (query, item) pairs
@@ -126,7 +140,7 @@ def retrieve(
   """
   rep = parallel.replicated(mesh)
   query_fn = jax.jit(lambda p, b: model.apply(p, b, method=model.query_tower), out_shardings=rep)
-  chunk = item_chunk(item_emb.shape[0], mesh)
+  chunk = item_chunk(item_emb.shape[0], mesh, min(batch_size, num_queries))
   items, n_items = parallel.shard_rows(item_emb.astype(np.float32), mesh, chunk or 1)
   top_k = parallel.make_sharded_top_k(mesh, min(k, n_items), n_items, chunk)
   out = []
@@ -174,46 +188,9 @@ def make_excluding_top_k(mesh, k: int, num_valid: int, chunk: int | None = None)
   reads an id whose score is -inf as "no item". Ties: the lower item id first. The dot products
   run at full float32 precision (no TF32), so rankings match a float32 reference.
   """
-  axes = tuple(mesh.axis_names)
-
-  def block_top_k(q, x, start, ex_q, ex_i):
-    c = x.shape[0]
-    s = jnp.matmul(q, x.T, precision=jax.lax.Precision.HIGHEST)  # [B, c]
-    ids = start + jnp.arange(c, dtype=jnp.int32)
-    s = jnp.where(ids[None, :] < num_valid, s, -jnp.inf)
-    local = ex_i - start
-    ok = (local >= 0) & (local < c)
-    s = s.at[jnp.where(ok, ex_q, q.shape[0]), jnp.where(ok, local, 0)].set(-jnp.inf, mode="drop")
-    v, i = jax.lax.top_k(s, min(k, c))
-    return v, jnp.take(ids, i)
-
-  def local(q, x, ex_q, ex_i):
-    rows = x.shape[0]
-    base = (jax.lax.axis_index(axes) * rows).astype(jnp.int32)
-    if chunk is None or rows <= chunk:
-      v, i = block_top_k(q, x, base, ex_q, ex_i)
-    else:
-      xs = x.reshape(rows // chunk, chunk, x.shape[1])
-
-      def body(carry, xc_c):
-        bv, bi = carry
-        xc, c = xc_c
-        v, i = block_top_k(q, xc, base + c * chunk, ex_q, ex_i)
-        v, i = jnp.concatenate([bv, v], 1), jnp.concatenate([bi, i], 1)
-        top, j = jax.lax.top_k(v, k)
-        return (top, jnp.take_along_axis(i, j, axis=1)), None
-
-      init = (jnp.full((q.shape[0], k), -jnp.inf, q.dtype), jnp.zeros((q.shape[0], k), jnp.int32))
-      (v, i), _ = jax.lax.scan(body, init, (xs, jnp.arange(rows // chunk, dtype=jnp.int32)))
-    v = jax.lax.all_gather(v, axes, axis=1, tiled=True)
-    i = jax.lax.all_gather(i, axes, axis=1, tiled=True)
-    top_v, j = jax.lax.top_k(v, k)
-    return top_v, jnp.take_along_axis(i, j, axis=1)
-
-  fn = jax.shard_map(
-    local, mesh=mesh, in_specs=(P(), P(axes, None), P(), P()), out_specs=(P(), P()), check_vma=False
+  return parallel.make_sharded_top_k(
+    mesh, k, num_valid, chunk, exclude=True, precision=jax.lax.Precision.HIGHEST
   )
-  return jax.jit(fn)
 
 
 def popularity_deciles(item_freq: np.ndarray) -> np.ndarray:
@@ -396,7 +373,7 @@ class Evaluator:
     self._query_fn = jax.jit(
       lambda p, b: model.apply(p, b, method=model.query_tower), out_shardings=rep
     )
-    self._item_chunk = item_chunk(n_items, mesh)
+    self._item_chunk = item_chunk(n_items, mesh, self.chunk)
     self._top_k = make_excluding_top_k(mesh, min(self.k, n_items), n_items, self._item_chunk)
     self._reference_metrics = None
 

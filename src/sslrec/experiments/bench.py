@@ -419,7 +419,7 @@ def scoring_flops(mesh, emb: np.ndarray, *, batch: int, repeats: int) -> float:
   """FLOP/s of the evaluation's scoring kernel alone: blocked scores + running top-100 of a
   device-resident query batch against the row-sharded catalogue (``2 * batch * items * dim``
   multiply-adds per call; the top-k's comparisons are not counted)."""
-  chunk = evaluate.item_chunk(emb.shape[0], mesh)  # the blocks evaluate.retrieve scores
+  chunk = evaluate.item_chunk(emb.shape[0], mesh, batch)  # the blocks evaluate.retrieve scores
   items, n = parallel.shard_rows(emb, mesh, chunk or 1)
   top_k = parallel.make_sharded_top_k(mesh, 100, n, chunk)
   q = jax.device_put(
