@@ -171,7 +171,9 @@ def torch_stepper(torch, run, *, steps: int, losses: list | None = None):
   from sslrec.model import augment
 
   config, model = run.config, run.model
+  torch.sparse.check_sparse_tensor_invariants.disable()  # Adagrad's sparse rows: PyTorch's default
   torch.manual_seed(config.seed)
+  as_tensor = lambda a: torch.from_numpy(np.array(a))  # a writable copy (device_get's is not)
   net = torch_model(torch, model, config)
   sparse = [p for m in net.modules() if getattr(m, "sparse", False) for p in m.parameters()]
   ids = {id(p) for p in sparse}
@@ -189,16 +191,16 @@ def torch_stepper(torch, run, *, steps: int, losses: list | None = None):
   for s in range(steps):
     p, i = run.next_batches()
     p, i = jax.device_get(p), jax.device_get(i)
-    pairs = jax.tree.map(torch.from_numpy, p)
+    pairs = jax.tree.map(as_tensor, p)
     items = mask = None
     if ssl:
       key = jax.random.key(s)
-      mask = torch.from_numpy(
+      mask = as_tensor(
         np.asarray(
           augment.make_mask(key, config.ssl.masking, k, mi=mi, fraction=config.ssl.mask_fraction)
         )
       )
-      items = jax.tree.map(torch.from_numpy, i)
+      items = jax.tree.map(as_tensor, i)
     batches.append((pairs, items, mask))
   clip = config.optimizer.grad_clip_norm
 
