@@ -314,6 +314,8 @@ def block_top_k(q, x, start, k: int, num_valid: int, *, exclude=None, precision=
   scores does, for a fraction of its comparisons (XLA's CPU top-k is one sequential pass per
   query; the group maxima are a vectorised reduction). The catalogue block is permuted so that a
   group's ``g`` scores lie ``c / g`` apart in the score row: the maxima reduce over a major axis.
+  One caveat: ``lax.top_k`` ranks +0.0 above -0.0, a maximum need not; among scores that are
+  exactly zero with both signs the two may keep different (equal-scoring) items.
   """
   c, d = x.shape
   b = q.shape[0]
